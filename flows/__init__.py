@@ -1,0 +1,1 @@
+"""Prefect flows: the DAGs a user runs, schedules and retries."""

@@ -1,0 +1,40 @@
+"""Supervised (Q)LoRA fine-tuning: env → sources → data → quantize → lora → train → export → merge.
+
+Each stage is a cached task returning a JSON StageRecord; a second run with the same inputs reuses
+every finished stage (Prefect cache, or the committed output in the store with a cold database).
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.train import train_flow
+from loraflow.config import FinetuneConfig
+from loraflow.storage import StageRecord
+from tasks.common import stage_options
+from tasks.data import prepare_dataset
+from tasks.env import check_env, inspect_sources
+from tasks.export import export_adapter, merge_adapter
+from tasks.model import inject_lora, quantize_base
+
+
+@flow(name="loraflow-sft")
+def sft(config: FinetuneConfig) -> dict[str, StageRecord]:
+    cached = stage_options(config.storage)
+
+    env = check_env(config)
+    sources = inspect_sources(config)
+    dataset = prepare_dataset.with_options(**cached)(config, sources)
+    base = quantize_base.with_options(**cached)(config, env, sources)
+    lora = inject_lora.with_options(**cached)(config, env, base)
+    trained = train_flow(config, env, dataset, base, lora)
+    adapter = export_adapter(config, dataset, trained)
+    records = {"env": env, "sources": sources, "dataset": dataset, "quantized": base, "lora": lora, "train": trained, "adapter": adapter}
+    if config.merge.enabled:
+        records["merged"] = merge_adapter(config, env, sources, dataset, adapter)
+
+    logger = get_run_logger()
+    for name in ("dataset", "quantized", "lora", "train", "adapter", "merged"):
+        if name in records:
+            logger.info(f"{name:>9}: {records[name].uri}")
+    return records

@@ -1,0 +1,266 @@
+"""FinetuneConfig: everything one fine-tune needs, validated before any heavy work.
+
+The same pydantic model is the SFT flow's parameter, so Prefect renders its UI form from these
+fields (sections, descriptions, enums as dropdowns). Defaults follow the seeds' recipes
+(alpaca-lora / ipex-llm QLoRA): lr 3e-5, max_grad_norm 0.3, micro batch 2, batch 128, cosine,
+bf16 where supported, adamw_torch, cutoff 256, LoRA r8/alpha16/dropout 0.05.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraflow.errors import LoraflowError
+
+ALPACA_TEMPLATES = ("alpaca", "alpaca_legacy", "alpaca_short", "vigogne")
+CONVERSATION_TEMPLATES = ("vicuna_v1.1", "chatml")
+CONVERSATION_FORMATS = ("sharegpt", "messages")
+
+TemplateName = Literal["alpaca", "alpaca_legacy", "alpaca_short", "vigogne", "vicuna_v1.1", "chatml"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Section):
+    """The base model and how it is loaded for training."""
+
+    base: str = Field(
+        description="Base model: a local directory with config.json and weights, or a hub id "
+        "(resolved through the local Hugging Face cache when offline)."
+    )
+    quantization: Literal["nf4", "none"] = Field(
+        "nf4",
+        description="nf4: QLoRA, the base loaded in 4-bit NormalFloat with bitsandbytes and cached "
+        "pre-quantized in the store. none: plain LoRA on a bf16/fp32 base.",
+    )
+    double_quant: bool = Field(True, description="Quantize the 4-bit scales too (QLoRA paper; saves ~0.4 bit/param).")
+    trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint to run.")
+
+
+class DataSettings(_Section):
+    """The training data and how it becomes tokens."""
+
+    path: str = Field(description="Dataset file (.json, .jsonl or .parquet): a local path or any fsspec URL (s3://…).")
+    format: Literal["alpaca", "sharegpt", "messages"] = Field(
+        "alpaca",
+        description="alpaca: instruction/input/output rows. sharegpt: conversations[{from, value}]. "
+        "messages: messages[{role, content}].",
+    )
+    template: TemplateName = Field(
+        "alpaca",
+        description="Prompt template. alpaca, alpaca_legacy, alpaca_short, vigogne for alpaca rows "
+        "(byte-identical to alpaca-lora's); vicuna_v1.1 or chatml for conversations.",
+    )
+    cutoff_len: int = Field(256, ge=8, description="Maximum tokens per example; longer ones are truncated.")
+    train_on_inputs: bool | None = Field(
+        None,
+        description="Compute loss on the prompt too. Unset: the recipe default, true for alpaca "
+        "(alpaca-lora), false for conversations (FastChat: assistant turns only).",
+    )
+    add_eos: bool = Field(True, description="Append the EOS token when the example fits in cutoff_len.")
+    val_set_size: int = Field(2000, ge=0, description="Rows held out for evaluation (seeded split); 0 for none.")
+    seed: int = Field(42, description="Seed of the train/validation split.")
+
+    @model_validator(mode="after")
+    def _template_matches_format(self) -> DataSettings:
+        conversational = self.format in CONVERSATION_FORMATS
+        if conversational and self.template not in CONVERSATION_TEMPLATES:
+            raise ValueError(
+                f"template {self.template!r} formats alpaca rows, but format is {self.format!r}; "
+                f"use one of {', '.join(CONVERSATION_TEMPLATES)}"
+            )
+        if not conversational and self.template not in ALPACA_TEMPLATES:
+            raise ValueError(
+                f"template {self.template!r} formats conversations, but format is 'alpaca'; "
+                f"use one of {', '.join(ALPACA_TEMPLATES)}"
+            )
+        return self
+
+    @property
+    def effective_train_on_inputs(self) -> bool:
+        if self.train_on_inputs is not None:
+            return self.train_on_inputs
+        return self.format == "alpaca"
+
+
+class LoraSettings(_Section):
+    """The LoRA adapter injected into the base."""
+
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target: Literal["all-linear", "attention-qv"] | list[str] = Field(
+        "all-linear",
+        description="all-linear: every linear projection except the output head (QLoRA paper, "
+        "ipex-llm). attention-qv: the query and value projections (alpaca-lora, FastChat). "
+        "Or an explicit list of module names.",
+    )
+
+    @field_validator("target")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("an explicit target list must name at least one module")
+        return value
+
+
+class TrainSettings(_Section):
+    """The optimisation and where it runs."""
+
+    learning_rate: float = Field(3e-5, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(128, ge=1, description="Global batch size; gradient accumulation makes up the rest.")
+    micro_batch_size: int = Field(2, ge=1, description="Examples per device per forward pass.")
+    num_epochs: float = Field(3, gt=0, description="Passes over the training split.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run num_epochs).")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    warmup: float = Field(0.03, ge=0, description="Warmup: a fraction of the steps if < 1, else a step count.")
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm (QLoRA recipe).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd"] = Field(
+        "adamw_torch", description="Optimizer."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on XPU and on CUDA that supports it, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(True, description="Trade compute for memory (QLoRA recipe).")
+    logging_steps: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+    eval_steps: int = Field(100, ge=1, description="Evaluate every N steps when there is a validation split.")
+    save_steps: int = Field(100, ge=1, description="Checkpoint (and sync to the store) every N steps.")
+    seed: int = Field(42, description="Training seed (LoRA init, data order, dropout).")
+    device: Literal["auto", "xpu", "cuda", "cpu"] = Field("auto", description="Device to train on.")
+    launcher: Literal["local", "torchrun", "deepspeed", "mpirun"] = Field(
+        "local", description="How the training process is started."
+    )
+    nproc_per_node: int = Field(1, ge=1, description="Training processes per host (one per GPU).")
+    deepspeed_zero: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (0: DeepSpeed not used).")
+    pool: str | None = Field(
+        None, description="Prefect work pool that runs training (e.g. xpu); unset: run in this flow's process."
+    )
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainSettings:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
+            )
+        if self.deepspeed_zero and self.launcher != "deepspeed":
+            raise ValueError(f"deepspeed_zero={self.deepspeed_zero} needs launcher: deepspeed (got {self.launcher!r})")
+        return self
+
+
+class MergeSettings(_Section):
+    """Merging the adapter into a full-precision copy of the base."""
+
+    enabled: bool = Field(True, description="Write a merged model after export.")
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on XPU/CUDA, fp32 on CPU.")
+    check_rows: int = Field(4, ge=1, description="Validation rows whose logits must match before and after merging.")
+
+
+class FinetuneConfig(_Section):
+    """One supervised (Q)LoRA fine-tune: model, data, adapter, training, merge, and the artifact store."""
+
+    name: str = Field("loraflow", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Run name prefix (lowercase, digits, dashes).")
+    storage: str = Field("./loraflow-store", description="Artifact store: a local path or any fsspec URL (s3://bucket/prefix).")
+    model: ModelSettings
+    data: DataSettings
+    lora: LoraSettings = LoraSettings()
+    train: TrainSettings = TrainSettings()
+    merge: MergeSettings = MergeSettings()
+
+    @model_validator(mode="after")
+    def _supported_combination(self) -> FinetuneConfig:
+        if self.model.quantization == "nf4" and self.train.deepspeed_zero == 3:
+            raise ValueError(
+                "DeepSpeed ZeRO-3 cannot shard a 4-bit bitsandbytes base (its packed NF4 weights are not "
+                "partitionable parameters). Use deepspeed_zero: 2 with quantization: nf4, or "
+                "quantization: none with ZeRO-3."
+            )
+        if self.model.quantization == "nf4" and self.train.precision == "fp16":
+            raise ValueError("precision fp16 with an NF4 base is unstable in the QLoRA recipe; use bf16 or fp32")
+        return self
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise LoraflowError(f"--set {dotted}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings to (key, YAML-parsed value) pairs."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise LoraflowError(f"--set {item!r}: expected key=value, e.g. --set train.learning_rate=1e-4")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw else ""))
+    return parsed
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for problem in error.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        given = problem.get("input")
+        shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+        lines.append(f"  {where}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def build_config(tree: dict, overrides: list[str] = (), source: str = "config") -> FinetuneConfig:
+    tree = dict(tree)
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    try:
+        return FinetuneConfig.model_validate(tree)
+    except ValidationError as error:
+        raise LoraflowError(format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
+    """Read a YAML config, apply `--set` overrides, validate. Relative paths resolve against the YAML's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraflowError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise LoraflowError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise LoraflowError(f"{path}: expected a mapping of sections (model, data, lora, train, …)")
+    config = build_config(tree, overrides, source=str(path))
+    return resolve_relative_paths(config, path.parent)
+
+
+def _resolve(value: str, folder: Path) -> str:
+    if "://" in value or Path(value).is_absolute():
+        return value
+    candidate = folder / value
+    # A hub id like "org/model" also looks relative: only rewrite what exists next to the YAML or
+    # starts with ./ or ../, so hub ids pass through untouched.
+    if candidate.exists() or value.startswith(("./", "../")):
+        return str(candidate.resolve())
+    return value
+
+
+def resolve_relative_paths(config: FinetuneConfig, folder: Path) -> FinetuneConfig:
+    return config.model_copy(
+        update={
+            "storage": _resolve(config.storage, folder),
+            "model": config.model.model_copy(update={"base": _resolve(config.model.base, folder)}),
+            "data": config.data.model_copy(update={"path": _resolve(config.data.path, folder)}),
+        }
+    )

@@ -1,0 +1,87 @@
+"""Dataset stage logic: read → format with a template → tokenize + mask → split → parquet + stats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from loraflow.config import DataSettings
+from loraflow.data.formats import format_alpaca, format_conversations, read_rows
+from loraflow.data.tokenize import load_tokenizer, to_table, tokenize
+from loraflow.errors import LoraflowError
+
+STAGE = "datasets"
+# Bump when the output of this stage changes for the same inputs (templates, masking, layout).
+STAGE_VERSION = 1
+
+
+def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=print) -> dict:
+    """Write train.parquet, val.parquet (if val_set_size), tokenizer/ and stats.json into out_dir."""
+    rows = read_rows(data.path)
+    if not rows:
+        raise LoraflowError(f"{data.path}: the dataset is empty")
+    tokenizer = load_tokenizer(tokenizer_path)
+    train_on_inputs = data.effective_train_on_inputs
+    if data.format == "alpaca":
+        formatted = format_alpaca(data.path, rows, data.template, train_on_inputs)
+    else:
+        formatted = format_conversations(
+            data.path, rows, data.format, data.template, train_on_inputs, tokenizer.eos_token
+        )
+    log(f"formatted {len(formatted.texts)} of {len(rows)} rows with template {data.template!r}")
+
+    ids, labels, row_starts, full_lengths, truncated = tokenize(
+        formatted.texts, formatted.spans, tokenizer, data.cutoff_len, data.add_eos
+    )
+    label_counts = np.add.reduceat(labels != -100, row_starts[:-1]) if len(formatted.texts) else np.zeros(0, int)
+    usable = np.flatnonzero(label_counts > 0)
+    dropped = dict(formatted.dropped)
+    no_labels = len(formatted.texts) - len(usable)
+    if no_labels:
+        dropped["no trained tokens within cutoff_len"] = no_labels
+    if len(usable) == 0:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in dropped.items()) or "none"
+        raise LoraflowError(
+            f"{data.path}: no usable rows after filtering ({len(rows)} read; dropped: {reasons}); "
+            "check data.format, data.template and data.cutoff_len"
+        )
+    if data.val_set_size >= len(usable):
+        raise LoraflowError(
+            f"{data.path}: data.val_set_size={data.val_set_size} leaves no training rows "
+            f"({len(usable)} usable rows); lower data.val_set_size"
+        )
+    order = np.random.default_rng(data.seed).permutation(usable)
+    val_rows, train_rows = np.sort(order[: data.val_set_size]), np.sort(order[data.val_set_size :])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(to_table(ids, labels, row_starts, train_rows), out_dir / "train.parquet")
+    if len(val_rows):
+        pq.write_table(to_table(ids, labels, row_starts, val_rows), out_dir / "val.parquet")
+    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+
+    lengths = full_lengths[usable]
+    kept_tokens = int((row_starts[1:] - row_starts[:-1])[usable].sum())
+    stats = {
+        "source": data.path,
+        "rows_read": len(rows),
+        "rows_kept": int(len(usable)),
+        "rows_dropped": dropped,
+        "train_rows": int(len(train_rows)),
+        "val_rows": int(len(val_rows)),
+        "truncated_rows": int(truncated[usable].sum()),
+        "cutoff_len": data.cutoff_len,
+        "token_length_percentiles": {
+            f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99)
+        } | {"max": int(lengths.max())},
+        "tokens": kept_tokens,
+        "label_token_fraction": round(float(label_counts[usable].sum()) / kept_tokens, 4),
+        "train_on_inputs": train_on_inputs,
+        "template": data.template,
+        "pad_token": tokenizer.pad_token,
+        "pad_is_eos": tokenizer.pad_token_id == tokenizer.eos_token_id,
+    }
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    return stats

@@ -1,0 +1,118 @@
+"""Batched tokenization with label masking, truncation and EOS, plus the dataset statistics.
+
+All rows go through the fast tokenizer's `encode_batch` in one call (Rust, parallel), and the label
+mask is computed for the whole batch at once with numpy from the tokens' character offsets: a token
+carries loss when it starts inside a trained span. No Python loop runs per token, and none calls the
+tokenizer per row.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+IGNORE_INDEX = -100
+
+# How many times the tokenizer was run in this process; tests read it to prove a cache hit did no work.
+TOKENIZE_CALLS = 0
+
+
+def load_tokenizer(path: str):
+    """The model's fast tokenizer, with a pad token chosen so that padding never hides EOS from the loss.
+
+    Padding is handled by DataCollatorForSeq2Seq, which pads labels with -100 rather than with the pad id,
+    so reusing EOS as pad would be harmless there; still, collators that mask `labels == pad_id` exist,
+    so an unused special token (unk) is preferred, and EOS is reused only when nothing else exists.
+    """
+    from transformers import AutoTokenizer
+
+    from loraflow.errors import LoraflowError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise LoraflowError(f"{path}: cannot load a tokenizer ({error})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise LoraflowError(f"{path}: loraflow needs a fast tokenizer (tokenizer.json); this one is a slow tokenizer")
+    if tokenizer.eos_token is None:
+        raise LoraflowError(f"{path}: the tokenizer defines no EOS token; set eos_token in tokenizer_config.json")
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tokenize(texts: list[str], spans: list[list[tuple[int, int]]], tokenizer, cutoff_len: int, add_eos: bool):
+    """Token ids and labels for every text, truncated to cutoff_len, as flat arrays plus row offsets.
+
+    Returns (ids, labels, row_starts, full_lengths, truncated) where row i is
+    ids[row_starts[i]:row_starts[i+1]] and full_lengths are the lengths before truncation.
+    """
+    global TOKENIZE_CALLS
+    TOKENIZE_CALLS += 1
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=True)
+    full_lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    total = int(full_lengths.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
+    starts = np.fromiter(
+        (offset[0] for e in encodings for offset in e.offsets), dtype=np.int64, count=total
+    )
+    row_of_token = np.repeat(np.arange(len(texts)), full_lengths)
+    position = np.arange(total) - np.repeat(np.cumsum(full_lengths) - full_lengths, full_lengths)
+
+    # Put every row's characters on one global axis so all spans can be searched at once: spans
+    # become a sorted list of boundaries [s0, e0, s1, e1, …] and a token is trained when its start
+    # falls after an odd number of boundaries.
+    text_lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    row_base = np.cumsum(text_lengths + 1) - (text_lengths + 1)
+    boundaries = np.fromiter(
+        (row_base[row] + edge for row, row_spans in enumerate(spans) for span in row_spans for edge in span),
+        dtype=np.int64,
+    )
+    inside = np.searchsorted(boundaries, row_base[row_of_token] + starts, side="right") % 2 == 1
+
+    keep = position < cutoff_len
+    ids, inside, row_of_token = ids[keep], inside[keep], row_of_token[keep]
+    lengths = np.minimum(full_lengths, cutoff_len)
+    truncated = full_lengths > cutoff_len
+
+    if add_eos:
+        eos = tokenizer.eos_token_id
+        row_ends = np.cumsum(lengths)
+        last_ids = np.where(lengths > 0, ids[np.maximum(row_ends - 1, 0)], -1)
+        # alpaca-lora: append EOS when the row has room and does not already end with it. The EOS
+        # is trained when the text's end is trained (the answer runs to the end of the text).
+        needs_eos = (lengths < cutoff_len) & (last_ids != eos)
+        end_trained = np.array([bool(s) and s[-1][1] == len(t) for s, t in zip(spans, texts)], dtype=bool)
+        insert_at = row_ends[needs_eos]
+        ids = np.insert(ids, insert_at, eos)
+        inside = np.insert(inside, insert_at, end_trained[needs_eos])
+        lengths = lengths + needs_eos
+    labels = np.where(inside, ids, IGNORE_INDEX)
+    row_starts = np.concatenate([[0], np.cumsum(lengths)])
+    return ids, labels, row_starts, full_lengths, truncated
+
+
+def to_table(ids: np.ndarray, labels: np.ndarray, row_starts: np.ndarray, rows: np.ndarray) -> pa.Table:
+    """The selected rows as a parquet-ready table (input_ids, labels as int32 lists), built without a Python loop."""
+    lengths = (row_starts[1:] - row_starts[:-1])[rows]
+    new_starts = np.cumsum(lengths) - lengths
+    within_row = np.arange(int(lengths.sum())) - np.repeat(new_starts, lengths)
+    token_index = np.repeat(row_starts[rows], lengths) + within_row
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids[token_index].astype(np.int32))),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels[token_index].astype(np.int32))),
+        }
+    )
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    tokenizer.save_pretrained(str(folder))

@@ -1,0 +1,66 @@
+"""Environment check: what this machine offers, and whether it can run the configured fine-tune."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+from loraflow.config import FinetuneConfig
+from loraflow.errors import LoraflowError
+from loraflow.launch import LAUNCHER_BINARIES, distributed_backend, launcher_available
+from loraflow.models import native
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed", "prefect")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _device_memory(device: str) -> list[int]:
+    if device == "cpu":
+        return []
+    module = getattr(torch, device)
+    return [module.get_device_properties(i).total_memory for i in range(module.device_count())]
+
+
+def describe_environment() -> dict:
+    device = native.available_device()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "device_count": 1 if device == "cpu" else getattr(torch, device).device_count(),
+        "device_memory_bytes": _device_memory(device),
+        "bf16_supported": native.bf16_supported(device),
+        "distributed_backend": distributed_backend(device),
+        "backend": "native",
+        "versions": {name: _version(name) for name in PACKAGES},
+        "launchers": {name: launcher_available(name) for name in ("local", *LAUNCHER_BINARIES)},
+    }
+
+
+def check_environment(config: FinetuneConfig) -> dict:
+    """The environment report, or a LoraflowError naming what the config asks for and the machine lacks."""
+    report = describe_environment()
+    device = native.resolve_device(config.train.device)
+    report["device"] = device
+    report["distributed_backend"] = distributed_backend(device)
+    report["precision"] = native.resolve_precision(config.train.precision, device)
+    problems = []
+    if config.model.quantization == "nf4" and report["versions"]["bitsandbytes"] is None:
+        problems.append("quantization nf4 needs bitsandbytes (pip install 'bitsandbytes>=0.48'), or set model.quantization: none")
+    if not report["launchers"][config.train.launcher]:
+        problems.append(f"train.launcher is {config.train.launcher}, but {LAUNCHER_BINARIES[config.train.launcher]} is not on PATH")
+    if config.train.launcher == "deepspeed" and report["versions"]["deepspeed"] is None:
+        problems.append("train.launcher deepspeed needs the deepspeed package (pip install deepspeed)")
+    if device != "cpu" and config.train.nproc_per_node > report["device_count"]:
+        problems.append(f"train.nproc_per_node={config.train.nproc_per_node} but this host has {report['device_count']} {device} device(s)")
+    if problems:
+        raise LoraflowError("environment check failed:\n  " + "\n  ".join(problems))
+    return report

@@ -1,0 +1,100 @@
+"""The command that starts training: argv + environment for local, torchrun, deepspeed or mpirun.
+
+Pure data (no process is started here), so every launcher is testable as a list of strings. The
+training flow runs the result in its own process group.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+from loraflow.errors import LoraflowError
+
+LAUNCHER_BINARIES = {"torchrun": "torchrun", "deepspeed": "deepspeed", "mpirun": "mpirun"}
+
+
+@dataclass
+class LaunchCommand:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def distributed_backend(device: str) -> str:
+    """xccl on XPU (torch ≥ 2.8), ccl only where oneCCL's bindings import, nccl on CUDA, gloo on CPU."""
+    if device == "xpu":
+        if importlib.util.find_spec("oneccl_bindings_for_pytorch") is not None:
+            return "ccl"
+        return "xccl"
+    if device == "cuda":
+        return "nccl"
+    return "gloo"
+
+
+def launcher_available(launcher: str) -> bool:
+    return launcher == "local" or shutil.which(LAUNCHER_BINARIES[launcher]) is not None
+
+
+def build_command(launcher: str, spec_uri: str, nproc_per_node: int = 1, python: str | None = None,
+                  deepspeed_config: str | None = None) -> LaunchCommand:
+    python = python or sys.executable
+    entry = ["-m", "loraflow.train", spec_uri]
+    if launcher == "local":
+        if nproc_per_node != 1:
+            raise LoraflowError("launcher local runs one process; use torchrun, deepspeed or mpirun for nproc_per_node > 1")
+        return LaunchCommand([python, *entry])
+    if launcher == "torchrun":
+        return LaunchCommand([python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", *entry])
+    if launcher == "deepspeed":
+        argv = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={nproc_per_node}", "--module", "loraflow.train", spec_uri]
+        return LaunchCommand(argv, {"DS_CONFIG": deepspeed_config} if deepspeed_config else {})
+    if launcher == "mpirun":
+        argv = ["mpirun", "-n", str(nproc_per_node)]
+        if os.geteuid() == 0:
+            argv.append("--allow-run-as-root")
+        return LaunchCommand([*argv, python, *entry])
+    raise LoraflowError(f"unknown launcher {launcher!r}; use local, torchrun, deepspeed or mpirun")
+
+
+def run_streaming(command: LaunchCommand, on_line, timeout: float | None = None, cwd: str | None = None) -> int:
+    """Run the command in its own process group, pass each output line to on_line, return the exit code.
+
+    On any exception here (a timeout, a cancellation delivered as an exception, a failing on_line) the
+    whole group is killed, so no trainer rank outlives the task that started it.
+    """
+    import subprocess
+    import time
+
+    process = subprocess.Popen(
+        command.argv,
+        env={**os.environ, **command.env, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+        cwd=cwd,
+    )
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for line in process.stdout:
+            on_line(line.rstrip("\n"))
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"training exceeded its {timeout:.0f}s timeout")
+        return process.wait()
+    except BaseException:
+        kill_group(process.pid)
+        process.wait()
+        raise
+
+
+def kill_group(pid: int) -> None:
+    import signal
+
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

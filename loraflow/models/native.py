@@ -1,0 +1,227 @@
+"""The native backend: transformers + bitsandbytes + peft on one code path for XPU, CUDA and CPU.
+
+bitsandbytes ≥ 0.48 ships NF4 kernels for all three devices, and accelerate finds XPU through stock
+`torch.xpu`, so nothing here branches on the device beyond choosing it and its dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from loraflow.errors import LoraflowError
+from loraflow.storage import fingerprint_file, sha256_hex
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+)
+# Query/value projection names across architectures: Llama, Mistral, Qwen2, Gemma (q_proj/v_proj),
+# BERT-like (query/value), GPT-NeoX/Falcon (fused query_key_value), GPT-2 (fused c_attn).
+QV_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("query_key_value",), ("c_attn",), ("Wqkv",))
+
+
+# bitsandbytes tries to fetch optional CPU kernels from a hub at import and warns when it cannot;
+# the built-in CPU path works without them.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+# ---- devices and precision ------------------------------------------------------------------
+def available_device() -> str:
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return available_device()
+    if requested == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise LoraflowError("train.device is xpu, but torch.xpu finds no Intel GPU; install the XPU build of torch or set train.device: auto")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise LoraflowError("train.device is cuda, but torch.cuda finds no GPU; set train.device: auto or cpu")
+    return requested
+
+
+def bf16_supported(device: str) -> bool:
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device == "xpu":
+        return getattr(torch.xpu, "is_bf16_supported", lambda: True)()
+    return True  # CPU autocast runs bf16 everywhere; fast only with AVX512-BF16/AMX
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """auto → bf16 on accelerators that support it, else fp32 (CPU bf16 is emulated and slow on most CPUs)."""
+    if precision == "auto":
+        return "bf16" if device in ("xpu", "cuda") and bf16_supported(device) else "fp32"
+    if precision == "bf16" and not bf16_supported(device):
+        raise LoraflowError(f"precision bf16 requested, but this {device} does not support bf16; use precision: fp16 or auto")
+    return precision
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def device_map(device: str) -> dict:
+    if device == "cpu":
+        return {"": "cpu"}
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return {"": f"{device}:{local_rank}"}
+
+
+# ---- model identity ---------------------------------------------------------------------------
+def resolve_model_path(base: str) -> Path:
+    """A local folder for a model path or hub id (the hub id goes through the Hugging Face cache)."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoraflowError(f"{base}: no config.json in this folder; model.base must be a transformers model folder or a hub id")
+        return path
+    if path.exists():
+        raise LoraflowError(f"{base}: is a file; model.base must be a model folder or a hub id")
+    if base.startswith(("/", "./", "../", "~")) or base.count("/") > 1:
+        raise LoraflowError(f"{base}: model folder not found")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base))
+    except Exception as error:  # offline, gated, or a typo: the hub client raises many types
+        raise LoraflowError(
+            f"{base}: not a local folder and not available from the Hugging Face hub or its cache ({type(error).__name__}); "
+            "download it first (huggingface-cli download) or point model.base at a folder"
+        ) from None
+
+
+def model_fingerprint(path: Path) -> dict:
+    """Content identity of a model: its config and the fingerprints of its weight files."""
+    weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not weights:
+        raise LoraflowError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in the model folder")
+    return {
+        "config": json.loads((path / "config.json").read_text()),
+        "weights": [fingerprint_file(p) for p in weights],
+    }
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if not files:
+        raise LoraflowError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, …) in the model folder")
+    return sha256_hex([fingerprint_file(p) for p in files])
+
+
+# ---- loading ----------------------------------------------------------------------------------
+def bnb_config(double_quant: bool, compute_precision: str):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(compute_precision),
+    )
+
+
+def is_prequantized(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
+
+
+def load_causal_lm(path: str | Path, device: str, precision: str, quantization_config=None, trust_remote_code=False):
+    """Load a causal LM on `device`: full precision at `precision`, or 4-bit (a fresh NF4 config, or a
+    pre-quantized folder whose saved config decides the dtypes: forcing one there breaks the load)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"device_map": device_map(device), "trust_remote_code": trust_remote_code}
+    # An explicit quantization_config=None overrides the one saved with a pre-quantized folder, so
+    # the key is only passed when there is a config to pass.
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    elif not is_prequantized(path):
+        kwargs["dtype"] = torch_dtype(precision)
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def quantize(model_path: Path, out_dir: Path, device: str, precision: str, double_quant: bool, trust_remote_code=False) -> dict:
+    """Load the base in NF4 and save the pre-quantized model, so later fine-tunes skip quantization."""
+    import bitsandbytes as bnb
+
+    model = load_causal_lm(model_path, device, precision, bnb_config(double_quant, precision), trust_remote_code)
+    quantized = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    head = model.get_output_embeddings()
+    if isinstance(head, bnb.nn.Linear4bit):
+        raise LoraflowError("the output head was quantized; loraflow keeps lm_head in full precision")
+    model.save_pretrained(str(out_dir))
+    size = sum(p.stat().st_size for p in out_dir.iterdir() if p.suffix == ".safetensors")
+    return {"quantized_linear_layers": len(quantized), "weights_bytes": size, "compute_dtype": precision}
+
+
+# ---- LoRA targets -----------------------------------------------------------------------------
+def _linear_module_names(model) -> dict[str, int]:
+    """Leaf names of every linear projection (nn.Linear, bnb Linear4bit/8bit, GPT-2 Conv1D) except the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if module is head or not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + 1
+    return counts
+
+
+def target_modules(model, target) -> list[str]:
+    names = _linear_module_names(model)
+    if target == "all-linear":
+        return sorted(names)
+    if target == "attention-qv":
+        for candidate in QV_CANDIDATES:
+            if all(name in names for name in candidate):
+                return list(candidate)
+        raise LoraflowError(
+            f"target attention-qv: no query/value projections found (linear layers: {', '.join(sorted(names))}); "
+            "list the module names in lora.target"
+        )
+    missing = [name for name in target if name not in names]
+    if missing:
+        raise LoraflowError(
+            f"lora.target names {', '.join(missing)}, which this model does not have; its linear layers are: "
+            f"{', '.join(sorted(names))}"
+        )
+    return list(target)
+
+
+def prepare_for_training(model, quantized: bool, gradient_checkpointing: bool):
+    from peft import prepare_model_for_kbit_training
+
+    if quantized:
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def inject_lora(model, lora, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules(model, lora.target)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        bias="none", task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    return peft_model, {"target_modules": targets, "trainable_params": trainable, "total_params": total,
+                        "trainable_percent": round(100 * trainable / total, 4)}

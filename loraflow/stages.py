@@ -1,0 +1,200 @@
+"""Stage logic behind the Prefect tasks: content keys, reuse of committed outputs, build-then-commit.
+
+Every stage follows one contract. Its key hashes the stage name, its version constant, the keys of
+the upstream records and the config fields it reads: never paths or run ids. Its output lives at a
+URI derived from that key; if the folder's manifest is there, the stage returns the recorded result
+without recomputing (even with a cold Prefect database). Otherwise it builds into a local temporary
+folder and commits it: files first, manifest last.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from loraflow import data as data_stage
+from loraflow import export as export_stage
+from loraflow import merge as merge_stage
+from loraflow.config import FinetuneConfig
+from loraflow.envcheck import check_environment
+from loraflow.errors import LoraflowError
+from loraflow.launch import distributed_backend
+from loraflow.models import native
+from loraflow.storage import ArtifactStore, StageRecord, hash_uri, sha256_hex
+
+QUANTIZE_VERSION = 1
+LORA_VERSION = 1
+TRAIN_VERSION = 1
+
+Log = Callable[[str], None]
+
+
+def _short(key: str) -> str:
+    return key[:16]
+
+
+def reuse_or_build(store: ArtifactStore, stage: str, key: str, uri: str, build: Callable[[Path], dict], log: Log) -> StageRecord:
+    manifest = store.manifest(uri)
+    if manifest is not None:
+        log(f"{stage}: reusing committed output {uri}")
+        return StageRecord(stage=stage, key=key, uri=uri, metrics=manifest.get("metrics", {}), reused=True)
+    with tempfile.TemporaryDirectory(prefix=f"loraflow-{stage}-") as tmp:
+        metrics = build(Path(tmp))
+        store.commit(tmp, uri, {"stage": stage, "key": key, "metrics": metrics})
+    log(f"{stage}: committed {uri}")
+    return StageRecord(stage=stage, key=key, uri=uri, metrics=metrics)
+
+
+# ---- env + sources ----------------------------------------------------------------------------
+def env_check(config: FinetuneConfig) -> StageRecord:
+    report = check_environment(config)
+    return StageRecord(stage="env", key=sha256_hex(report), metrics=report)
+
+
+def inspect_sources(config: FinetuneConfig) -> StageRecord:
+    """Content identities of the inputs: the dataset's bytes, the base model's weights, its tokenizer."""
+    model_path = native.resolve_model_path(config.model.base)
+    data_uri = config.data.path
+    try:
+        dataset_sha256 = hash_uri(data_uri)
+    except FileNotFoundError:
+        raise LoraflowError(f"{data_uri}: dataset file not found; check data.path") from None
+    metrics = {
+        "dataset_uri": data_uri,
+        "dataset_sha256": dataset_sha256,
+        "model_path": str(model_path),
+        "model_key": sha256_hex(native.model_fingerprint(model_path)),
+        "tokenizer_key": native.tokenizer_fingerprint(model_path),
+    }
+    return StageRecord(stage="sources", key=sha256_hex(metrics["dataset_sha256"], metrics["model_key"], metrics["tokenizer_key"]), metrics=metrics)
+
+
+# ---- keys ---------------------------------------------------------------------------------------
+def dataset_key(config: FinetuneConfig, sources: StageRecord) -> str:
+    fields = config.data.model_dump(exclude={"path"})
+    return sha256_hex(data_stage.STAGE, data_stage.STAGE_VERSION, sources.metrics["dataset_sha256"], sources.metrics["tokenizer_key"], fields)
+
+
+def quantize_key(config: FinetuneConfig, env: StageRecord, sources: StageRecord) -> str:
+    fields = config.model.model_dump(include={"quantization", "double_quant"})
+    return sha256_hex("quantized", QUANTIZE_VERSION, sources.metrics["model_key"], fields, env.metrics["precision"])
+
+
+def lora_key(config: FinetuneConfig, base: StageRecord) -> str:
+    return sha256_hex("lora-init", LORA_VERSION, base.key, config.lora.model_dump(), config.train.seed, config.train.gradient_checkpointing)
+
+
+def train_key(config: FinetuneConfig, dataset: StageRecord, lora: StageRecord, env: StageRecord) -> str:
+    fields = config.train.model_dump(exclude={"pool", "device"})
+    return sha256_hex("train", TRAIN_VERSION, dataset.key, lora.key, fields, env.metrics["device"], env.metrics["precision"])
+
+
+def run_uri(store: ArtifactStore, config: FinetuneConfig, train_key_: str) -> str:
+    return store.uri("runs", f"{config.name}-{train_key_[:12]}")
+
+
+# ---- stages -------------------------------------------------------------------------------------
+def prepare_data(config: FinetuneConfig, sources: StageRecord, log: Log = print) -> StageRecord:
+    store = ArtifactStore(config.storage)
+    key = dataset_key(config, sources)
+    uri = store.uri(data_stage.STAGE, _short(key))
+    build = lambda out: data_stage.prepare_dataset(config.data, sources.metrics["model_path"], out, log)  # noqa: E731
+    return reuse_or_build(store, data_stage.STAGE, key, uri, build, log)
+
+
+def quantize_base(config: FinetuneConfig, env: StageRecord, sources: StageRecord, log: Log = print) -> StageRecord:
+    store = ArtifactStore(config.storage)
+    key = quantize_key(config, env, sources)
+    if config.model.quantization == "none":
+        log("quantization none: training plain LoRA on the original base")
+        return StageRecord(stage="quantized", key=key, uri=sources.metrics["model_path"], metrics={"quantization": "none", "in_store": False})
+
+    def build(out: Path) -> dict:
+        log(f"quantizing {sources.metrics['model_path']} to NF4 on {env.metrics['device']}")
+        return {"quantization": "nf4", "in_store": True, **native.quantize(
+            Path(sources.metrics["model_path"]), out, env.metrics["device"], env.metrics["precision"],
+            config.model.double_quant, config.model.trust_remote_code)}
+
+    return reuse_or_build(store, "quantized", key, store.uri("quantized", _short(key)), build, log)
+
+
+def _base_dir(store: ArtifactStore, base: StageRecord) -> Path:
+    return store.local_copy(base.uri) if base.metrics.get("in_store") else Path(base.uri)
+
+
+def inject_lora(config: FinetuneConfig, env: StageRecord, base: StageRecord, log: Log = print) -> StageRecord:
+    store = ArtifactStore(config.storage)
+    key = lora_key(config, base)
+
+    def build(out: Path) -> dict:
+        model = native.load_causal_lm(_base_dir(store, base), env.metrics["device"], env.metrics["precision"], None, config.model.trust_remote_code)
+        model = native.prepare_for_training(model, base.metrics["in_store"], config.train.gradient_checkpointing)
+        peft_model, report = native.inject_lora(model, config.lora, config.train.seed)
+        peft_model.save_pretrained(str(out / "adapter"))
+        log(f"LoRA on {', '.join(report['target_modules'])}: {report['trainable_params']:,} trainable of {report['total_params']:,} parameters ({report['trainable_percent']}%)")
+        return report
+
+    return reuse_or_build(store, "lora-init", key, store.uri("lora-init", _short(key)), build, log)
+
+
+def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> tuple[str, str, dict]:
+    """(key, run URI, spec) for the training subprocess."""
+    store = ArtifactStore(config.storage)
+    key = train_key(config, dataset, lora, env)
+    run = run_uri(store, config, key)
+    spec = {
+        "store": config.storage,
+        "run_uri": run,
+        "dataset_uri": dataset.uri,
+        "base_uri": base.uri,
+        "base_in_store": bool(base.metrics.get("in_store")),
+        "quantized": base.metrics.get("quantization") == "nf4",
+        "lora_init_uri": lora.uri,
+        "train": config.train.model_dump() | {"device": env.metrics["device"], "precision": env.metrics["precision"]},
+        "ddp_backend": distributed_backend(env.metrics["device"]) if config.train.nproc_per_node > 1 else None,
+        "trust_remote_code": config.model.trust_remote_code,
+    }
+    return key, run, spec
+
+
+def trained_record(store: ArtifactStore, key: str, run: str, reused: bool) -> StageRecord | None:
+    final = f"{run}/checkpoints/final"
+    if not store.is_committed(final):
+        return None
+    summary = store.read_json(f"{final}/train_summary.json")
+    return StageRecord(stage="train", key=key, uri=final, metrics=summary, reused=reused)
+
+
+def export(config: FinetuneConfig, dataset: StageRecord, trained: StageRecord, log: Log = print) -> StageRecord:
+    store = ArtifactStore(config.storage)
+    key = sha256_hex("export", export_stage.STAGE_VERSION, trained.key, dataset.key, config.model.base)
+    run = trained.uri.rsplit("/checkpoints/", 1)[0]
+
+    def build(out: Path) -> dict:
+        return export_stage.export_adapter(
+            store.local_copy(trained.uri), store.local_copy(dataset.uri) / "tokenizer", config.model.base,
+            config.model_dump(mode="json"), out,
+        )
+
+    return reuse_or_build(store, "adapter", key, f"{run}/adapter", build, log)
+
+
+def merge(config: FinetuneConfig, env: StageRecord, sources: StageRecord, dataset: StageRecord, adapter: StageRecord, log: Log = print) -> StageRecord:
+    store = ArtifactStore(config.storage)
+    device = env.metrics["device"]
+    precision = config.merge.dtype if config.merge.dtype != "auto" else ("bf16" if device in ("xpu", "cuda") else "fp32")
+    key = sha256_hex("merged", merge_stage.STAGE_VERSION, adapter.key, precision, config.merge.check_rows)
+    run = adapter.uri.rsplit("/adapter", 1)[0]
+
+    def build(out: Path) -> dict:
+        dataset_dir = store.local_copy(dataset.uri)
+        split = dataset_dir / ("val.parquet" if (dataset_dir / "val.parquet").exists() else "train.parquet")
+        rows = pq.read_table(split, columns=["input_ids"]).slice(0, config.merge.check_rows).column("input_ids").to_pylist()
+        metrics = merge_stage.merge_adapter(Path(sources.metrics["model_path"]), store.local_copy(adapter.uri), out, device, precision, rows, config.model.trust_remote_code)
+        log(f"merged; max |logit difference| vs base+adapter {metrics['max_abs_logit_diff']:.3g} (allowed {metrics['tolerance']:.3g})")
+        return metrics
+
+    return reuse_or_build(store, "merged", key, f"{run}/merged", build, log)

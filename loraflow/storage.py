@@ -1,0 +1,206 @@
+"""The fsspec artifact store: content-addressed stage outputs, committed atomically with a manifest.
+
+Layout (any fsspec URL: a local path, file://, s3://, memory://):
+
+    <store>/datasets/<key>/      train + val parquet, stats.json, tokenizer/
+    <store>/quantized/<key>/     pre-quantized base
+    <store>/lora-init/<key>/     initial adapter + trainable-parameter report
+    <store>/runs/<run>/          spec.json, checkpoints/, adapter/, merged/, metrics.jsonl
+    <store>/prefect-results/     Prefect's persisted task results (JSON)
+
+A folder is only ever read when its `_manifest.json` exists. Files are written first and the manifest
+last, so a crash mid-write leaves a folder without a manifest: garbage that is never trusted and is
+cleared before the next write to the same place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, Field
+
+MANIFEST = "_manifest.json"
+_CHUNK = 4 * 1024 * 1024
+
+
+class StageRecord(BaseModel):
+    """What a stage returns: where its output lives and what it measured. Small, JSON, no objects."""
+
+    stage: str
+    key: str = Field(description="Content hash of everything the output depends on.")
+    uri: str | None = Field(None, description="The committed output folder, if the stage writes one.")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    reused: bool = Field(False, description="True when the output was found committed in the store.")
+
+
+def sha256_hex(*parts: Any) -> str:
+    """A stable hash of JSON-serialisable parts (dicts are hashed with sorted keys)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def hash_stream(stream, limit: int | None = None) -> str:
+    digest = hashlib.sha256()
+    remaining = limit
+    while True:
+        size = _CHUNK if remaining is None else min(_CHUNK, remaining)
+        if size == 0:
+            break
+        chunk = stream.read(size)
+        if not chunk:
+            break
+        digest.update(chunk)
+        if remaining is not None:
+            remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+def hash_uri(uri: str) -> str:
+    """sha256 of a file's bytes, local or remote."""
+    with fsspec.open(uri, "rb") as stream:
+        return hash_stream(stream)
+
+
+def fingerprint_file(path: Path, full_hash_limit: int = 256 * 1024 * 1024) -> dict[str, Any]:
+    """Identity of one weight file without reading all of a 10 GB shard.
+
+    Files up to 256 MiB are hashed whole. Larger ones by size plus the first and last 16 MiB:
+    safetensors keeps its tensor index in the header, and any real re-save changes the head or
+    the tail, so this is a content fingerprint, not a path or mtime.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as stream:
+        if size <= full_hash_limit:
+            return {"name": path.name, "size": size, "sha256": hash_stream(stream)}
+        head = hash_stream(stream, 16 * 1024 * 1024)
+        stream.seek(size - 16 * 1024 * 1024)
+        tail = hash_stream(stream)
+    return {"name": path.name, "size": size, "head_sha256": head, "tail_sha256": tail}
+
+
+def _is_local(fs) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+class ArtifactStore:
+    """One artifact store rooted at an fsspec URL."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+        self.is_local = _is_local(self.fs)
+
+    def uri(self, *parts: str) -> str:
+        """The URL of a path inside the store, in the same form the store was given."""
+        return "/".join([self.url, *parts])
+
+    def path(self, uri: str) -> str:
+        """A store URL to the filesystem's own path."""
+        return self.fs._strip_protocol(uri)
+
+    # ---- reading ---------------------------------------------------------------------------
+    def manifest(self, uri: str) -> dict | None:
+        """The manifest of a committed folder, or None if the folder is absent or uncommitted."""
+        path = f"{self.path(uri)}/{MANIFEST}"
+        try:
+            with self.fs.open(path, "rb") as stream:
+                return json.load(stream)
+        except FileNotFoundError:
+            return None
+
+    def is_committed(self, uri: str) -> bool:
+        return self.manifest(uri) is not None
+
+    def read_json(self, uri: str) -> Any:
+        with self.fs.open(self.path(uri), "rb") as stream:
+            return json.load(stream)
+
+    def write_json(self, uri: str, value: Any) -> None:
+        data = json.dumps(value, indent=2, sort_keys=True, default=str).encode()
+        self._put_bytes(self.path(uri), data)
+
+    def _put_bytes(self, path: str, data: bytes) -> None:
+        if self.is_local:
+            # Write-then-rename so a reader never sees half a file.
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            with os.fdopen(fd, "wb") as stream:
+                stream.write(data)
+            os.replace(tmp, path)
+        else:
+            # An object store PUT is all-or-nothing already.
+            with self.fs.open(path, "wb") as stream:
+                stream.write(data)
+
+    def local_copy(self, uri: str, cache_dir: str | Path | None = None) -> Path:
+        """A local folder with the committed contents of `uri` (the folder itself for a local store)."""
+        manifest = self.manifest(uri)
+        if manifest is None:
+            raise FileNotFoundError(f"{uri}: no committed output (missing {MANIFEST})")
+        if self.is_local:
+            return Path(self.path(uri))
+        cache_root = Path(cache_dir or os.environ.get("LORAFLOW_CACHE", Path.home() / ".cache" / "loraflow"))
+        target = cache_root / hashlib.sha256(uri.encode()).hexdigest()[:16] / manifest["sha256"][:16]
+        if (target / MANIFEST).exists():
+            return target
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_root))
+        for entry in manifest["files"]:
+            destination = tmp / entry["path"]
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get(f"{self.path(uri)}/{entry['path']}", str(destination))
+        (tmp / MANIFEST).write_text(json.dumps(manifest))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        return target
+
+    def list_committed(self, uri: str) -> list[str]:
+        """Committed sub-folders of `uri` (one level), sorted by name."""
+        try:
+            entries = self.fs.ls(self.path(uri), detail=True)
+        except FileNotFoundError:
+            return []
+        folders = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+        return [f"{uri}/{name}" for name in folders if self.is_committed(f"{uri}/{name}")]
+
+    # ---- writing ---------------------------------------------------------------------------
+    def commit(self, local_dir: str | Path, uri: str, extra: dict | None = None) -> dict:
+        """Publish a local folder at `uri`: clear leftovers, upload every file, then the manifest."""
+        local_dir = Path(local_dir)
+        destination = self.path(uri)
+        if self.fs.exists(destination):
+            self.fs.rm(destination, recursive=True)
+        files = []
+        for file in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+            relative = file.relative_to(local_dir).as_posix()
+            with file.open("rb") as stream:
+                digest = hash_stream(stream)
+            files.append({"path": relative, "size": file.stat().st_size, "sha256": digest})
+            target = f"{destination}/{relative}"
+            if self.is_local:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(file, target)
+            else:
+                self.fs.put_file(str(file), target)
+        manifest = {
+            "files": files,
+            "sha256": sha256_hex(files),
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(extra or {}),
+        }
+        self._put_bytes(f"{destination}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        return manifest

@@ -1,0 +1,229 @@
+"""The training entrypoint a launcher runs: `python -m loraflow.train SPEC_URI`.
+
+Supports: QLoRA (pre-quantized NF4 base from the store) and plain LoRA (bf16/fp32 base); XPU, CUDA,
+CPU; one process or several (torchrun / deepspeed / mpirun set the rank variables); resuming from
+the newest checkpoint committed to the store; checkpoints, metrics and the trained adapter synced to
+the store by rank 0 after every save.
+
+It reads everything from the run spec (JSON, any fsspec URL) and never imports Prefect: it may run
+on a worker host, under mpirun, in another Python environment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fsspec
+import torch
+
+from loraflow.data.tokenize import load_tokenizer
+from loraflow.errors import LoraflowError
+from loraflow.models import native
+from loraflow.storage import ArtifactStore
+
+FINAL = "final"
+
+
+def rank_info() -> dict:
+    """Global rank, local rank and world size from torch launchers or MPI (Intel MPI / Open MPI)."""
+    env = os.environ
+    rank = env.get("RANK") or env.get("PMI_RANK") or env.get("OMPI_COMM_WORLD_RANK") or "0"
+    world = env.get("WORLD_SIZE") or env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE") or "1"
+    local = env.get("LOCAL_RANK") or env.get("MPI_LOCALRANKID") or env.get("OMPI_COMM_WORLD_LOCAL_RANK") or "0"
+    return {"rank": int(rank), "local_rank": int(local), "world_size": int(world)}
+
+
+def read_spec(uri: str) -> dict:
+    with fsspec.open(uri, "r") as stream:
+        return json.load(stream)
+
+
+def _memory_report(device: str) -> dict:
+    report = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device in ("cuda", "xpu"):
+        report["peak_device_mb"] = round(getattr(torch, device).max_memory_allocated() / 2**20, 1)
+    return report
+
+
+def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: str, is_main: bool, fail_at_step: int | None):
+    from transformers import TrainerCallback
+
+    class MetricsToStore(TrainerCallback):
+        """Appends each log to metrics.jsonl, prints it for the Prefect log, syncs checkpoints to the store."""
+
+        def __init__(self):
+            self.last_time = time.time()
+            self.last_tokens = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not is_main or not logs:
+                return
+            now = time.time()
+            tokens = state.num_input_tokens_seen
+            record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
+            if "loss" in logs and now > self.last_time:
+                record["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
+                self.last_time, self.last_tokens = now, tokens
+            record.update(_memory_report(device))
+            with metrics_path.open("a") as stream:
+                stream.write(json.dumps(record) + "\n")
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+            print(f"[{state.global_step}/{state.max_steps}] {shown}", flush=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if fail_at_step is not None and state.global_step >= fail_at_step:
+                raise RuntimeError(f"injected failure at step {state.global_step} (train spec fail_at_step)")
+
+        def on_save(self, args, state, control, **kwargs):
+            if not is_main:
+                return
+            name = f"checkpoint-{state.global_step}"
+            store.commit(Path(args.output_dir) / name, f"{run_uri}/checkpoints/{name}", {"step": state.global_step})
+            store.commit(metrics_path.parent / "metrics", f"{run_uri}/metrics")
+            print(f"checkpoint {name} committed to {run_uri}/checkpoints/{name}", flush=True)
+
+    return [MetricsToStore()]
+
+
+def newest_checkpoint(store: ArtifactStore, run_uri: str) -> str | None:
+    committed = [uri for uri in store.list_committed(f"{run_uri}/checkpoints") if uri.rsplit("/", 1)[-1].startswith("checkpoint-")]
+    return max(committed, key=lambda uri: int(uri.rsplit("-", 1)[-1]), default=None)
+
+
+def train(spec: dict) -> dict:
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
+
+    ranks = rank_info()
+    is_main = ranks["rank"] == 0
+    cfg = spec["train"]
+    store = ArtifactStore(spec["store"])
+    run_uri = spec["run_uri"]
+    device = native.resolve_device(cfg["device"])
+    precision = native.resolve_precision(cfg["precision"], device)
+    set_seed(cfg["seed"])
+
+    dataset_dir = store.local_copy(spec["dataset_uri"])
+    tokenizer = load_tokenizer(str(dataset_dir / "tokenizer"))
+    base_dir = store.local_copy(spec["base_uri"]) if spec["base_in_store"] else Path(spec["base_uri"])
+    model = native.load_causal_lm(base_dir, device, precision, None, spec.get("trust_remote_code", False))
+    model = native.prepare_for_training(model, spec["quantized"], cfg["gradient_checkpointing"])
+    adapter_dir = store.local_copy(spec["lora_init_uri"]) / "adapter"
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+    train_set = Dataset.from_parquet(str(dataset_dir / "train.parquet"))
+    val_path = dataset_dir / "val.parquet"
+    val_set = Dataset.from_parquet(str(val_path)) if val_path.exists() else None
+
+    work = Path(os.environ.get("LORAFLOW_WORKDIR") or tempfile.mkdtemp(prefix="loraflow-train-"))
+    metrics_path = work / "metrics" / "metrics.jsonl"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    accumulation = max(1, cfg["batch_size"] // (cfg["micro_batch_size"] * ranks["world_size"]))
+    args = TrainingArguments(
+        output_dir=str(work / "checkpoints"),
+        per_device_train_batch_size=cfg["micro_batch_size"],
+        per_device_eval_batch_size=cfg["micro_batch_size"],
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=cfg["num_epochs"],
+        max_steps=cfg["max_steps"],
+        learning_rate=cfg["learning_rate"],
+        lr_scheduler_type=cfg["lr_scheduler"],
+        warmup_steps=cfg["warmup"],
+        max_grad_norm=cfg["max_grad_norm"],
+        weight_decay=cfg["weight_decay"],
+        optim=cfg["optim"],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        logging_steps=cfg["logging_steps"],
+        logging_first_step=True,
+        eval_strategy="steps" if val_set is not None else "no",
+        eval_steps=cfg["eval_steps"],
+        save_strategy="steps",
+        save_steps=cfg["save_steps"],
+        save_total_limit=2,
+        seed=cfg["seed"],
+        data_seed=cfg["seed"],
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        ddp_backend=spec.get("ddp_backend"),
+        ddp_find_unused_parameters=False if ranks["world_size"] > 1 else None,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+        callbacks=_callbacks(store, run_uri, metrics_path, device, is_main, spec.get("fail_at_step")),
+    )
+    trainer.remove_callback(PrinterCallback)  # our callback prints each log once, with step and memory
+
+    resume_uri = newest_checkpoint(store, run_uri)
+    resume_dir = None
+    if resume_uri:
+        resume_dir = store.local_copy(resume_uri, work / "resume")
+        print(f"resuming from {resume_uri}", flush=True)
+        previous = store.local_copy(f"{run_uri}/metrics") / "metrics.jsonl" if store.is_committed(f"{run_uri}/metrics") else None
+        if previous and previous.exists():
+            metrics_path.write_text(previous.read_text())
+    print(
+        f"training on {device} ({precision}), rank {ranks['rank']}/{ranks['world_size']}, "
+        f"{len(train_set)} train rows, micro batch {cfg['micro_batch_size']} x accumulation {accumulation}",
+        flush=True,
+    )
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    elapsed = time.time() - started
+    summary = {
+        "train_loss": result.training_loss,
+        "global_step": result.global_step,
+        "train_runtime_s": round(elapsed, 2),
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_s": round(trainer.state.num_input_tokens_seen / elapsed, 1) if elapsed else None,
+        "device": device,
+        "precision": precision,
+        "world_size": ranks["world_size"],
+        "resumed_from": resume_uri,
+        **_memory_report(device),
+    }
+    if val_set is not None:
+        summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+    logged = [row["loss"] for row in map(json.loads, metrics_path.read_text().splitlines()) if "loss" in row]
+    summary["first_loss"], summary["final_loss"] = (logged[0], logged[-1]) if logged else (None, None)
+    if not math.isfinite(summary["train_loss"]):
+        raise LoraflowError(f"training diverged: train loss is {summary['train_loss']}; lower train.learning_rate")
+    if is_main:
+        final = work / FINAL
+        trainer.model.save_pretrained(str(final))
+        (final / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        store.commit(metrics_path.parent, f"{run_uri}/metrics")
+        store.commit(final, f"{run_uri}/checkpoints/{FINAL}", {"global_step": result.global_step})
+        print(f"trained adapter committed to {run_uri}/checkpoints/{FINAL}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m loraflow.train SPEC_URI", file=sys.stderr)
+        return 2
+    try:
+        train(read_spec(argv[0]))
+    except LoraflowError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Prefect tasks, one per stage: cache key, result persistence, logging, then one call into loraflow."""

@@ -1,0 +1,33 @@
+from prefect import task
+
+from loraflow import launch, stages
+from loraflow.config import FinetuneConfig
+from loraflow.errors import LoraflowError
+from loraflow.storage import ArtifactStore, StageRecord
+from tasks.common import log_info
+
+
+def _train_cache_key(_, p) -> str:
+    return "train-" + stages.train_key(p["config"], p["dataset"], p["lora"], p["env"])
+
+
+@task(name="train", cache_key_fn=_train_cache_key)
+def train_adapter(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
+    """Write the run spec, launch `python -m loraflow.train` (local/torchrun/deepspeed/mpirun), stream its log."""
+    store = ArtifactStore(config.storage)
+    key, run, spec = stages.train_spec(config, env, dataset, base, lora)
+    finished = stages.trained_record(store, key, run, reused=True)
+    if finished is not None:
+        log_info(f"train: reusing committed adapter {finished.uri}")
+        return finished
+    spec_uri = f"{run}/spec.json"
+    store.write_json(spec_uri, spec)
+    command = launch.build_command(config.train.launcher, spec_uri, config.train.nproc_per_node)
+    log_info(f"launching: {' '.join(command.argv)}")
+    code = launch.run_streaming(command, log_info)
+    if code != 0:
+        raise LoraflowError(f"the training process exited with code {code} (its log is above); run again to resume from the newest checkpoint in {run}/checkpoints")
+    record = stages.trained_record(store, key, run, reused=False)
+    if record is None:
+        raise LoraflowError(f"the training process exited cleanly but committed no adapter at {run}/checkpoints/final")
+    return record
