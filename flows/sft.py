@@ -11,11 +11,13 @@ from prefect import flow, get_run_logger
 from flows.train import train_flow
 from loraflow.config import FinetuneConfig
 from loraflow.storage import StageRecord
-from tasks.common import stage_options
+from tasks.common import hide_user_error_tracebacks, stage_options
 from tasks.data import prepare_dataset
 from tasks.env import check_env, inspect_sources
 from tasks.export import export_adapter, merge_adapter
 from tasks.model import inject_lora, quantize_base
+
+hide_user_error_tracebacks()
 
 
 @flow(name="loraflow-sft")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from prefect.logging import get_run_logger
 
+from loraflow.errors import LoraflowError
 from loraflow.storage import ArtifactStore
 
 
@@ -29,3 +31,21 @@ def stage_options(storage: str) -> dict:
 
 def log_info(message: str) -> None:
     get_run_logger().info(message)
+
+
+class _UserErrorWithoutTraceback(logging.Filter):
+    """A LoraflowError already says what is wrong and what to do; its traceback only buries that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], LoraflowError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def hide_user_error_tracebacks() -> None:
+    """Install the filter on Prefect's console and API handlers (idempotent)."""
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _UserErrorWithoutTraceback) for f in handler.filters):
+                handler.addFilter(_UserErrorWithoutTraceback())

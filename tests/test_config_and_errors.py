@@ -1,0 +1,111 @@
+"""Bad input fails early with a message that names the problem, and commits nothing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loraflow import stages
+from loraflow.config import build_config, load_config
+from loraflow.errors import LoraflowError
+from loraflow.storage import ArtifactStore
+
+
+def config_tree(model, data, store, **data_fields):
+    return {"storage": str(store), "model": {"base": str(model)}, "data": {"path": str(data), "val_set_size": 0, **data_fields}}
+
+
+def test_defaults_follow_the_seed_recipes(tmp_path):
+    config = build_config({"model": {"base": "m"}, "data": {"path": "d.json"}})
+    assert (config.train.learning_rate, config.train.max_grad_norm, config.train.micro_batch_size, config.train.batch_size) == (3e-5, 0.3, 2, 128)
+    assert (config.train.lr_scheduler, config.train.optim, config.data.cutoff_len) == ("cosine", "adamw_torch", 256)
+    assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (8, 16, 0.05)
+    assert config.model.quantization == "nf4" and config.model.double_quant
+
+
+def test_unknown_template_lists_the_choices():
+    with pytest.raises(LoraflowError) as error:
+        build_config({"model": {"base": "m"}, "data": {"path": "d.json", "template": "alpacca"}})
+    assert "data.template" in str(error.value) and "alpaca_short" in str(error.value) and "alpacca" in str(error.value)
+
+
+def test_zero3_with_a_4bit_base_is_rejected_and_allowed_for_plain_lora():
+    tree = {"model": {"base": "m"}, "data": {"path": "d.json"}, "train": {"launcher": "deepspeed", "deepspeed_zero": 3}}
+    with pytest.raises(LoraflowError, match="ZeRO-3 cannot shard a 4-bit"):
+        build_config(tree)
+    assert build_config({**tree, "model": {"base": "m", "quantization": "none"}}).train.deepspeed_zero == 3
+
+
+def test_template_must_fit_the_format():
+    with pytest.raises(LoraflowError, match="formats alpaca rows, but format is 'sharegpt'"):
+        build_config({"model": {"base": "m"}, "data": {"path": "d.json", "format": "sharegpt"}})
+
+
+def test_overrides_and_relative_paths(tmp_path):
+    (tmp_path / "data.json").write_text("[]")
+    (tmp_path / "c.yaml").write_text("model: {base: org/model}\ndata: {path: data.json}\n")
+    config = load_config(tmp_path / "c.yaml", ["train.learning_rate=1e-4", "lora.target=[q_proj, v_proj]", "train.max_steps=5"])
+    assert config.train.learning_rate == 1e-4 and config.lora.target == ["q_proj", "v_proj"] and config.train.max_steps == 5
+    assert config.data.path == str(tmp_path / "data.json") and config.model.base == "org/model"
+    with pytest.raises(LoraflowError, match="train: batch_size 7 is not a multiple of micro_batch_size 2"):
+        load_config(tmp_path / "c.yaml", ["train.batch_size=7"])
+
+
+def _expect_error(tiny_model, tmp_path, data_file, match, **data_fields):
+    store = tmp_path / "store"
+    config = build_config(config_tree(tiny_model, data_file, store, **data_fields))
+    with pytest.raises(LoraflowError, match=match) as error:
+        stages.prepare_data(config, stages.inspect_sources(config), log=lambda _: None)
+    assert ArtifactStore(str(store)).list_committed(ArtifactStore(str(store)).uri("datasets")) == []
+    return str(error.value)
+
+
+def test_missing_file(tiny_model, tmp_path):
+    config = build_config(config_tree(tiny_model, tmp_path / "absent.jsonl", tmp_path / "store"))
+    with pytest.raises(LoraflowError, match="absent.jsonl: dataset file not found"):
+        stages.inspect_sources(config)
+
+
+def test_malformed_jsonl_names_the_line(tiny_model, tmp_path):
+    lines = [json.dumps({"instruction": "a", "input": "", "output": "b"})] * 3
+    lines.insert(2, '{"instruction": "broken", "output": ')
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines))
+    message = _expect_error(tiny_model, tmp_path, tmp_path / "bad.jsonl", "line 3")
+    assert "bad.jsonl" in message
+
+
+def test_missing_field_names_the_row_and_field(tiny_model, tmp_path):
+    rows = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "answer": "d"}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    message = _expect_error(tiny_model, tmp_path, tmp_path / "rows.json", "row 1 has no 'output' field")
+    assert "answer" in message  # lists what the row does have
+
+
+def test_empty_after_filtering(tiny_model, tmp_path):
+    (tmp_path / "empty.json").write_text(json.dumps([{"instruction": "a", "input": "", "output": "  "}] * 3))
+    _expect_error(tiny_model, tmp_path, tmp_path / "empty.json", r"no usable rows after filtering \(3 read; dropped: 3 empty output\)")
+
+
+def test_validation_split_larger_than_the_data(tiny_model, tmp_path):
+    (tmp_path / "few.json").write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 3))
+    _expect_error(tiny_model, tmp_path, tmp_path / "few.json", "val_set_size=10 leaves no training rows", val_set_size=10)
+
+
+def test_cli_prints_the_problem_without_a_traceback(tiny_model, tmp_path, shared_data):
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "input": "", "output": "b"}\nnot json\n')
+    (tmp_path / "c.yaml").write_text(f"model: {{base: {tiny_model}}}\ndata: {{path: bad.jsonl, val_set_size: 0}}\nstorage: store\n")
+    result = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", str(tmp_path / "c.yaml")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "bad.jsonl: malformed JSON on line 2" in result.stderr.strip().splitlines()[-2] + result.stderr
+    assert "Traceback" not in output
+    assert not list((tmp_path / "store").glob("datasets/*/_manifest.json"))
+
+
+def test_cli_reports_invalid_config_before_starting_anything(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {base: m}\ndata: {path: d.json, template: nope}\n")
+    result = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", str(tmp_path / "c.yaml")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "data.template" in result.stderr and "Traceback" not in result.stderr
+    assert "Starting temporary server" not in result.stdout + result.stderr

@@ -1,0 +1,151 @@
+"""The whole SFT flow on the built model under a Prefect test server, then again from cache."""
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraflow.config import build_config
+from loraflow.storage import ArtifactStore
+
+pytestmark = pytest.mark.slow
+
+# The module, not the function of the same name that loraflow.data re-exports.
+tokenize_module = importlib.import_module("loraflow.data.tokenize")
+
+STAGE_TASKS = ("prepare-dataset", "quantize-base", "inject-lora", "train")
+
+
+def sft_config(model: Path, store: Path, **data):
+    return build_config({
+        "name": "test",
+        "storage": str(store),
+        "model": {"base": str(model)},
+        "data": {"path": str(Path(__file__).parents[1] / "loraflow/data/sample/alpaca_gpt4_sample.json"),
+                 "val_set_size": 16, "cutoff_len": 128, **data},
+        "train": {"learning_rate": 1e-2, "batch_size": 16, "micro_batch_size": 4, "max_steps": 12,
+                  "eval_steps": 6, "save_steps": 6, "gradient_checkpointing": False},
+        "merge": {"check_rows": 3},
+    })
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    """Final state name of every task in the flow run and its subflows, by task name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        ids = [flow_run_id, *(run.id for run in children)]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def run_sft(config):
+    from flows.sft import sft
+
+    state = sft(config, return_state=True)
+    assert state.is_completed(), state.message
+    return state.result(), task_states(state.state_details.flow_run_id)
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_server, tiny_model, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    config = sft_config(tiny_model, store)
+    calls = tokenize_module.TOKENIZE_CALLS
+    records, states = run_sft(config)
+    return {"config": config, "records": records, "states": states, "tokenize_calls": tokenize_module.TOKENIZE_CALLS - calls}
+
+
+def test_every_stage_output_is_committed_with_a_manifest(first_run):
+    store = ArtifactStore(first_run["config"].storage)
+    records = first_run["records"]
+    for name in ("dataset", "quantized", "lora", "train", "adapter", "merged"):
+        manifest = store.manifest(records[name].uri)
+        assert manifest is not None, name
+        for entry in manifest["files"]:
+            assert Path(records[name].uri, entry["path"]).stat().st_size == entry["size"]
+    assert records["dataset"].uri.startswith(store.uri("datasets"))
+    assert records["quantized"].uri.startswith(store.uri("quantized"))
+    assert records["lora"].uri.startswith(store.uri("lora-init"))
+    run = records["adapter"].uri.rsplit("/", 1)[0]
+    assert run.startswith(store.uri("runs", "test-"))
+    assert json.loads(Path(run, "spec.json").read_text())["quantized"] is True
+    assert (Path(run) / "metrics" / "metrics.jsonl").exists()
+    assert first_run["states"]["prepare-dataset"] == "Completed"
+
+
+def test_the_base_was_quantized_to_nf4_with_a_full_precision_head(first_run):
+    from transformers import AutoModelForCausalLM
+    import bitsandbytes as bnb
+
+    model = AutoModelForCausalLM.from_pretrained(first_run["records"]["quantized"].uri, device_map={"": "cpu"})
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert model.model.layers[0].self_attn.q_proj.weight.quant_state.quant_type == "nf4"
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    assert first_run["records"]["lora"].metrics["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_training_loss_decreases(first_run):
+    metrics = first_run["records"]["train"].metrics
+    assert metrics["global_step"] == 12
+    assert metrics["final_loss"] < metrics["first_loss"] - 0.5
+    lines = [json.loads(l) for l in Path(first_run["records"]["adapter"].uri).parent.joinpath("metrics", "metrics.jsonl").read_text().splitlines()]
+    evals = [l["eval_loss"] for l in lines if "eval_loss" in l]
+    assert len(evals) >= 2 and evals[-1] < evals[0]
+    assert all(l["tokens_per_s"] > 0 for l in lines if "tokens_per_s" in l)
+
+
+def test_exported_adapter_loads_on_the_original_base_and_matches_the_merged_model(first_run, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir = first_run["records"]["adapter"].uri
+    assert json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    ids = tokenizer(["### Instruction:\nName three colours.\n\n### Response:\n"], return_tensors="pt").input_ids
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, adapter_dir).eval()
+        tuned_logits = tuned(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(first_run["records"]["merged"].uri, dtype=torch.float32)(ids).logits
+    assert (tuned_logits - base_logits).abs().max() > 1e-2  # the adapter learned something
+    assert torch.allclose(merged_logits, tuned_logits, atol=1e-4)
+    assert first_run["records"]["merged"].metrics["max_abs_logit_diff"] <= first_run["records"]["merged"].metrics["tolerance"]
+
+
+def test_second_run_reuses_data_quantize_lora_and_training(first_run):
+    calls = tokenize_module.TOKENIZE_CALLS
+    records, states = run_sft(first_run["config"])
+    assert tokenize_module.TOKENIZE_CALLS == calls
+    for task in STAGE_TASKS:
+        assert states[task] == "Cached", (task, states)
+    assert records["adapter"].uri == first_run["records"]["adapter"].uri
+
+
+def test_changed_template_reruns_data_but_not_quantization(first_run, tiny_model):
+    calls = tokenize_module.TOKENIZE_CALLS
+    changed = sft_config(tiny_model, Path(first_run["config"].storage), template="alpaca_short")
+    records, states = run_sft(changed)
+    assert tokenize_module.TOKENIZE_CALLS == calls + 1
+    assert states["prepare-dataset"] == "Completed" and states["train"] == "Completed"
+    assert states["quantize-base"] == "Cached" and states["inject-lora"] == "Cached"
+    assert records["dataset"].uri != first_run["records"]["dataset"].uri
+    assert records["quantized"].uri == first_run["records"]["quantized"].uri
+
+
+def test_committed_outputs_are_reused_without_prefect(first_run):
+    """The store is the second line of caching: with no Prefect cache at all, stages return committed outputs."""
+    from loraflow import stages
+
+    config = first_run["config"]
+    calls = tokenize_module.TOKENIZE_CALLS
+    sources = stages.inspect_sources(config)
+    dataset = stages.prepare_data(config, sources, log=lambda _: None)
+    assert dataset.reused and dataset.uri == first_run["records"]["dataset"].uri
+    assert tokenize_module.TOKENIZE_CALLS == calls
+    assert dataset.metrics == first_run["records"]["dataset"].metrics
