@@ -1,9 +1,8 @@
 """Batched tokenization with label masking, truncation and EOS, plus the dataset statistics.
 
 All rows go through the fast tokenizer's `encode_batch` in one call (Rust, parallel), and the label
-mask is computed for the whole batch at once with numpy from the tokens' character offsets: a token
-carries loss when it starts inside a trained span. No Python loop runs per token, and none calls the
-tokenizer per row.
+mask is computed for the whole batch at once with numpy: a token carries loss when it starts inside
+a trained character span. No Python loop runs per token, and none calls the tokenizer per row.
 """
 
 from __future__ import annotations
@@ -48,37 +47,49 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def _first_token_from(encoding, position: int, text_length: int) -> int:
+    """Index of the first token that starts at or after character `position`."""
+    if position == 0:
+        return 0  # leading special tokens (BOS) belong to a span that starts the text, as in alpaca-lora
+    if position >= text_length:
+        return len(encoding)
+    token = encoding.char_to_token(position)
+    if token is None:  # the character was normalised away (e.g. stripped whitespace): look at offsets
+        return next((i for i, (start, end) in enumerate(encoding.offsets) if start >= position and end > start), len(encoding))
+    return token if encoding.token_to_chars(token)[0] >= position else token + 1
+
+
 def tokenize(texts: list[str], spans: list[list[tuple[int, int]]], tokenizer, cutoff_len: int, add_eos: bool):
     """Token ids and labels for every text, truncated to cutoff_len, as flat arrays plus row offsets.
 
     Returns (ids, labels, row_starts, full_lengths, truncated) where row i is
     ids[row_starts[i]:row_starts[i+1]] and full_lengths are the lengths before truncation.
+    A token carries loss when it starts inside a trained character span.
     """
     global TOKENIZE_CALLS
     TOKENIZE_CALLS += 1
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=True)
-    full_lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    full_lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
     total = int(full_lengths.sum())
     ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
-    starts = np.fromiter(
-        (offset[0] for e in encodings for offset in e.offsets), dtype=np.int64, count=total
-    )
-    row_of_token = np.repeat(np.arange(len(texts)), full_lengths)
-    position = np.arange(total) - np.repeat(np.cumsum(full_lengths) - full_lengths, full_lengths)
+    row_base = np.cumsum(full_lengths) - full_lengths
 
-    # Put every row's characters on one global axis so all spans can be searched at once: spans
-    # become a sorted list of boundaries [s0, e0, s1, e1, …] and a token is trained when its start
-    # falls after an odd number of boundaries.
-    text_lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-    row_base = np.cumsum(text_lengths + 1) - (text_lengths + 1)
-    boundaries = np.fromiter(
-        (row_base[row] + edge for row, row_spans in enumerate(spans) for span in row_spans for edge in span),
+    # Each span becomes a token range [first, end) on the flat axis; a +1/-1 difference array summed
+    # up marks every trained token at once. Only the span edges are looked up (two calls into the
+    # Rust encoding per span), never every token's offsets.
+    edges = np.array(
+        [(row_base[row] + _first_token_from(e, start, len(text)), row_base[row] + _first_token_from(e, stop, len(text)))
+         for row, (e, text, row_spans) in enumerate(zip(encodings, texts, spans)) for start, stop in row_spans],
         dtype=np.int64,
-    )
-    inside = np.searchsorted(boundaries, row_base[row_of_token] + starts, side="right") % 2 == 1
+    ).reshape(-1, 2)
+    marks = np.zeros(total + 1, dtype=np.int64)
+    np.add.at(marks, edges[:, 0], 1)
+    np.add.at(marks, edges[:, 1], -1)
+    inside = np.cumsum(marks[:-1]) > 0
 
+    position = np.arange(total) - np.repeat(row_base, full_lengths)
     keep = position < cutoff_len
-    ids, inside, row_of_token = ids[keep], inside[keep], row_of_token[keep]
+    ids, inside = ids[keep], inside[keep]
     lengths = np.minimum(full_lengths, cutoff_len)
     truncated = full_lengths > cutoff_len
 

@@ -1,0 +1,50 @@
+"""The store trusts only committed folders; the shipped example configs validate."""
+
+from pathlib import Path
+
+import pytest
+
+from loraflow.config import load_config
+from loraflow.storage import MANIFEST, ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_folder_without_manifest_is_never_read_and_is_replaced_on_commit(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    uri = store.uri("datasets", "abc")
+    partial = Path(store.path(uri))
+    partial.mkdir(parents=True)
+    (partial / "train.parquet").write_bytes(b"half a file")  # a writer died here
+    assert store.manifest(uri) is None and store.list_committed(store.uri("datasets")) == []
+    with pytest.raises(FileNotFoundError, match="no committed output"):
+        store.local_copy(uri)
+
+    source = tmp_path / "out"
+    (source / "tokenizer").mkdir(parents=True)
+    (source / "train.parquet").write_bytes(b"complete")
+    (source / "tokenizer" / "tokenizer.json").write_text("{}")
+    manifest = store.commit(source, uri, {"metrics": {"rows": 1}})
+    assert [f["path"] for f in manifest["files"]] == ["tokenizer/tokenizer.json", "train.parquet"]
+    assert (partial / "train.parquet").read_bytes() == b"complete"
+    assert store.manifest(uri)["metrics"] == {"rows": 1}
+    assert store.list_committed(store.uri("datasets")) == [uri]
+
+
+def test_memory_store_round_trip(tmp_path):
+    store = ArtifactStore("memory://loraflow-test-store")
+    source = tmp_path / "out"
+    source.mkdir()
+    (source / "a.txt").write_text("hello")
+    store.commit(source, store.uri("runs", "r1", "adapter"))
+    copy = store.local_copy(store.uri("runs", "r1", "adapter"), tmp_path / "cache")
+    assert (copy / "a.txt").read_text() == "hello" and (copy / MANIFEST).exists()
+
+
+@pytest.mark.parametrize("name", ["alpaca-qlora.yaml", "sharegpt-lora.yaml"])
+def test_example_configs_validate(name):
+    config = load_config(REPO / "examples" / name)
+    assert config.model.base == "meta-llama/Llama-2-7b-hf"  # hub ids are not rewritten as paths
+    if name == "sharegpt-lora.yaml":
+        assert (config.lora.target, config.train.learning_rate, config.train.warmup) == ("attention-qv", 2e-5, 0.03)
+        assert config.data.effective_train_on_inputs is False
