@@ -82,7 +82,8 @@ def _run_flow(config, show_ui_hint: bool) -> dict:
         home = os.environ.get("PREFECT_HOME", "~/.prefect")
         print(
             "\nsee this run in the Prefect UI:\n"
-            f"  PREFECT_HOME={home} prefect server start    # then open http://127.0.0.1:4200/runs/flow-run/{state.state_details.flow_run_id}"
+            f"  PREFECT_HOME={home} {Path(sys.executable).parent / 'prefect'} server start\n"
+            f"  then open http://127.0.0.1:4200/runs/flow-run/{state.state_details.flow_run_id}"
         )
     return records
 

@@ -35,7 +35,10 @@ def distributed_backend(device: str) -> str:
 
 
 def launcher_available(launcher: str) -> bool:
-    return launcher == "local" or shutil.which(LAUNCHER_BINARIES[launcher]) is not None
+    # torchrun is started as `python -m torch.distributed.run`: it comes with torch, PATH or not.
+    if launcher in ("local", "torchrun"):
+        return True
+    return shutil.which(LAUNCHER_BINARIES[launcher]) is not None
 
 
 def build_command(launcher: str, spec_uri: str, nproc_per_node: int = 1, python: str | None = None,

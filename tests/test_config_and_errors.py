@@ -109,3 +109,26 @@ def test_cli_reports_invalid_config_before_starting_anything(tmp_path):
     result = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", str(tmp_path / "c.yaml")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "data.template" in result.stderr and "Traceback" not in result.stderr
     assert "Starting temporary server" not in result.stdout + result.stderr
+
+
+def test_env_check_names_a_missing_launcher(tmp_path, monkeypatch):
+    from loraflow.envcheck import check_environment
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH
+    config = build_config({"model": {"base": "m"}, "data": {"path": "d.json"}, "train": {"launcher": "mpirun", "nproc_per_node": 2}})
+    with pytest.raises(LoraflowError, match="train.launcher is mpirun, but mpirun is not on PATH"):
+        check_environment(config)
+
+
+def test_env_check_rejects_a_device_the_machine_lacks():
+    import torch
+
+    from loraflow.envcheck import check_environment
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(LoraflowError, match="train.device is cuda, but torch.cuda finds no GPU"):
+        check_environment(build_config({"model": {"base": "m"}, "data": {"path": "d.json"}, "train": {"device": "cuda"}}))
+    report = check_environment(build_config({"model": {"base": "m"}, "data": {"path": "d.json"}}))
+    assert report["device"] == "cpu" and report["precision"] == "fp32" and report["distributed_backend"] == "gloo"
+    assert report["versions"]["bitsandbytes"] and report["versions"]["transformers"].startswith("5.")

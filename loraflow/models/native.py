@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ QV_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("query_key_value",),
 # bitsandbytes tries to fetch optional CPU kernels from a hub at import and warns when it cannot;
 # the built-in CPU path works without them.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft still calls transformers' renamed is_gradient_checkpointing; the warning says nothing to a user.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 # ---- devices and precision ------------------------------------------------------------------
