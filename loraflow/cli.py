@@ -69,8 +69,6 @@ def _print_records(records: dict) -> None:
 
 
 def _run_flow(config, show_ui_hint: bool) -> dict:
-    from prefect import get_client  # noqa: F401  (fail fast if prefect is missing)
-
     from flows.sft import sft
 
     state = sft(config, return_state=True)

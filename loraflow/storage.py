@@ -181,6 +181,8 @@ class ArtifactStore:
     def commit(self, local_dir: str | Path, uri: str, extra: dict | None = None) -> dict:
         """Publish a local folder at `uri`: clear leftovers, upload every file, then the manifest."""
         local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise FileNotFoundError(f"{local_dir}: nothing to commit to {uri} (not a folder)")
         destination = self.path(uri)
         if self.fs.exists(destination):
             self.fs.rm(destination, recursive=True)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ from loraflow.models import native
 from loraflow.storage import ArtifactStore
 
 FINAL = "final"
+METRICS = "metrics.jsonl"
 
 
 def rank_info() -> dict:
@@ -85,8 +87,12 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
             if not is_main:
                 return
             name = f"checkpoint-{state.global_step}"
-            store.commit(Path(args.output_dir) / name, f"{run_uri}/checkpoints/{name}", {"step": state.global_step})
-            store.commit(metrics_path.parent / "metrics", f"{run_uri}/metrics")
+            checkpoint = Path(args.output_dir) / name
+            # The checkpoint carries the metrics up to its own step, so a resume from it restores
+            # exactly those (the run's live metrics may already hold steps past it).
+            shutil.copyfile(metrics_path, checkpoint / METRICS)
+            store.commit(checkpoint, f"{run_uri}/checkpoints/{name}", {"step": state.global_step})
+            store.commit(metrics_path.parent, f"{run_uri}/metrics")
             print(f"checkpoint {name} committed to {run_uri}/checkpoints/{name}", flush=True)
 
     return [MetricsToStore()]
@@ -124,7 +130,7 @@ def train(spec: dict) -> dict:
     val_set = Dataset.from_parquet(str(val_path)) if val_path.exists() else None
 
     work = Path(os.environ.get("LORAFLOW_WORKDIR") or tempfile.mkdtemp(prefix="loraflow-train-"))
-    metrics_path = work / "metrics" / "metrics.jsonl"
+    metrics_path = work / "metrics" / METRICS
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     accumulation = max(1, cfg["batch_size"] // (cfg["micro_batch_size"] * ranks["world_size"]))
     args = TrainingArguments(
@@ -173,9 +179,8 @@ def train(spec: dict) -> dict:
     if resume_uri:
         resume_dir = store.local_copy(resume_uri, work / "resume")
         print(f"resuming from {resume_uri}", flush=True)
-        previous = store.local_copy(f"{run_uri}/metrics") / "metrics.jsonl" if store.is_committed(f"{run_uri}/metrics") else None
-        if previous and previous.exists():
-            metrics_path.write_text(previous.read_text())
+        if (resume_dir / METRICS).exists():
+            shutil.copyfile(resume_dir / METRICS, metrics_path)
     print(
         f"training on {device} ({precision}), rank {ranks['rank']}/{ranks['world_size']}, "
         f"{len(train_set)} train rows, micro batch {cfg['micro_batch_size']} x accumulation {accumulation}",

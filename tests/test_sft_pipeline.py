@@ -97,6 +97,18 @@ def test_training_loss_decreases(first_run):
     evals = [l["eval_loss"] for l in lines if "eval_loss" in l]
     assert len(evals) >= 2 and evals[-1] < evals[0]
     assert all(l["tokens_per_s"] > 0 for l in lines if "tokens_per_s" in l)
+    assert {"loss", "grad_norm", "learning_rate", "peak_rss_mb"} <= set(lines[1])
+
+
+def test_checkpoints_and_metrics_were_synced_at_every_save(first_run):
+    store = ArtifactStore(first_run["config"].storage)
+    run = first_run["records"]["adapter"].uri.rsplit("/", 1)[0]
+    checkpoints = store.list_committed(f"{run}/checkpoints")
+    assert [uri.rsplit("/", 1)[-1] for uri in checkpoints] == ["checkpoint-12", "checkpoint-6", "final"]
+    assert store.manifest(f"{run}/checkpoints/checkpoint-6")["step"] == 6
+    at_save = [json.loads(l) for l in Path(run, "checkpoints", "checkpoint-6", "metrics.jsonl").read_text().splitlines()]
+    assert max(l["step"] for l in at_save) == 6 and any(l["step"] == 6 and "loss" in l for l in at_save)
+    assert [f["path"] for f in store.manifest(f"{run}/metrics")["files"]] == ["metrics.jsonl"]
 
 
 def test_exported_adapter_loads_on_the_original_base_and_matches_the_merged_model(first_run, tiny_model):

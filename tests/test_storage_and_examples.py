@@ -29,6 +29,8 @@ def test_a_folder_without_manifest_is_never_read_and_is_replaced_on_commit(tmp_p
     assert (partial / "train.parquet").read_bytes() == b"complete"
     assert store.manifest(uri)["metrics"] == {"rows": 1}
     assert store.list_committed(store.uri("datasets")) == [uri]
+    with pytest.raises(FileNotFoundError, match="nothing to commit"):
+        store.commit(tmp_path / "missing", store.uri("datasets", "other"))
 
 
 def test_memory_store_round_trip(tmp_path):

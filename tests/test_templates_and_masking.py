@@ -136,3 +136,16 @@ def test_sharegpt_reads_from_jsonl_and_parquet_alike(tiny_model, tmp_path, share
     ]
     assert stats[0]["tokens"] == stats[1]["tokens"] and stats[0]["rows_kept"] == 40
     assert stats[0]["train_on_inputs"] is False
+
+
+def test_chatml_renders_turns_and_trains_assistant_text(tokenizer):
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi {there}"},
+                          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+                          {"role": "assistant", "content": "Bye."}]}]
+    formatted = format_conversations("rows", rows, "messages", "chatml", False, tokenizer.eos_token)
+    assert formatted.texts[0] == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi {there}<|im_end|>\n<|im_start|>assistant\n"
+        "Hello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nBye.<|im_end|>"
+    )
+    text = formatted.texts[0]
+    assert [text[a:b] for a, b in formatted.spans[0]] == ["Hello.<|im_end|>", "Bye.<|im_end|>"]

@@ -15,8 +15,6 @@ from importlib import resources
 from loraflow.config import ALPACA_TEMPLATES, CONVERSATION_TEMPLATES
 from loraflow.errors import LoraflowError
 
-# FastChat's vicuna_v1.1 conversation (fastchat/conversation.py): system, then "USER: …" and
-# "ASSISTANT: …" joined by " " after user turns and by the EOS token after assistant turns.
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -47,33 +45,48 @@ def alpaca_template(name: str) -> AlpacaTemplate:
 Segment = tuple[str, bool]  # (text, whether the loss is computed on it)
 
 
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """How turns are written; each field is formatted with the turn's text (and {eos})."""
+
+    system: str
+    default_system: str | None
+    user: str
+    assistant_prefix: str
+    assistant: str  # the trained part
+    between_turns: str = ""
+
+
+CONVERSATION = {
+    # FastChat's vicuna_v1.1 (fastchat/conversation.py, SeparatorStyle.ADD_COLON_TWO): system, then
+    # "USER: …" and "ASSISTANT: …" joined by " " after user turns and by EOS after assistant turns.
+    "vicuna_v1.1": ConversationTemplate(
+        system="{text} ", default_system=VICUNA_SYSTEM, user="USER: {text} ",
+        assistant_prefix="ASSISTANT:", assistant=" {text}{eos}",
+    ),
+    "chatml": ConversationTemplate(
+        system="<|im_start|>system\n{text}<|im_end|>\n", default_system=None, user="<|im_start|>user\n{text}<|im_end|>\n",
+        assistant_prefix="<|im_start|>assistant\n", assistant="{text}<|im_end|>", between_turns="\n",
+    ),
+}
+
+
 def render_conversation(template: str, turns: list[tuple[str, str]], eos_token: str) -> list[Segment]:
     """Turns [(role, text)] with roles system/user/assistant to segments; assistant text is trained."""
-    system = next((text for role, text in turns if role == "system"), None)
-    dialogue = [(role, text) for role, text in turns if role != "system"]
-    segments: list[Segment] = []
-    if template == "vicuna_v1.1":
-        segments.append(((system if system is not None else VICUNA_SYSTEM) + " ", False))
-        for role, text in dialogue:
-            if role == "user":
-                segments.append((f"USER: {text} ", False))
-            else:
-                segments.append(("ASSISTANT:", False))
-                segments.append((f" {text}{eos_token}", True))
-    elif template == "chatml":
-        if system is not None:
-            segments.append((f"<|im_start|>system\n{system}<|im_end|>\n", False))
-        for role, text in dialogue:
-            if role == "user":
-                segments.append((f"<|im_start|>user\n{text}<|im_end|>\n", False))
-            else:
-                segments.append(("<|im_start|>assistant\n", False))
-                segments.append((f"{text}<|im_end|>", True))
-                segments.append(("\n", False))
-        if segments and segments[-1] == ("\n", False):
-            segments.pop()
-    else:
+    if template not in CONVERSATION:
         raise LoraflowError(
             f"unknown conversation template {template!r}; available: {', '.join(CONVERSATION_TEMPLATES)}"
         )
+    style = CONVERSATION[template]
+    system = next((text for role, text in turns if role == "system"), style.default_system)
+    dialogue = [(role, text) for role, text in turns if role != "system"]
+    segments: list[Segment] = [] if system is None else [(style.system.format(text=system), False)]
+    for position, (role, text) in enumerate(dialogue):
+        if role == "user":
+            segments.append((style.user.format(text=text), False))
+            continue
+        segments.append((style.assistant_prefix, False))
+        segments.append((style.assistant.format(text=text, eos=eos_token), True))
+        if style.between_turns and position < len(dialogue) - 1:
+            segments.append((style.between_turns, False))
     return segments
