@@ -161,3 +161,33 @@ def test_committed_outputs_are_reused_without_prefect(first_run):
     assert dataset.reused and dataset.uri == first_run["records"]["dataset"].uri
     assert tokenize_module.TOKENIZE_CALLS == calls
     assert dataset.metrics == first_run["records"]["dataset"].metrics
+
+
+def test_plain_lora_uses_the_original_base_without_quantizing(tiny_model, tmp_path):
+    from loraflow import stages
+
+    config = build_config({"storage": str(tmp_path), "model": {"base": str(tiny_model), "quantization": "none"},
+                           "data": {"path": "unused.json"}, "train": {"gradient_checkpointing": False}})
+    env = stages.env_check(config)
+    sources_metrics = {"model_path": str(tiny_model), "model_key": "k"}
+    from loraflow.storage import StageRecord
+
+    base = stages.quantize_base(config, env, StageRecord(stage="sources", key="s", metrics=sources_metrics), log=lambda _: None)
+    assert base.uri == str(tiny_model) and base.metrics == {"quantization": "none", "in_store": False}
+    assert not (tmp_path / "quantized").exists()
+    lora = stages.inject_lora(config, env, base, log=lambda _: None)
+    assert ArtifactStore(str(tmp_path)).is_committed(lora.uri)
+    assert lora.metrics["trainable_params"] == 32768
+
+
+def test_the_flow_parameter_schema_is_the_config_form():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.sft import sft
+
+    schema = parameter_schema(sft).model_dump()
+    definitions = schema["definitions"]
+    assert set(definitions["FinetuneConfig"]["properties"]) == {"name", "storage", "model", "data", "lora", "train", "merge"}
+    template = definitions["DataSettings"]["properties"]["template"]
+    assert template["enum"] == ["alpaca", "alpaca_legacy", "alpaca_short", "vigogne", "vicuna_v1.1", "chatml"]
+    assert all("description" in field for field in definitions["TrainSettings"]["properties"].values())
