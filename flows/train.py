@@ -10,4 +10,5 @@ from tasks.train import train_adapter
 
 @flow(name="loraflow-train")
 def train_flow(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
-    return train_adapter.with_options(**stage_options(config.storage))(config, env, dataset, base, lora)
+    task = train_adapter.with_options(**stage_options(config.storage), retries=config.train.retries, retry_delay_seconds=1)
+    return task(config, env, dataset, base, lora)

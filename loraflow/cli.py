@@ -55,12 +55,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def _print_records(records: dict) -> None:
-    print("\noutputs:")
+def _print_records(records: dict, outcomes: dict[str, str]) -> None:
+    print("\noutputs (built: computed in this run; cached: Prefect's cache; reused: found committed in the store):")
     for name, record in records.items():
         if record.uri:
-            state = "reused" if record.reused else "built"
-            print(f"  {name:<10} {state:<7} {record.uri}")
+            print(f"  {name:<10} {outcomes.get(name, ''):<7} {record.uri}")
     train = records.get("train")
     if train:
         m = train.metrics
@@ -69,13 +68,14 @@ def _print_records(records: dict) -> None:
 
 
 def _run_flow(config, show_ui_hint: bool) -> dict:
+    from flows.runs import stage_outcomes, task_states
     from flows.sft import sft
 
     state = sft(config, return_state=True)
     records = state.result(raise_on_failure=False)
     if state.is_failed():
         raise _failure_reason(state)
-    _print_records(records)
+    _print_records(records, stage_outcomes(records, task_states(state.state_details.flow_run_id)))
     if show_ui_hint:
         home = os.environ.get("PREFECT_HOME", "~/.prefect")
         print(

@@ -24,7 +24,9 @@ TemplateName = Literal["alpaca", "alpaca_legacy", "alpaca_short", "vigogne", "vi
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # validate_default: a default like `num_epochs = 3` must become the same 3.0 that a file's
+    # "num_epochs: 3" becomes, or equal configs would hash to different cache keys.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class ModelSettings(_Section):
@@ -141,6 +143,8 @@ class TrainSettings(_Section):
     )
     nproc_per_node: int = Field(1, ge=1, description="Training processes per host (one per GPU).")
     deepspeed_zero: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (0: DeepSpeed not used).")
+    retries: int = Field(1, ge=0, description="Retries of the train task after a failure; each resumes from the newest committed checkpoint.")
+    timeout_s: float | None = Field(None, gt=0, description="Kill the whole training process group after this many seconds.")
     pool: str | None = Field(
         None, description="Prefect work pool that runs training (e.g. xpu); unset: run in this flow's process."
     )

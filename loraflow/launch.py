@@ -62,14 +62,28 @@ def build_command(launcher: str, spec_uri: str, nproc_per_node: int = 1, python:
     raise LoraflowError(f"unknown launcher {launcher!r}; use local, torchrun, deepspeed or mpirun")
 
 
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it if the process that started it dies (even by SIGKILL)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not glibc Linux: the process group kill below still applies
+        pass
+
+
 def run_streaming(command: LaunchCommand, on_line, timeout: float | None = None, cwd: str | None = None) -> int:
     """Run the command in its own process group, pass each output line to on_line, return the exit code.
 
-    On any exception here (a timeout, a cancellation delivered as an exception, a failing on_line) the
-    whole group is killed, so no trainer rank outlives the task that started it.
+    The whole group is killed when the timeout passes (even if the command prints nothing), and on any
+    exception here (a cancellation delivered as an exception, a failing on_line), so no trainer rank
+    outlives the task that started it. If this process itself is killed outright, the launcher gets
+    SIGTERM from the kernel (PR_SET_PDEATHSIG) and takes its ranks down with it.
     """
     import subprocess
-    import time
+    import threading
 
     process = subprocess.Popen(
         command.argv,
@@ -79,19 +93,32 @@ def run_streaming(command: LaunchCommand, on_line, timeout: float | None = None,
         text=True,
         bufsize=1,
         start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         cwd=cwd,
     )
-    deadline = None if timeout is None else time.monotonic() + timeout
+    timed_out = threading.Event()
+
+    def on_timeout() -> None:
+        timed_out.set()
+        kill_group(process.pid)
+
+    watchdog = threading.Timer(timeout, on_timeout) if timeout else None
     try:
+        if watchdog:
+            watchdog.start()
         for line in process.stdout:
             on_line(line.rstrip("\n"))
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"training exceeded its {timeout:.0f}s timeout")
-        return process.wait()
+        code = process.wait()
     except BaseException:
         kill_group(process.pid)
         process.wait()
         raise
+    finally:
+        if watchdog:
+            watchdog.cancel()
+    if timed_out.is_set():
+        raise TimeoutError(f"training exceeded its {timeout:g} s timeout (train.timeout_s); its process group was killed")
+    return code
 
 
 def kill_group(pid: int) -> None:

@@ -88,7 +88,8 @@ def lora_key(config: FinetuneConfig, base: StageRecord) -> str:
 
 
 def train_key(config: FinetuneConfig, dataset: StageRecord, lora: StageRecord, env: StageRecord) -> str:
-    fields = config.train.model_dump(exclude={"pool", "device"})
+    # Where and how patiently it runs does not change what it computes.
+    fields = config.train.model_dump(exclude={"pool", "device", "retries", "timeout_s"})
     return sha256_hex("train", TRAIN_VERSION, dataset.key, lora.key, fields, env.metrics["device"], env.metrics["precision"])
 
 

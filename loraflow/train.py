@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -54,7 +55,17 @@ def _memory_report(device: str) -> dict:
     return report
 
 
-def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: str, is_main: bool, fail_at_step: int | None):
+def _test_hook(name: str) -> int | None:
+    """Failure injection for tests of retry and resume; fires on a first attempt only (not after a resume).
+
+    LORAFLOW_TEST_FAIL_AT_STEP=N  raise at step N
+    LORAFLOW_TEST_KILL_AT_STEP=N  SIGKILL this process right after the checkpoint of step N is committed
+    """
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: str, is_main: bool, resumed: bool):
     from transformers import TrainerCallback
 
     class MetricsToStore(TrainerCallback):
@@ -80,8 +91,8 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
             print(f"[{state.global_step}/{state.max_steps}] {shown}", flush=True)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if fail_at_step is not None and state.global_step >= fail_at_step:
-                raise RuntimeError(f"injected failure at step {state.global_step} (train spec fail_at_step)")
+            if not resumed and state.global_step == _test_hook("LORAFLOW_TEST_FAIL_AT_STEP"):
+                raise RuntimeError(f"injected failure at step {state.global_step} (LORAFLOW_TEST_FAIL_AT_STEP)")
 
         def on_save(self, args, state, control, **kwargs):
             if not is_main:
@@ -94,6 +105,8 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
             store.commit(checkpoint, f"{run_uri}/checkpoints/{name}", {"step": state.global_step})
             store.commit(metrics_path.parent, f"{run_uri}/metrics")
             print(f"checkpoint {name} committed to {run_uri}/checkpoints/{name}", flush=True)
+            if not resumed and state.global_step == _test_hook("LORAFLOW_TEST_KILL_AT_STEP"):
+                os.kill(os.getpid(), signal.SIGKILL)
 
     return [MetricsToStore()]
 
@@ -164,16 +177,6 @@ def train(spec: dict) -> dict:
         ddp_backend=spec.get("ddp_backend"),
         ddp_find_unused_parameters=False if ranks["world_size"] > 1 else None,
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=val_set,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
-        callbacks=_callbacks(store, run_uri, metrics_path, device, is_main, spec.get("fail_at_step")),
-    )
-    trainer.remove_callback(PrinterCallback)  # our callback prints each log once, with step and memory
-
     resume_uri = newest_checkpoint(store, run_uri)
     resume_dir = None
     if resume_uri:
@@ -181,6 +184,16 @@ def train(spec: dict) -> dict:
         print(f"resuming from {resume_uri}", flush=True)
         if (resume_dir / METRICS).exists():
             shutil.copyfile(resume_dir / METRICS, metrics_path)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+        callbacks=_callbacks(store, run_uri, metrics_path, device, is_main, resumed=resume_uri is not None),
+    )
+    trainer.remove_callback(PrinterCallback)  # our callback prints each log once, with step and memory
+
     print(
         f"training on {device} ({precision}), rank {ranks['rank']}/{ranks['world_size']}, "
         f"{len(train_set)} train rows, micro batch {cfg['micro_batch_size']} x accumulation {accumulation}",

@@ -24,9 +24,10 @@ def train_adapter(config: FinetuneConfig, env: StageRecord, dataset: StageRecord
     store.write_json(spec_uri, spec)
     command = launch.build_command(config.train.launcher, spec_uri, config.train.nproc_per_node)
     log_info(f"launching: {' '.join(command.argv)}")
-    code = launch.run_streaming(command, log_info)
+    code = launch.run_streaming(command, log_info, timeout=config.train.timeout_s)
     if code != 0:
-        raise LoraflowError(f"the training process exited with code {code} (its log is above); run again to resume from the newest checkpoint in {run}/checkpoints")
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        raise RuntimeError(f"the training process {how} (its log is above); a retry resumes from the newest checkpoint in {run}/checkpoints")
     record = stages.trained_record(store, key, run, reused=False)
     if record is None:
         raise LoraflowError(f"the training process exited cleanly but committed no adapter at {run}/checkpoints/final")

@@ -132,3 +132,18 @@ def test_env_check_rejects_a_device_the_machine_lacks():
     report = check_environment(build_config({"model": {"base": "m"}, "data": {"path": "d.json"}}))
     assert report["device"] == "cpu" and report["precision"] == "fp32" and report["distributed_backend"] == "gloo"
     assert report["versions"]["bitsandbytes"] and report["versions"]["transformers"].startswith("5.")
+
+
+def test_a_config_written_out_and_read_back_keeps_its_cache_keys(tmp_path):
+    from loraflow.storage import StageRecord
+
+    config = build_config({"model": {"base": "/m"}, "data": {"path": "/d.json"}, "train": {"learning_rate": 1e-2}})
+    (tmp_path / "c.yaml").write_text(config.model_dump_json())
+    again = load_config(tmp_path / "c.yaml")
+    env = StageRecord(stage="env", key="e", metrics={"device": "cpu", "precision": "fp32"})
+    data = StageRecord(stage="datasets", key="d")
+    lora = StageRecord(stage="lora-init", key="l")
+    assert stages.train_key(again, data, lora, env) == stages.train_key(config, data, lora, env)
+    sources = StageRecord(stage="sources", key="s", metrics={"dataset_sha256": "x", "tokenizer_key": "t", "model_key": "m"})
+    assert stages.dataset_key(again, sources) == stages.dataset_key(config, sources)
+    assert stages.lora_key(again, data) == stages.lora_key(config, data)

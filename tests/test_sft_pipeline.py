@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loraflow.config import build_config
+from flows.runs import task_states
 from loraflow.storage import ArtifactStore
 
 pytestmark = pytest.mark.slow
@@ -29,18 +30,6 @@ def sft_config(model: Path, store: Path, **data):
                   "eval_steps": 6, "save_steps": 6, "gradient_checkpointing": False},
         "merge": {"check_rows": 3},
     })
-
-
-def task_states(flow_run_id) -> dict[str, str]:
-    """Final state name of every task in the flow run and its subflows, by task name."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
-
-    with get_client(sync_client=True) as client:
-        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
-        ids = [flow_run_id, *(run.id for run in children)]
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
 
 
 def run_sft(config):
