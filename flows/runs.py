@@ -17,6 +17,11 @@ STAGE_TASKS = {
 
 def task_states(flow_run_id: UUID) -> dict[str, str]:
     """Final state name (Completed, Cached, Failed, …) of every task in the flow run and its subflows, by task name."""
+    return {name: run["state"] for name, run in task_runs(flow_run_id).items()}
+
+
+def task_runs(flow_run_id: UUID) -> dict[str, dict]:
+    """{task name: {state, seconds}} for the flow run and its subflows (the last run of a retried task)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
@@ -27,7 +32,10 @@ def task_states(flow_run_id: UUID) -> dict[str, str]:
         ids = [flow_run_id, *(run.id for run in children)]
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
     # Task run names are "<task name>-<3 hex>"; a retried flow has several runs of a task: keep the last.
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in sorted(runs, key=lambda r: r.expected_start_time)}
+    return {
+        run.name.rsplit("-", 1)[0]: {"state": run.state.name if run.state else "Pending", "seconds": run.total_run_time.total_seconds()}
+        for run in sorted(runs, key=lambda r: r.expected_start_time)
+    }
 
 
 def stage_outcomes(records: dict, states: dict[str, str]) -> dict[str, str]:
@@ -39,3 +47,33 @@ def stage_outcomes(records: dict, states: dict[str, str]) -> dict[str, str]:
         else:
             outcomes[stage] = "reused" if record.reused else "built"
     return outcomes
+
+
+def recent_runs(limit: int = 20) -> list[dict]:
+    """The newest SFT flow runs: name, state, start, and from their summary artifact the run and its losses."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType, FlowFilter, FlowFilterName,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        flow_runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["loraflow-sft"])),
+                                          sort=FlowRunSort.START_TIME_DESC, limit=limit)
+        summaries = {}
+        if flow_runs:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run.id for run in flow_runs]),
+                type=ArtifactFilterType(any_=["markdown"])))
+            summaries = {a.flow_run_id: a for a in sorted(artifacts, key=lambda a: a.created) if a.key and a.key.endswith("-summary")}
+    rows = []
+    for run in flow_runs:
+        summary = summaries.get(run.id)
+        rows.append({
+            "flow_run": run.name, "flow_run_id": str(run.id), "state": run.state_name,
+            "started": run.start_time.strftime("%Y-%m-%d %H:%M") if run.start_time else "",
+            "run": summary.key.removesuffix("-summary") if summary else "",
+            "result": summary.description if summary else "",
+            "summary_markdown": summary.data if summary else None,
+        })
+    return rows

@@ -16,6 +16,7 @@ from tasks.data import prepare_dataset
 from tasks.env import check_env, inspect_sources
 from tasks.export import export_adapter, merge_adapter
 from tasks.model import inject_lora, quantize_base
+from tasks.report import publish_report
 
 hide_user_error_tracebacks()
 
@@ -34,6 +35,8 @@ def sft(config: FinetuneConfig) -> dict[str, StageRecord]:
     records = {"env": env, "sources": sources, "dataset": dataset, "quantized": base, "lora": lora, "train": trained, "adapter": adapter}
     if config.merge.enabled:
         records["merged"] = merge_adapter(config, env, sources, dataset, adapter)
+
+    publish_report(config, records)
 
     logger = get_run_logger()
     for name in ("dataset", "quantized", "lora", "train", "adapter", "merged"):

@@ -1,4 +1,4 @@
-"""`loraflow …`: run, demo, doctor, build-model.
+"""`loraflow …`: run, demo, runs, artifacts, doctor, build-model.
 
 The application's entry point, and the only module under loraflow/ that may reach Prefect: it imports
 flows inside its commands, never at module level.
@@ -134,6 +134,43 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_artifacts(args) -> int:
+    """A run's summary and output URIs: from the store when --storage is given, else from Prefect by flow-run name or run id."""
+    if args.storage:
+        from loraflow.storage import ArtifactStore
+
+        store = ArtifactStore(args.storage)
+        run_uri = store.uri("runs", args.run)
+        try:
+            print(store.read_text(f"{run_uri}/summary.md"))
+        except FileNotFoundError:
+            raise LoraflowError(f"{run_uri}: no summary.md; is {args.run!r} a run in {args.storage}? (see `loraflow runs`)") from None
+        return 0
+    from flows.runs import recent_runs
+
+    for row in recent_runs(limit=200):
+        if args.run in (row["flow_run"], row["run"], row["flow_run_id"]):
+            if row["summary_markdown"] is None:
+                raise LoraflowError(f"flow run {row['flow_run']} ({row['state']}) published no summary; it did not finish")
+            print(row["summary_markdown"])
+            return 0
+    raise LoraflowError(f"no loraflow run or flow run named {args.run!r} in this Prefect database (PREFECT_HOME); "
+                        "pass --storage URL to read a run folder from the store")
+
+
+def cmd_runs(args) -> int:
+    from flows.runs import recent_runs
+
+    rows = recent_runs(limit=args.limit)
+    if not rows:
+        print("no loraflow-sft flow runs in this Prefect database (PREFECT_HOME)")
+        return 0
+    print(f"{'flow run':<24} {'state':<10} {'started':<17} {'run':<28} result")
+    for row in rows:
+        print(f"{row['flow_run']:<24} {row['state']:<10} {row['started']:<17} {row['run']:<28} {row['result']}")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from loraflow.envcheck import describe_environment
 
@@ -162,6 +199,15 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--hidden-size", type=int, default=128)
     build.add_argument("--layers", type=int, default=2)
     build.set_defaults(handler=cmd_build_model)
+
+    artifacts = commands.add_parser("artifacts", help="print a run's summary and output URIs")
+    artifacts.add_argument("run", help="run id (e.g. demo-17182e7ab5d2), flow-run name or flow-run id")
+    artifacts.add_argument("--storage", help="read the run folder from this artifact store instead of Prefect")
+    artifacts.set_defaults(handler=cmd_artifacts)
+
+    runs = commands.add_parser("runs", help="list recent fine-tunes with their state and final loss")
+    runs.add_argument("--limit", type=int, default=20)
+    runs.set_defaults(handler=cmd_runs)
 
     doctor = commands.add_parser("doctor", help="print what this machine offers (devices, versions, launchers)")
     doctor.set_defaults(handler=cmd_doctor)

@@ -129,8 +129,15 @@ class ArtifactStore:
             return json.load(stream)
 
     def write_json(self, uri: str, value: Any) -> None:
-        data = json.dumps(value, indent=2, sort_keys=True, default=str).encode()
+        self.write_bytes(uri, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """One file, all or nothing."""
         self._put_bytes(self.path(uri), data)
+
+    def read_text(self, uri: str) -> str:
+        with self.fs.open(self.path(uri), "r") as stream:
+            return stream.read()
 
     def _put_bytes(self, path: str, data: bytes) -> None:
         if self.is_local:

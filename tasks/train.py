@@ -1,10 +1,32 @@
+import re
+
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from loraflow import launch, stages
 from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import ArtifactStore, StageRecord
 from tasks.common import log_info
+
+
+class TrainingProgress:
+    """Streams the trainer's lines into the run log and keeps a progress artifact at the percentage of steps."""
+
+    STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+
+    def __init__(self, run: str):
+        self.artifact_id = create_progress_artifact(0.0, key=f"{run}-progress", description=f"training steps done, {run}")
+        self.percent = 0.0
+
+    def on_line(self, line: str) -> None:
+        log_info(line)
+        match = self.STEP.match(line)
+        if match and int(match.group(2)) > 0:
+            percent = round(100 * int(match.group(1)) / int(match.group(2)), 1)
+            if percent > self.percent:
+                self.percent = percent
+                update_progress_artifact(self.artifact_id, percent)
 
 
 def _train_cache_key(_, p) -> str:
@@ -24,7 +46,8 @@ def train_adapter(config: FinetuneConfig, env: StageRecord, dataset: StageRecord
     store.write_json(spec_uri, spec)
     command = launch.build_command(config.train.launcher, spec_uri, config.train.nproc_per_node)
     log_info(f"launching: {' '.join(command.argv)}")
-    code = launch.run_streaming(command, log_info, timeout=config.train.timeout_s)
+    progress = TrainingProgress(run.rsplit("/", 1)[-1])
+    code = launch.run_streaming(command, progress.on_line, timeout=config.train.timeout_s)
     if code != 0:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         raise RuntimeError(f"the training process {how} (its log is above); a retry resumes from the newest checkpoint in {run}/checkpoints")

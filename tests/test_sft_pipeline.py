@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,46 @@ def test_the_flow_parameter_schema_is_the_config_form():
     template = definitions["DataSettings"]["properties"]["template"]
     assert template["enum"] == ["alpaca", "alpaca_legacy", "alpaca_short", "vigogne", "vicuna_v1.1", "chatml"]
     assert all("description" in field for field in definitions["TrainSettings"]["properties"].values())
+
+
+def test_the_run_publishes_its_artifacts(first_run, capsys):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from loraflow.cli import main
+
+    run_uri = first_run["records"]["adapter"].uri.rsplit("/", 1)[0]
+    run = run_uri.rsplit("/", 1)[-1]
+    keys = {f"{run}-{what}" for what in ("summary", "metrics", "loss-curve", "adapter", "merged", "progress")}
+    with get_client(sync_client=True) as client:
+        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=sorted(keys))))
+    artifacts = {a.key: a for a in sorted(versions, key=lambda a: a.created)}  # the latest version of each key
+    assert set(artifacts) == keys
+    summary = artifacts[f"{run}-summary"].data
+    # Keyed artifacts are versioned: the newest summary is from this run's first or second (cached) flow run.
+    assert re.search(r"\| dataset \| (built|cached) \|", summary) and re.search(r"\| train \| (built|cached) \|", summary)
+    for expected in ("rows truncated at cutoff 128", "token length p50",
+                     "trainable of", "final train loss", "tokens/s", "peak RSS", first_run["records"]["merged"].uri, '"learning_rate": 0.01'):
+        assert expected in summary, expected
+    assert float(artifacts[f"{run}-progress"].data) == 100.0
+    table = artifacts[f"{run}-metrics"].data
+    assert "eval_loss" in table and "tokens_per_s" in table
+    assert artifacts[f"{run}-adapter"].data.startswith("[adapter") and first_run["records"]["adapter"].uri in artifacts[f"{run}-adapter"].data
+    assert "data:image/png;base64," in artifacts[f"{run}-loss-curve"].data
+    assert Path(run_uri, "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(run_uri, "loss.png").stat().st_size > 10_000
+    assert Path(run_uri, "summary.md").read_text() == summary
+
+    assert main(["artifacts", run]) == 0
+    assert capsys.readouterr().out.strip() == summary.strip()
+    assert main(["artifacts", run, "--storage", first_run["config"].storage]) == 0
+    assert capsys.readouterr().out.strip() == summary.strip()
+    assert main(["runs"]) == 0
+    listing = capsys.readouterr().out
+    assert run in listing and "Completed" in listing and f"final train loss {first_run['records']['train'].metrics['final_loss']:.4f}" in listing
+
+
+def test_summary_redacts_secrets():
+    from loraflow.report import redact
+
+    shown = redact({"storage": "s3://AKIAEXAMPLE:hunter2@bucket/prefix", "model": {"hub_token": "hf_abc", "base": "org/m"}})
+    assert shown == {"storage": "s3://***@bucket/prefix", "model": {"hub_token": "***", "base": "org/m"}}
