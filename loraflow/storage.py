@@ -177,6 +177,8 @@ class ArtifactStore:
 
     def list_committed(self, uri: str) -> list[str]:
         """Committed sub-folders of `uri` (one level), sorted by name."""
+        # Object-store filesystems cache listings, and other processes (the trainer) write here.
+        self.fs.invalidate_cache(self.path(uri))
         try:
             entries = self.fs.ls(self.path(uri), detail=True)
         except FileNotFoundError:
@@ -212,4 +214,5 @@ class ArtifactStore:
             **(extra or {}),
         }
         self._put_bytes(f"{destination}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        self.fs.invalidate_cache(destination)
         return manifest

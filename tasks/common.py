@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect.logging import get_run_logger
 
 from loraflow.errors import LoraflowError
-from loraflow.storage import ArtifactStore
+from loraflow.storage import ArtifactStore, sha256_hex
 
 
 def result_storage(storage: str):
@@ -22,7 +22,11 @@ def result_storage(storage: str):
         return Path(store.path(store.uri("prefect-results")))
     from prefect.filesystems import RemoteFileSystem
 
-    return RemoteFileSystem(basepath=store.uri("prefect-results"))
+    # Prefect only accepts a saved block for remote result storage. Its name is derived from the URL,
+    # and it carries no settings: credentials stay in the environment (never in Prefect's database).
+    block = RemoteFileSystem(basepath=store.uri("prefect-results"))
+    block.save(f"loraflow-results-{sha256_hex(store.url)[:16]}", overwrite=True)
+    return block
 
 
 def stage_options(storage: str) -> dict:

@@ -1,0 +1,136 @@
+"""The whole pipeline against a real S3-protocol server on loopback (moto's server mode)."""
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraflow import stages
+from loraflow.storage import MANIFEST, ArtifactStore
+from test_sft_pipeline import sft_config
+
+pytestmark = pytest.mark.slow
+BUCKET = "loraflow-test"
+SECRET = "s3cr3t-" + secrets.token_hex(12)
+KEY_ID = "AKIA" + secrets.token_hex(8).upper()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto on a free loopback port; credentials only in the environment, as a user would have them."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    settings = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield boto3.client("s3")
+    server.stop()
+    for name, value in saved.items():
+        os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+
+
+def all_objects(client) -> dict[str, bytes]:
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in page.get("Contents", [])]
+    return {key: client.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in keys}
+
+
+def test_the_sft_flow_runs_on_s3_and_leaks_no_credentials(s3, prefect_server, tiny_model):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    from flows.runs import task_states
+    from flows.sft import sft
+
+    sample = Path(__file__).parents[1] / "loraflow/data/sample/alpaca_gpt4_sample.json"
+    s3.put_object(Bucket=BUCKET, Key="incoming/alpaca.json", Body=sample.read_bytes())
+    config = sft_config(tiny_model, Path("unused"))
+    config = config.model_copy(update={"storage": f"s3://{BUCKET}/store",
+                                       "data": config.data.model_copy(update={"path": f"s3://{BUCKET}/incoming/alpaca.json"})})
+    state = sft(config, return_state=True)
+    assert state.is_completed(), state.message
+    records = state.result()
+    store = ArtifactStore(config.storage)
+    for name in ("dataset", "quantized", "lora", "train", "adapter", "merged"):
+        assert records[name].uri.startswith(f"s3://{BUCKET}/store/"), name
+        assert store.is_committed(records[name].uri), name
+    assert records["train"].metrics["final_loss"] < records["train"].metrics["first_loss"]
+
+    # The adapter comes back from S3 and loads on the original base.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = store.local_copy(records["adapter"].uri)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model)), str(adapter))
+
+    # Prefect's persisted results live in the same store, so a second run is served from them.
+    objects = all_objects(s3)
+    assert any(key.startswith("store/prefect-results/datasets-") for key in objects)
+    second = sft(config, return_state=True)
+    states = task_states(second.state_details.flow_run_id)
+    assert [states[t] for t in ("prepare-dataset", "quantize-base", "inject-lora", "train")] == ["Cached"] * 4
+
+    # Nothing the runs produced carries the credentials: store objects, parameters, logs, artifacts.
+    produced = [blob for blob in all_objects(s3).values()]
+    ids = [state.state_details.flow_run_id, second.state_details.flow_run_id]
+    with get_client(sync_client=True) as client:
+        children = [r.id for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": ids}))]
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids + children)))
+        produced += [json.dumps(r.parameters, default=str).encode() for r in runs]
+        produced += [log.message.encode() for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids + children)))]
+        produced += [json.dumps(a.data, default=str).encode() for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))]
+    assert len(produced) > 50
+    for blob in produced:
+        assert SECRET.encode() not in blob and KEY_ID.encode() not in blob
+
+
+def test_a_writer_killed_between_files_leaves_an_untrusted_folder(s3, tmp_path):
+    store_url = f"s3://{BUCKET}/crash"
+    uri = f"{store_url}/datasets/feedface"
+    source = tmp_path / "out"
+    source.mkdir()
+    for name in ("a.parquet", "b.parquet", "c.json"):
+        (source / name).write_text(name * 100)
+    writer = (
+        "import os, sys\n"
+        "from loraflow.storage import ArtifactStore\n"
+        f"store = ArtifactStore({store_url!r})\n"
+        "put = store.fs.put_file\n"
+        "def put_then_die(local, remote, **kw):\n"
+        "    put(local, remote, **kw)\n"
+        "    os._exit(137)  # killed right after the first file landed\n"
+        "store.fs.put_file = put_then_die\n"
+        f"store.commit({str(source)!r}, {uri!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", writer], env=os.environ.copy(), capture_output=True, timeout=120)
+    assert result.returncode == 137, result.stderr
+    store = ArtifactStore(store_url)
+    objects = [k for k in all_objects(s3) if k.startswith("crash/datasets/feedface/")]
+    assert objects == ["crash/datasets/feedface/a.parquet"]  # half written…
+    assert store.manifest(uri) is None and store.list_committed(f"{store_url}/datasets") == []  # …and not trusted
+
+    built = []
+
+    def build(out: Path) -> dict:
+        built.append(True)
+        (out / "train.parquet").write_text("fresh")
+        return {"rows": 1}
+
+    record = stages.reuse_or_build(store, "datasets", "feedface", uri, build, log=lambda _: None)
+    assert built and not record.reused
+    assert sorted(k for k in all_objects(s3) if k.startswith("crash/datasets/feedface/")) == [
+        f"crash/datasets/feedface/{MANIFEST}", "crash/datasets/feedface/train.parquet"]
