@@ -199,15 +199,17 @@ def train(spec: dict) -> dict:
         f"{len(train_set)} train rows, micro batch {cfg['micro_batch_size']} x accumulation {accumulation}",
         flush=True,
     )
+    tokens_before = json.loads((resume_dir / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume_dir else 0
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     elapsed = time.time() - started
+    tokens_now = trainer.state.num_input_tokens_seen - tokens_before  # this attempt's, not the resumed part's
     summary = {
         "train_loss": result.training_loss,
         "global_step": result.global_step,
         "train_runtime_s": round(elapsed, 2),
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        "tokens_per_s": round(trainer.state.num_input_tokens_seen / elapsed, 1) if elapsed else None,
+        "tokens_per_s": round(tokens_now / elapsed, 1) if elapsed else None,
         "device": device,
         "precision": precision,
         "world_size": ranks["world_size"],

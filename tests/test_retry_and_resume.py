@@ -52,6 +52,9 @@ def test_rerun_after_a_training_failure_reuses_data_quantization_and_lora(prefec
     trained = state.result()["train"]
     assert trained.metrics["resumed_from"].endswith("/checkpoints/checkpoint-6")
     assert trained.metrics["global_step"] == 12
+    # Throughput counts only this attempt's tokens (steps 7-12), not those trained before the crash.
+    this_attempt = trained.metrics["tokens_per_s"] * trained.metrics["train_runtime_s"]
+    assert 0.3 * trained.metrics["tokens_seen"] < this_attempt < 0.75 * trained.metrics["tokens_seen"]
 
     # A fresh Prefect database (its own PREFECT_HOME and temporary server) over the same store, with
     # Prefect's persisted results gone too: the committed stage outputs alone are found and reused.
