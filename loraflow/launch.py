@@ -55,10 +55,12 @@ def build_command(launcher: str, spec_uri: str, nproc_per_node: int = 1, python:
         argv = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={nproc_per_node}", "--module", "loraflow.train", spec_uri]
         return LaunchCommand(argv, {"DS_CONFIG": deepspeed_config} if deepspeed_config else {})
     if launcher == "mpirun":
-        argv = ["mpirun", "-n", str(nproc_per_node)]
+        # Open MPI: -x passes a variable to every rank (Intel MPI spells it -genvlist).
+        argv = ["mpirun", "-n", str(nproc_per_node), "-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x", "PATH"]
         if os.geteuid() == 0:
             argv.append("--allow-run-as-root")
-        return LaunchCommand([*argv, python, *entry])
+        env = {"MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": os.environ.get("MASTER_PORT", "29500")}
+        return LaunchCommand([*argv, python, *entry], env)
     raise LoraflowError(f"unknown launcher {launcher!r}; use local, torchrun, deepspeed or mpirun")
 
 

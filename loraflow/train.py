@@ -28,7 +28,7 @@ import torch
 from loraflow.data.tokenize import load_tokenizer
 from loraflow.errors import LoraflowError
 from loraflow.models import native
-from loraflow.storage import ArtifactStore
+from loraflow.storage import ArtifactStore, sha256_hex
 
 FINAL = "final"
 METRICS = "metrics.jsonl"
@@ -41,6 +41,23 @@ def rank_info() -> dict:
     world = env.get("WORLD_SIZE") or env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE") or "1"
     local = env.get("LOCAL_RANK") or env.get("MPI_LOCALRANKID") or env.get("OMPI_COMM_WORLD_LOCAL_RANK") or "0"
     return {"rank": int(rank), "local_rank": int(local), "world_size": int(world)}
+
+
+def export_torch_rank_env() -> dict:
+    """Make MPI-launched ranks look like torchrun's: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT.
+
+    The global rank comes from the MPI world rank, never from the local rank (the ipex-llm example set
+    RANK=LOCAL_RANK, which gives two rank-0s on two hosts). MASTER_ADDR/PORT must reach every host;
+    the launcher passes them, and one host defaults to loopback.
+    """
+    ranks = rank_info()
+    os.environ.setdefault("RANK", str(ranks["rank"]))
+    os.environ.setdefault("LOCAL_RANK", str(ranks["local_rank"]))
+    os.environ.setdefault("WORLD_SIZE", str(ranks["world_size"]))
+    if ranks["world_size"] > 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    return ranks
 
 
 def read_spec(uri: str) -> dict:
@@ -121,7 +138,7 @@ def train(spec: dict) -> dict:
     from peft import PeftModel
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
 
-    ranks = rank_info()
+    ranks = export_torch_rank_env()
     is_main = ranks["rank"] == 0
     cfg = spec["train"]
     store = ArtifactStore(spec["store"])
@@ -142,9 +159,13 @@ def train(spec: dict) -> dict:
     val_path = dataset_dir / "val.parquet"
     val_set = Dataset.from_parquet(str(val_path)) if val_path.exists() else None
 
-    work = Path(os.environ.get("LORAFLOW_WORKDIR") or tempfile.mkdtemp(prefix="loraflow-train-"))
+    # One folder per run and host, shared by the ranks on it: the Trainer writes each rank's RNG state
+    # into the checkpoint folder, and rank 0 commits that folder.
+    work = Path(os.environ.get("LORAFLOW_WORKDIR") or Path(tempfile.gettempdir()) / f"loraflow-train-{sha256_hex(run_uri)[:16]}")
     metrics_path = work / "metrics" / METRICS
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        metrics_path.write_text("")  # a previous attempt's lines; a resume restores the checkpoint's own
     accumulation = max(1, cfg["batch_size"] // (cfg["micro_batch_size"] * ranks["world_size"]))
     args = TrainingArguments(
         output_dir=str(work / "checkpoints"),
