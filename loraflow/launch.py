@@ -7,10 +7,12 @@ training flow runs the result in its own process group.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from loraflow.errors import LoraflowError
 
@@ -34,32 +36,62 @@ def distributed_backend(device: str) -> str:
     return "gloo"
 
 
+def find_program(name: str) -> str | None:
+    """A program on PATH, or installed beside this Python (a virtual environment that is not activated)."""
+    beside = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None)
+
+
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "infra" / "deepspeed"
+
+
+def deepspeed_config(zero_stage: int) -> dict | None:
+    """The DeepSpeed config for a ZeRO stage (infra/deepspeed/zero<N>.json), to embed in the run spec."""
+    if not zero_stage:
+        return None
+    path = DEEPSPEED_CONFIGS / f"zero{zero_stage}.json"
+    if not path.is_file():
+        raise LoraflowError(f"{path}: DeepSpeed config missing; loraflow looks for infra/deepspeed/ beside its package (an editable install)")
+    return json.loads(path.read_text())
+
+
 def launcher_available(launcher: str) -> bool:
     # torchrun is started as `python -m torch.distributed.run`: it comes with torch, PATH or not.
     if launcher in ("local", "torchrun"):
         return True
-    return shutil.which(LAUNCHER_BINARIES[launcher]) is not None
+    return find_program(LAUNCHER_BINARIES[launcher]) is not None
 
 
-def build_command(launcher: str, spec_uri: str, nproc_per_node: int = 1, python: str | None = None,
-                  deepspeed_config: str | None = None) -> LaunchCommand:
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def build_command(launcher: str, spec_uri: str, nproc_per_node: int = 1, python: str | None = None) -> LaunchCommand:
     python = python or sys.executable
     entry = ["-m", "loraflow.train", spec_uri]
     if launcher == "local":
         if nproc_per_node != 1:
             raise LoraflowError("launcher local runs one process; use torchrun, deepspeed or mpirun for nproc_per_node > 1")
         return LaunchCommand([python, *entry])
+    # A fixed default rendezvous port (29500) collides when two trainings share a host; one host
+    # gets a free port unless MASTER_PORT says otherwise (several hosts must agree on it).
+    port = os.environ.get("MASTER_PORT") or str(free_port())
     if launcher == "torchrun":
-        return LaunchCommand([python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", *entry])
+        return LaunchCommand([python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", f"--master-port={port}", *entry])
     if launcher == "deepspeed":
-        argv = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={nproc_per_node}", "--module", "loraflow.train", spec_uri]
-        return LaunchCommand(argv, {"DS_CONFIG": deepspeed_config} if deepspeed_config else {})
+        # The ZeRO config travels in the run spec; the launcher only starts the ranks.
+        argv = [find_program("deepspeed") or "deepspeed", f"--num_gpus={nproc_per_node}", f"--master_port={port}", "--module", "loraflow.train", spec_uri]
+        return LaunchCommand(argv)
     if launcher == "mpirun":
         # Open MPI: -x passes a variable to every rank (Intel MPI spells it -genvlist).
         argv = ["mpirun", "-n", str(nproc_per_node), "-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x", "PATH"]
         if os.geteuid() == 0:
             argv.append("--allow-run-as-root")
-        env = {"MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": os.environ.get("MASTER_PORT", "29500")}
+        env = {"MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": port}
         return LaunchCommand([*argv, python, *entry], env)
     raise LoraflowError(f"unknown launcher {launcher!r}; use local, torchrun, deepspeed or mpirun")
 

@@ -21,7 +21,7 @@ from loraflow import merge as merge_stage
 from loraflow.config import FinetuneConfig
 from loraflow.envcheck import check_environment
 from loraflow.errors import LoraflowError
-from loraflow.launch import distributed_backend
+from loraflow.launch import deepspeed_config, distributed_backend
 from loraflow.models import native
 from loraflow.storage import ArtifactStore, StageRecord, hash_uri, sha256_hex
 
@@ -156,6 +156,7 @@ def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, b
         "lora_init_uri": lora.uri,
         "train": config.train.model_dump() | {"device": env.metrics["device"], "precision": env.metrics["precision"]},
         "ddp_backend": distributed_backend(env.metrics["device"]) if config.train.nproc_per_node > 1 else None,
+        "deepspeed_config": deepspeed_config(config.train.deepspeed_zero),
         "trust_remote_code": config.model.trust_remote_code,
     }
     return key, run, spec

@@ -51,12 +51,13 @@ def export_torch_rank_env() -> dict:
     the launcher passes them, and one host defaults to loopback.
     """
     ranks = rank_info()
+    if ranks["world_size"] == 1:
+        return ranks  # setting them for one process would make accelerate start a process group
     os.environ.setdefault("RANK", str(ranks["rank"]))
     os.environ.setdefault("LOCAL_RANK", str(ranks["local_rank"]))
     os.environ.setdefault("WORLD_SIZE", str(ranks["world_size"]))
-    if ranks["world_size"] > 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
     return ranks
 
 
@@ -196,6 +197,7 @@ def train(spec: dict) -> dict:
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         ddp_backend=spec.get("ddp_backend"),
+        deepspeed=spec.get("deepspeed_config"),
         ddp_find_unused_parameters=False if ranks["world_size"] > 1 else None,
     )
     resume_uri = newest_checkpoint(store, run_uri)
@@ -254,12 +256,15 @@ def train(spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m loraflow.train SPEC_URI", file=sys.stderr)
-        return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m loraflow.train")
+    parser.add_argument("spec_uri", help="the run spec (JSON, any fsspec URL)")
+    # The deepspeed launcher appends --local_rank=N; the same value is in LOCAL_RANK.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        train(read_spec(argv[0]))
+        train(read_spec(args.spec_uri))
     except LoraflowError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
