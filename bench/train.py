@@ -29,7 +29,6 @@ from loraflow.config import build_config
 from loraflow.launch import build_command
 from loraflow.models.tiny import build_tiny_llama, sample_texts
 from loraflow.data.formats import read_rows
-from loraflow.storage import ArtifactStore
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = {
@@ -46,18 +45,9 @@ def merged(tree: dict, extra: dict) -> dict:
     return out
 
 
-def run_variant(tree: dict, log) -> dict:
-    config = build_config(tree)
-    env = stages.env_check(config)
-    sources = stages.inspect_sources(config)
-    dataset = stages.prepare_data(config, sources, log)
-    base = stages.quantize_base(config, env, sources, log)
-    lora = stages.inject_lora(config, env, base, log)
-    key, run, spec = stages.train_spec(config, env, dataset, base, lora)
-    store = ArtifactStore(config.storage)
-    store.write_json(f"{run}/spec.json", spec)
-    command = build_command("local", f"{run}/spec.json")
-    subprocess.run(command.argv, check=True, stdout=subprocess.DEVNULL)
+def run_variant(tree: dict) -> dict:
+    store, key, run, spec_uri = stages.prepare_training(build_config(tree), log=lambda _: None)
+    subprocess.run(build_command("local", spec_uri).argv, check=True, stdout=subprocess.DEVNULL)
     return stages.trained_record(store, key, run, reused=False).metrics
 
 
@@ -78,7 +68,7 @@ def main() -> None:
     }
     print(f"built model: Llama 2 layers, hidden 128, vocab 2048; {len(rows)} rows, cutoff 256, "
           f"batch 16 = 4 x 4 accumulation, {args.steps} steps, CPU fp32")
-    results = {name: run_variant(merged(tree, extra), log=lambda _: None) for name, extra in VARIANTS.items()}
+    results = {name: run_variant(merged(tree, extra)) for name, extra in VARIANTS.items()}
     recipe = results["recipe"]
     print(f"{'variant':<10} {'tokens/s':>10} {'x recipe':>9} {'peak RSS MB':>12} {'x recipe':>9} {'eval loss':>10} {'train loss first→last':>24}")
     for name, m in results.items():

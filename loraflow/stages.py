@@ -162,6 +162,22 @@ def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, b
     return key, run, spec
 
 
+def prepare_training(config: FinetuneConfig, log: Log = print) -> tuple[ArtifactStore, str, str, str]:
+    """Every stage before training, without Prefect, and the run spec written: (store, train key, run URI, spec URI).
+
+    For benchmarks and launcher tests, which start the training process themselves.
+    """
+    env = env_check(config)
+    sources = inspect_sources(config)
+    dataset = prepare_data(config, sources, log)
+    base = quantize_base(config, env, sources, log)
+    lora = inject_lora(config, env, base, log)
+    key, run, spec = train_spec(config, env, dataset, base, lora)
+    store = ArtifactStore(config.storage)
+    store.write_json(f"{run}/spec.json", spec)
+    return store, key, run, f"{run}/spec.json"
+
+
 def trained_record(store: ArtifactStore, key: str, run: str, reused: bool) -> StageRecord | None:
     final = f"{run}/checkpoints/final"
     if not store.is_committed(final):

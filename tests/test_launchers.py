@@ -10,7 +10,6 @@ import torch
 from loraflow import stages
 from loraflow.config import build_config
 from loraflow.launch import build_command, distributed_backend, run_streaming
-from loraflow.storage import ArtifactStore
 from loraflow.train import rank_info
 
 
@@ -70,16 +69,8 @@ def _train_with(launcher, tiny_model, tmp_path, **train):
         "train": {"learning_rate": 1e-2, "batch_size": 16, "micro_batch_size": 4, "max_steps": 4, "eval_steps": 2,
                   "save_steps": 2, "gradient_checkpointing": False, "launcher": launcher, "nproc_per_node": 2, **train},
     })
-    log = lambda _: None  # noqa: E731
-    env = stages.env_check(config)
-    sources = stages.inspect_sources(config)
-    dataset = stages.prepare_data(config, sources, log)
-    base = stages.quantize_base(config, env, sources, log)
-    lora = stages.inject_lora(config, env, base, log)
-    key, run, spec = stages.train_spec(config, env, dataset, base, lora)
-    store = ArtifactStore(config.storage)
-    store.write_json(f"{run}/spec.json", spec)
-    command = build_command(launcher, f"{run}/spec.json", 2)
+    store, key, run, spec_uri = stages.prepare_training(config, log=lambda _: None)
+    command = build_command(launcher, spec_uri, 2)
     lines = []
     code = run_streaming(command, lines.append, timeout=300)  # a hang kills every rank, not just the launcher
     output = "\n".join(lines)
