@@ -56,7 +56,7 @@ def check_environment(config: FinetuneConfig) -> dict:
     if config.model.quantization == "nf4" and report["versions"]["bitsandbytes"] is None:
         problems.append("quantization nf4 needs bitsandbytes (pip install 'bitsandbytes>=0.48'), or set model.quantization: none")
     if not report["launchers"][config.train.launcher]:
-        problems.append(f"train.launcher is {config.train.launcher}, but {LAUNCHER_BINARIES[config.train.launcher]} is not on PATH")
+        problems.append(f"train.launcher is {config.train.launcher}, but {LAUNCHER_BINARIES[config.train.launcher]} is not on PATH nor beside this Python")
     if config.train.launcher == "deepspeed" and report["versions"]["deepspeed"] is None:
         problems.append("train.launcher deepspeed needs the deepspeed package (pip install deepspeed)")
     if device != "cpu" and config.train.nproc_per_node > report["device_count"]:

@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraflow.config import build_config
 from loraflow.launch import LaunchCommand, run_streaming
 from loraflow.storage import ArtifactStore
 from flows.runs import task_states
