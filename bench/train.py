@@ -26,7 +26,7 @@ from pathlib import Path
 
 from loraflow import stages
 from loraflow.config import build_config
-from loraflow.launch import build_command
+from loraflow.launch import Topology, build_command
 from loraflow.models.tiny import build_tiny_llama, sample_texts
 from loraflow.data.formats import read_rows
 
@@ -47,7 +47,7 @@ def merged(tree: dict, extra: dict) -> dict:
 
 def run_variant(tree: dict) -> dict:
     store, key, run, spec_uri = stages.prepare_training(build_config(tree), log=lambda _: None)
-    subprocess.run(build_command("local", spec_uri).argv, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(build_command(Topology(), spec_uri).argv, check=True, stdout=subprocess.DEVNULL)
     return stages.trained_record(store, key, run, reused=False).metrics
 
 

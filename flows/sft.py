@@ -1,5 +1,7 @@
 """Supervised (Q)LoRA fine-tuning: env → sources → data → quantize → lora → train → export → merge.
 
+Training runs in this process (a subflow) or, with `train.pool` set, on that Prefect work pool.
+
 Each stage is a cached task returning a JSON StageRecord; a second run with the same inputs reuses
 every finished stage (Prefect cache, or the committed output in the store with a cold database).
 """
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.train import train_flow
+from flows.train import run_training
 from loraflow.config import FinetuneConfig
 from loraflow.storage import StageRecord
 from tasks.common import hide_user_error_tracebacks, stage_options
@@ -30,7 +32,7 @@ def sft(config: FinetuneConfig) -> dict[str, StageRecord]:
     dataset = prepare_dataset.with_options(**cached)(config, sources)
     base = quantize_base.with_options(**cached)(config, env, sources)
     lora = inject_lora.with_options(**cached)(config, env, base)
-    trained = train_flow(config, env, dataset, base, lora)
+    trained = run_training(config, dataset, base, lora)  # a subflow here, or a job on train.pool
     adapter = export_adapter(config, dataset, trained)
     records = {"env": env, "sources": sources, "dataset": dataset, "quantized": base, "lora": lora, "train": trained, "adapter": adapter}
     if config.merge.enabled:

@@ -1,14 +1,86 @@
-"""The training flow: runs where the GPUs are (in-process as a subflow, or on the XPU work pool)."""
+"""The training flow: runs where the GPUs are (in-process as a subflow, or on the XPU work pool).
 
-from prefect import flow
+With `train.pool` unset, the SFT flow calls `train_flow` directly. With a pool, it starts the
+`loraflow-train/<pool>` deployment through `run_deployment`, with an idempotency key derived from
+the training's content, so a retried (or repeated) fine-tune attaches to the job already running or
+finished instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run as current_flow_run
 
 from loraflow.config import FinetuneConfig
-from loraflow.storage import StageRecord
+from loraflow.storage import ArtifactStore, StageRecord, sha256_hex
 from tasks.common import stage_options
+from tasks.env import check_env
 from tasks.train import train_adapter
 
+TRAIN_FLOW = "loraflow-train"
+RECORDS = "train-records"  # <store>/train-records/<flow run id>.json: what a pool job trained
 
-@flow(name="loraflow-train")
-def train_flow(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
+
+@flow(name=TRAIN_FLOW)
+def train_flow(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
+    """Check this host (its device decides precision and backend), then train with retries that resume."""
+    env = check_env(config)
     task = train_adapter.with_options(**stage_options(config.storage), retries=config.train.retries, retry_delay_seconds=1)
-    return task(config, env, dataset, base, lora)
+    record = task(config, env, dataset, base, lora)
+    # A caller on another host cannot read this flow's result from the worker's disk; it reads this.
+    store = ArtifactStore(config.storage)
+    store.write_json(store.uri(RECORDS, f"{current_flow_run.id}.json"), record.model_dump(mode="json"))
+    return record
+
+
+def deployment_name(pool: str) -> str:
+    return f"{TRAIN_FLOW}/{pool}"
+
+
+def run_training(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
+    if not config.train.pool:
+        return train_flow(config, dataset, base, lora)
+    return _run_on_pool(config, dataset, base, lora)
+
+
+def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    logger = get_run_logger()
+    store = ArtifactStore(config.storage)
+    name = deployment_name(config.train.pool)
+    parameters = {"config": config.model_dump(mode="json"), "dataset": dataset.model_dump(mode="json"),
+                  "base": base.model_dump(mode="json"), "lora": lora.model_dump(mode="json")}
+    # Content, not the caller's run id: any fine-tune asking for this training joins the same job.
+    job = sha256_hex(TRAIN_FLOW, config.storage, config.name, config.train.model_dump(exclude={"pool", "retries", "timeout_s"}), dataset.key, lora.key)[:24]
+    for attempt in range(1000):
+        run = run_deployment(name, parameters=parameters, idempotency_key=f"{job}-{attempt}", timeout=0)
+        finished_without_adapter = run.state.is_final() and _read_record(store, run.id) is None
+        if not finished_without_adapter:
+            break
+        # An earlier attempt's job ended (failed, cancelled, or its store was emptied): a new job
+        # resumes from the newest committed checkpoint.
+        logger.info(f"training job {run.name} ended {run.state.name} without an adapter; starting attempt {attempt + 1}")
+    logger.info(f"training runs on work pool {config.train.pool!r} as flow run {run.name} ({run.id})")
+    try:
+        with get_client(sync_client=True) as client:
+            while not run.state.is_final():
+                time.sleep(2)
+                run = client.read_flow_run(run.id)
+    except BaseException:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Cancelling(message="the fine-tune that started it stopped"), force=True)
+        raise
+    record = _read_record(store, run.id)
+    if not run.state.is_completed() or record is None:
+        raise RuntimeError(f"training flow run {run.name} on pool {config.train.pool!r} ended {run.state.name}: {run.state.message or 'see its log'}")
+    return record
+
+
+def _read_record(store: ArtifactStore, flow_run_id) -> StageRecord | None:
+    uri = store.uri(RECORDS, f"{flow_run_id}.json")
+    return StageRecord.model_validate(store.read_json(uri)) if store.fs.exists(store.path(uri)) else None

@@ -77,7 +77,12 @@ def _run_flow(config, show_ui_hint: bool) -> dict:
         raise _failure_reason(state)
     _print_records(records, stage_outcomes(records, task_states(state.state_details.flow_run_id)))
     if show_ui_hint:
+        from prefect.settings import PREFECT_UI_URL
+
         home = os.environ.get("PREFECT_HOME", "~/.prefect")
+        if os.environ.get("PREFECT_API_URL"):  # a running server: its UI shows the run now
+            print(f"\nsee this run in the Prefect UI: {PREFECT_UI_URL.value()}/runs/flow-run/{state.state_details.flow_run_id}")
+            return records
         print(
             "\nsee this run in the Prefect UI:\n"
             f"  PREFECT_HOME={home} {Path(sys.executable).parent / 'prefect'} server start\n"

@@ -141,8 +141,21 @@ class TrainSettings(_Section):
     launcher: Literal["local", "torchrun", "deepspeed", "mpirun"] = Field(
         "local", description="How the training process is started."
     )
-    nproc_per_node: int = Field(1, ge=1, description="Training processes per host (one per GPU).")
+    nproc_per_node: int = Field(1, ge=1, description="Training processes per host (one per GPU or XPU card).")
+    hosts: list[str] = Field(
+        [], description="Several hosts: their names (or addresses), the first being the one the training "
+        "flow runs on and the rendezvous point. Empty: this host only."
+    )
+    master_port: int | None = Field(
+        None, ge=1, le=65535, description="Rendezvous port. Unset: a free port on one host, 29500 across several hosts."
+    )
+    mpi: Literal["auto", "openmpi", "intel"] = Field(
+        "auto", description="mpirun flavour (its flags differ): auto asks `mpirun --version`."
+    )
     deepspeed_zero: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (0: DeepSpeed not used).")
+    deepspeed_offload_optimizer: bool = Field(
+        False, description="ZeRO-2/3: keep optimizer state in host memory (DeepSpeedCPUAdam), as ipex-llm's 70B recipe does."
+    )
     retries: int = Field(1, ge=0, description="Retries of the train task after a failure; each resumes from the newest committed checkpoint.")
     timeout_s: float | None = Field(None, gt=0, description="Kill the whole training process group after this many seconds.")
     pool: str | None = Field(
@@ -157,6 +170,12 @@ class TrainSettings(_Section):
             )
         if self.deepspeed_zero and self.launcher != "deepspeed":
             raise ValueError(f"deepspeed_zero={self.deepspeed_zero} needs launcher: deepspeed (got {self.launcher!r})")
+        if self.deepspeed_offload_optimizer and not self.deepspeed_zero:
+            raise ValueError("deepspeed_offload_optimizer needs deepspeed_zero: 2 or 3")
+        if self.hosts and self.launcher == "local":
+            raise ValueError(f"hosts {self.hosts} need a multi-process launcher (torchrun, deepspeed or mpirun), not local")
+        if len(set(self.hosts)) != len(self.hosts):
+            raise ValueError(f"hosts lists a host twice: {self.hosts}; use nproc_per_node for several processes per host")
         return self
 
 

@@ -26,9 +26,11 @@ class LaunchCommand:
 
 
 def distributed_backend(device: str) -> str:
-    """xccl on XPU (torch ≥ 2.8), ccl only where oneCCL's bindings import, nccl on CUDA, gloo on CPU."""
+    """xccl on XPU (torch ≥ 2.8), ccl only where torch lacks xccl and oneCCL's bindings import, nccl on CUDA, gloo on CPU."""
     if device == "xpu":
-        if importlib.util.find_spec("oneccl_bindings_for_pytorch") is not None:
+        import torch.distributed
+
+        if not torch.distributed.is_xccl_available() and importlib.util.find_spec("oneccl_bindings_for_pytorch") is not None:
             return "ccl"
         return "xccl"
     if device == "cuda":
@@ -45,14 +47,23 @@ def find_program(name: str) -> str | None:
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "infra" / "deepspeed"
 
 
-def deepspeed_config(zero_stage: int) -> dict | None:
-    """The DeepSpeed config for a ZeRO stage (infra/deepspeed/zero<N>.json), to embed in the run spec."""
+def deepspeed_config(zero_stage: int, offload_optimizer: bool = False) -> dict | None:
+    """The DeepSpeed config for a ZeRO stage (infra/deepspeed/zero<N>.json), to embed in the run spec.
+
+    offload_optimizer keeps the optimizer state in host memory (ipex-llm's 70B ZeRO-2 recipe); DeepSpeed
+    then steps it with its own CPU Adam, so the config names the optimizer and the Trainer fills in
+    its hyperparameters ("auto").
+    """
     if not zero_stage:
         return None
     path = DEEPSPEED_CONFIGS / f"zero{zero_stage}.json"
     if not path.is_file():
         raise LoraflowError(f"{path}: DeepSpeed config missing; loraflow looks for infra/deepspeed/ beside its package (an editable install)")
-    return json.loads(path.read_text())
+    config = json.loads(path.read_text())
+    if offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    return config
 
 
 def launcher_available(launcher: str) -> bool:
@@ -70,28 +81,112 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def build_command(launcher: str, spec_uri: str, nproc_per_node: int = 1, python: str | None = None) -> LaunchCommand:
+@dataclass
+class Topology:
+    """Where the ranks run: the launcher, processes per host, and the hosts (the first one is rank 0's)."""
+
+    launcher: str = "local"
+    nproc_per_node: int = 1
+    hosts: list[str] = field(default_factory=list)
+    master_port: int | None = None
+    mpi: str = "auto"
+
+    @classmethod
+    def from_train(cls, train) -> Topology:
+        """From the train section (a TrainSettings or the dict in a run spec)."""
+        get = train.get if isinstance(train, dict) else lambda name, default=None: getattr(train, name, default)
+        return cls(get("launcher", "local"), get("nproc_per_node", 1), list(get("hosts", None) or []), get("master_port"), get("mpi", "auto"))
+
+    @property
+    def nnodes(self) -> int:
+        return max(1, len(self.hosts))
+
+    @property
+    def master_addr(self) -> str:
+        return self.hosts[0] if self.hosts else os.environ.get("MASTER_ADDR", "127.0.0.1")
+
+    def port(self) -> str:
+        # A fixed default port (29500) collides when two trainings share a host, so one host gets a
+        # free one; several hosts must agree on it, so they get the configured or the usual one.
+        if self.master_port:
+            return str(self.master_port)
+        if self.nnodes > 1:
+            return "29500"
+        return os.environ.get("MASTER_PORT") or str(free_port())
+
+
+def mpi_flavour(requested: str = "auto") -> str:
+    """openmpi or intel: their mpirun flags differ (-x vs -genvlist, --map-by vs -ppn)."""
+    if requested != "auto":
+        return requested
+    import subprocess
+
+    try:
+        banner = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "openmpi"
+    return "intel" if "Intel" in banner else "openmpi"
+
+
+def hostfile_text(topology: Topology, flavour: str = "openmpi") -> str:
+    """The hostfile mpirun (Open MPI, Intel MPI) or deepspeed (same format as Open MPI) reads."""
+    if flavour == "intel":
+        return "".join(f"{host}:{topology.nproc_per_node}\n" for host in topology.hosts)
+    return "".join(f"{host} slots={topology.nproc_per_node}\n" for host in topology.hosts)
+
+
+def write_hostfile(topology: Topology, folder: Path) -> Path | None:
+    """Write the hostfile for several hosts (mpirun and deepspeed read it on the launching host only)."""
+    if topology.nnodes == 1 or topology.launcher not in ("mpirun", "deepspeed"):
+        return None
+    flavour = mpi_flavour(topology.mpi) if topology.launcher == "mpirun" else "openmpi"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "hostfile"
+    path.write_text(hostfile_text(topology, flavour))
+    return path
+
+
+def build_command(topology: Topology, spec_uri: str, node_rank: int = 0, python: str | None = None, hostfile: Path | None = None) -> LaunchCommand:
+    """argv + environment to start the training ranks of this host (torchrun) or of every host (mpirun, deepspeed)."""
     python = python or sys.executable
     entry = ["-m", "loraflow.train", spec_uri]
+    launcher, per_node, nnodes = topology.launcher, topology.nproc_per_node, topology.nnodes
     if launcher == "local":
-        if nproc_per_node != 1:
-            raise LoraflowError("launcher local runs one process; use torchrun, deepspeed or mpirun for nproc_per_node > 1")
+        if per_node != 1 or nnodes != 1:
+            raise LoraflowError("launcher local runs one process; use torchrun, deepspeed or mpirun for nproc_per_node > 1 or several hosts")
         return LaunchCommand([python, *entry])
-    # A fixed default rendezvous port (29500) collides when two trainings share a host; one host
-    # gets a free port unless MASTER_PORT says otherwise (several hosts must agree on it).
-    port = os.environ.get("MASTER_PORT") or str(free_port())
+    if nnodes > 1 and launcher in ("mpirun", "deepspeed") and hostfile is None:
+        raise LoraflowError(f"{launcher} on {nnodes} hosts needs a hostfile (write_hostfile)")
+    port = topology.port()
     if launcher == "torchrun":
-        return LaunchCommand([python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", f"--master-port={port}", *entry])
+        argv = [python, "-m", "torch.distributed.run", f"--nproc-per-node={per_node}"]
+        if nnodes == 1:
+            return LaunchCommand([*argv, f"--master-port={port}", *entry])
+        # Static rendezvous: node ranks are the hosts' order, so global rank 0 (which writes the
+        # checkpoints) is on hosts[0]. Each host runs this with its own --node-rank.
+        return LaunchCommand([*argv, f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=static",
+                              f"--rdzv-endpoint={topology.master_addr}:{port}", *entry])
     if launcher == "deepspeed":
-        # The ZeRO config travels in the run spec; the launcher only starts the ranks.
-        argv = [find_program("deepspeed") or "deepspeed", f"--num_gpus={nproc_per_node}", f"--master_port={port}", "--module", "loraflow.train", spec_uri]
-        return LaunchCommand(argv)
+        # The ZeRO config travels in the run spec; the launcher only starts the ranks (on other hosts over ssh/pdsh).
+        argv = [find_program("deepspeed") or "deepspeed", f"--num_gpus={per_node}", f"--master_port={port}"]
+        if nnodes > 1:
+            argv += [f"--hostfile={hostfile}", f"--num_nodes={nnodes}", f"--master_addr={topology.master_addr}"]
+        return LaunchCommand([*argv, "--module", "loraflow.train", spec_uri])
     if launcher == "mpirun":
-        # Open MPI: -x passes a variable to every rank (Intel MPI spells it -genvlist).
-        argv = ["mpirun", "-n", str(nproc_per_node), "-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x", "PATH"]
-        if os.geteuid() == 0:
-            argv.append("--allow-run-as-root")
-        env = {"MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": port}
+        env = {"MASTER_ADDR": topology.master_addr, "MASTER_PORT": port}
+        passed = ["MASTER_ADDR", "MASTER_PORT", "PATH"]
+        argv = ["mpirun", "-n", str(per_node * nnodes)]
+        if mpi_flavour(topology.mpi) == "intel":
+            argv += ["-ppn", str(per_node), "-genvlist", ",".join(passed)]
+            if hostfile:
+                argv += ["-f", str(hostfile)]
+        else:
+            for name in passed:
+                argv += ["-x", name]
+            if hostfile:
+                argv += ["--hostfile", str(hostfile), "--map-by", f"ppr:{per_node}:node"]
+            if os.geteuid() == 0:
+                argv.append("--allow-run-as-root")
         return LaunchCommand([*argv, python, *entry], env)
     raise LoraflowError(f"unknown launcher {launcher!r}; use local, torchrun, deepspeed or mpirun")
 
@@ -162,3 +257,35 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m loraflow.launch SPEC_URI --node-rank N`: start another host's ranks of a torchrun run.
+
+    mpirun and deepspeed reach every host from the first one; torchrun needs its agent started on
+    each host, with the same spec and that host's rank (its index in train.hosts).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m loraflow.launch", description=main.__doc__.splitlines()[0])
+    parser.add_argument("spec_uri", help="the run spec the training flow wrote (runs/<run>/spec.json, any fsspec URL)")
+    parser.add_argument("--node-rank", type=int, required=True, help="this host's index in train.hosts (1, 2, …)")
+    parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    args = parser.parse_args(argv)
+    import fsspec
+
+    with fsspec.open(args.spec_uri, "r") as stream:
+        topology = Topology.from_train(json.load(stream)["train"])
+    if topology.launcher != "torchrun" or not 0 < args.node_rank < topology.nnodes:
+        print(f"error: {args.spec_uri}: this is for torchrun runs on several hosts, node ranks 1..{topology.nnodes - 1} "
+              f"(launcher {topology.launcher}, {topology.nnodes} host(s))", file=sys.stderr)
+        return 2
+    command = build_command(topology, args.spec_uri, args.node_rank)
+    print(" ".join(command.argv), flush=True)
+    if args.dry_run:
+        return 0
+    return run_streaming(command, print)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

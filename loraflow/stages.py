@@ -89,7 +89,7 @@ def lora_key(config: FinetuneConfig, base: StageRecord) -> str:
 
 def train_key(config: FinetuneConfig, dataset: StageRecord, lora: StageRecord, env: StageRecord) -> str:
     # Where and how patiently it runs does not change what it computes.
-    fields = config.train.model_dump(exclude={"pool", "device", "retries", "timeout_s"})
+    fields = config.train.model_dump(exclude={"pool", "device", "retries", "timeout_s", "master_port", "mpi"})
     return sha256_hex("train", TRAIN_VERSION, dataset.key, lora.key, fields, env.metrics["device"], env.metrics["precision"])
 
 
@@ -155,8 +155,8 @@ def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, b
         "quantized": base.metrics.get("quantization") == "nf4",
         "lora_init_uri": lora.uri,
         "train": config.train.model_dump() | {"device": env.metrics["device"], "precision": env.metrics["precision"]},
-        "ddp_backend": distributed_backend(env.metrics["device"]) if config.train.nproc_per_node > 1 else None,
-        "deepspeed_config": deepspeed_config(config.train.deepspeed_zero),
+        "ddp_backend": distributed_backend(env.metrics["device"]) if config.train.nproc_per_node * max(1, len(config.train.hosts)) > 1 else None,
+        "deepspeed_config": deepspeed_config(config.train.deepspeed_zero, config.train.deepspeed_offload_optimizer),
         "trust_remote_code": config.model.trust_remote_code,
     }
     return key, run, spec

@@ -140,6 +140,8 @@ def train(spec: dict) -> dict:
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     ranks = export_torch_rank_env()
+    if spec.get("ddp_backend") == "ccl":
+        import oneccl_bindings_for_pytorch  # noqa: F401  (registers the ccl backend with torch.distributed)
     is_main = ranks["rank"] == 0
     cfg = spec["train"]
     store = ArtifactStore(spec["store"])
@@ -162,7 +164,8 @@ def train(spec: dict) -> dict:
 
     # One folder per run and host, shared by the ranks on it: the Trainer writes each rank's RNG state
     # into the checkpoint folder, and rank 0 commits that folder.
-    work = Path(os.environ.get("LORAFLOW_WORKDIR") or Path(tempfile.gettempdir()) / f"loraflow-train-{sha256_hex(run_uri)[:16]}")
+    # LORAFLOW_SCRATCH (the work pool's scratch_dir) moves it off a small /tmp.
+    work = Path(os.environ.get("LORAFLOW_SCRATCH") or tempfile.gettempdir()) / f"loraflow-train-{sha256_hex(run_uri)[:16]}"
     metrics_path = work / "metrics" / METRICS
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     if is_main:
@@ -245,9 +248,12 @@ def train(spec: dict) -> dict:
     summary["first_loss"], summary["final_loss"] = (logged[0], logged[-1]) if logged else (None, None)
     if not math.isfinite(summary["train_loss"]):
         raise LoraflowError(f"training diverged: train loss is {summary['train_loss']}; lower train.learning_rate")
+    final = work / FINAL
+    # Every rank calls save_model: under ZeRO-3 it gathers the sharded LoRA weights (a collective);
+    # only rank 0 writes files.
+    trainer.save_model(str(final))
     if is_main:
-        final = work / FINAL
-        trainer.model.save_pretrained(str(final))
+        (final / "training_args.bin").unlink(missing_ok=True)  # a pickle; the spec and summary say the same
         (final / "train_summary.json").write_text(json.dumps(summary, indent=2))
         store.commit(metrics_path.parent, f"{run_uri}/metrics")
         store.commit(final, f"{run_uri}/checkpoints/{FINAL}", {"global_step": result.global_step})

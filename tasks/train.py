@@ -1,4 +1,6 @@
 import re
+import tempfile
+from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -44,10 +46,14 @@ def train_adapter(config: FinetuneConfig, env: StageRecord, dataset: StageRecord
         return finished
     spec_uri = f"{run}/spec.json"
     store.write_json(spec_uri, spec)
-    command = launch.build_command(config.train.launcher, spec_uri, config.train.nproc_per_node)
-    log_info(f"launching: {' '.join(command.argv)}")
-    progress = TrainingProgress(run.rsplit("/", 1)[-1])
-    code = launch.run_streaming(command, progress.on_line, timeout=config.train.timeout_s)
+    topology = launch.Topology.from_train(config.train)
+    with tempfile.TemporaryDirectory(prefix="loraflow-launch-") as scratch:
+        command = launch.build_command(topology, spec_uri, hostfile=launch.write_hostfile(topology, Path(scratch)))
+        log_info(f"launching: {' '.join(command.argv)}")
+        if topology.launcher == "torchrun" and topology.nnodes > 1:
+            log_info(f"on each other host N of {topology.hosts}: python -m loraflow.launch {spec_uri} --node-rank N")
+        progress = TrainingProgress(run.rsplit("/", 1)[-1])
+        code = launch.run_streaming(command, progress.on_line, timeout=config.train.timeout_s)
     if code != 0:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         raise RuntimeError(f"the training process {how} (its log is above); a retry resumes from the newest checkpoint in {run}/checkpoints")

@@ -1,5 +1,6 @@
 """Launchers as data, rank discovery from torch and MPI variables, and real 2-process training on CPU."""
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -9,18 +10,85 @@ import torch
 
 from loraflow import stages
 from loraflow.config import build_config
-from loraflow.launch import build_command, distributed_backend, run_streaming
+from loraflow.errors import LoraflowError
+from loraflow.launch import Topology, build_command, deepspeed_config, distributed_backend, run_streaming, write_hostfile
 from loraflow.train import rank_info
 
 
-def test_torchrun_and_mpirun_commands():
-    torchrun = build_command("torchrun", "s3://b/spec.json", 4, python="/py")
+def test_one_host_commands():
+    torchrun = build_command(Topology("torchrun", 4), "s3://b/spec.json", python="/py")
     assert torchrun.argv[:4] == ["/py", "-m", "torch.distributed.run", "--nproc-per-node=4"]
     assert torchrun.argv[4].startswith("--master-port=") and torchrun.argv[5:] == ["-m", "loraflow.train", "s3://b/spec.json"]
-    mpirun = build_command("mpirun", "/s.json", 2, python="/py")
+    mpirun = build_command(Topology("mpirun", 2, mpi="openmpi"), "/s.json", python="/py")
     assert mpirun.argv[:3] == ["mpirun", "-n", "2"] and mpirun.argv[-4:] == ["/py", "-m", "loraflow.train", "/s.json"]
-    assert "MASTER_ADDR" in mpirun.env and "-x" in mpirun.argv
-    assert build_command("local", "/s.json", python="/py").argv == ["/py", "-m", "loraflow.train", "/s.json"]
+    assert mpirun.env["MASTER_ADDR"] == "127.0.0.1" and "-x" in mpirun.argv and "--hostfile" not in mpirun.argv
+    deepspeed = build_command(Topology("deepspeed", 2, master_port=1234), "/s.json", python="/py")
+    assert deepspeed.argv[1:3] == ["--num_gpus=2", "--master_port=1234"] and deepspeed.argv[-3:] == ["--module", "loraflow.train", "/s.json"]
+    assert build_command(Topology(), "/s.json", python="/py").argv == ["/py", "-m", "loraflow.train", "/s.json"]
+    with pytest.raises(LoraflowError, match="launcher local runs one process"):
+        build_command(Topology("local", 2), "/s.json")
+
+
+HOSTS = ["xpu-a", "xpu-b"]
+
+
+def test_torchrun_on_two_hosts_uses_static_rendezvous_on_the_first_host():
+    topology = Topology("torchrun", 4, hosts=HOSTS)
+    first, second = (build_command(topology, "s3://b/spec.json", node_rank=r, python="/py").argv for r in (0, 1))
+    assert "--nnodes=2" in first and "--node-rank=0" in first and "--node-rank=1" in second
+    assert "--rdzv-backend=static" in first and "--rdzv-endpoint=xpu-a:29500" in first and "--rdzv-endpoint=xpu-a:29500" in second
+
+
+def test_mpirun_on_two_hosts_in_both_flavours(tmp_path):
+    open_mpi = Topology("mpirun", 4, hosts=HOSTS, mpi="openmpi")
+    hostfile = write_hostfile(open_mpi, tmp_path / "openmpi")
+    assert hostfile.read_text() == "xpu-a slots=4\nxpu-b slots=4\n"
+    command = build_command(open_mpi, "/s.json", hostfile=hostfile, python="/py")
+    argv = " ".join(command.argv)
+    assert "mpirun -n 8 -x MASTER_ADDR -x MASTER_PORT -x PATH" in argv and f"--hostfile {hostfile} --map-by ppr:4:node" in argv
+    assert command.env == {"MASTER_ADDR": "xpu-a", "MASTER_PORT": "29500"}
+
+    intel = Topology("mpirun", 4, hosts=HOSTS, mpi="intel", master_port=29600)
+    hostfile = write_hostfile(intel, tmp_path / "intel")
+    assert hostfile.read_text() == "xpu-a:4\nxpu-b:4\n"
+    command = build_command(intel, "/s.json", hostfile=hostfile, python="/py")
+    assert command.argv[:9] == ["mpirun", "-n", "8", "-ppn", "4", "-genvlist", "MASTER_ADDR,MASTER_PORT,PATH", "-f", str(hostfile)]
+    assert "--allow-run-as-root" not in command.argv and command.env["MASTER_PORT"] == "29600"
+    with pytest.raises(LoraflowError, match="needs a hostfile"):
+        build_command(intel, "/s.json")
+
+
+def test_deepspeed_on_two_hosts_and_zero2_offload(tmp_path):
+    topology = Topology("deepspeed", 2, hosts=HOSTS)
+    hostfile = write_hostfile(topology, tmp_path)
+    argv = build_command(topology, "/s.json", hostfile=hostfile, python="/py").argv
+    assert {f"--hostfile={hostfile}", "--num_nodes=2", "--num_gpus=2", "--master_addr=xpu-a", "--master_port=29500"} <= set(argv)
+    assert deepspeed_config(0) is None and "offload_optimizer" not in deepspeed_config(2)["zero_optimization"]
+    offload = deepspeed_config(2, offload_optimizer=True)
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and offload["optimizer"]["params"]["lr"] == "auto"
+
+
+def test_topology_settings_are_validated():
+    base = {"model": {"base": "m"}, "data": {"path": "d.json"}}
+    with pytest.raises(LoraflowError, match="need a multi-process launcher"):
+        build_config({**base, "train": {"hosts": HOSTS}})
+    with pytest.raises(LoraflowError, match="lists a host twice"):
+        build_config({**base, "train": {"launcher": "mpirun", "hosts": ["a", "a"]}})
+    with pytest.raises(LoraflowError, match="deepspeed_offload_optimizer needs deepspeed_zero"):
+        build_config({**base, "train": {"launcher": "deepspeed", "deepspeed_offload_optimizer": True}})
+    config = build_config({**base, "train": {"launcher": "torchrun", "nproc_per_node": 4, "hosts": HOSTS}})
+    assert Topology.from_train(config.train) == Topology.from_train(config.train.model_dump()) == Topology("torchrun", 4, HOSTS)
+
+
+def test_other_hosts_start_their_torchrun_agents_from_the_spec(tmp_path, capsys):
+    from loraflow.launch import main
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"train": {"launcher": "torchrun", "nproc_per_node": 2, "hosts": HOSTS}}))
+    assert main([str(spec), "--node-rank", "1", "--dry-run"]) == 0
+    assert "--node-rank=1 --rdzv-backend=static --rdzv-endpoint=xpu-a:29500" in capsys.readouterr().out
+    assert main([str(spec), "--node-rank", "2", "--dry-run"]) == 2
+    assert "node ranks 1..1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -61,16 +129,16 @@ def test_distributed_backend_per_device():
     assert distributed_backend("xpu") in ("xccl", "ccl")
 
 
-def _train_with(launcher, tiny_model, tmp_path, **train):
+def _train_with(launcher, tiny_model, tmp_path, quantization="nf4", **train):
     sample = str(Path(__file__).parents[1] / "loraflow/data/sample/alpaca_gpt4_sample.json")
     config = build_config({
-        "name": "ddp", "storage": str(tmp_path / "store"), "model": {"base": str(tiny_model)},
+        "name": "ddp", "storage": str(tmp_path / "store"), "model": {"base": str(tiny_model), "quantization": quantization},
         "data": {"path": sample, "val_set_size": 16, "cutoff_len": 128},
         "train": {"learning_rate": 1e-2, "batch_size": 16, "micro_batch_size": 4, "max_steps": 4, "eval_steps": 2,
                   "save_steps": 2, "gradient_checkpointing": False, "launcher": launcher, "nproc_per_node": 2, **train},
     })
     store, key, run, spec_uri = stages.prepare_training(config, log=lambda _: None)
-    command = build_command(launcher, spec_uri, 2)
+    command = build_command(Topology(launcher, 2), spec_uri)
     lines = []
     code = run_streaming(command, lines.append, timeout=300)  # a hang kills every rank, not just the launcher
     output = "\n".join(lines)
@@ -107,3 +175,23 @@ def test_deepspeed_zero2_two_processes_on_cpu(tiny_model, tmp_path):
     last_checkpoint = load_file(Path(record.uri).parent / "checkpoint-4" / "adapter_model.safetensors")
     assert final.keys() == last_checkpoint.keys() and len(final) == 28
     assert all(final[k].numel() > 0 and torch.equal(final[k], last_checkpoint[k]) for k in final)
+
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_plain_lora_saves_the_whole_trained_adapter(tiny_model, tmp_path):
+    """ZeRO-3 shards the parameters themselves: the saved adapter must be gathered from every rank.
+
+    The same run under ZeRO-2 (whole parameters on every rank) is the reference: same seed, data and
+    steps, so the two adapters agree up to the order of floating-point reductions.
+    """
+    from safetensors.torch import load_file
+
+    zero3 = _train_with("deepspeed", tiny_model, tmp_path / "zero3", deepspeed_zero=3, quantization="none")
+    zero2 = _train_with("deepspeed", tiny_model, tmp_path / "zero2", deepspeed_zero=2, quantization="none")
+    sharded, whole = (load_file(Path(r.uri) / "adapter_model.safetensors") for r in (zero3, zero2))
+    assert sharded.keys() == whole.keys() and len(sharded) == 28
+    for name in whole:
+        assert sharded[name].shape == whole[name].shape  # a rank's shard would be flat or empty
+        torch.testing.assert_close(sharded[name], whole[name], rtol=1e-3, atol=1e-5)
+    assert all(whole[k].abs().sum() > 0 for k in whole if "lora_B" in k)  # B starts at zero: it trained

@@ -1,0 +1,99 @@
+"""A real `prefect server start` and `prefect worker start` in subprocesses, for end-to-end tests.
+
+Each gets its own PREFECT_HOME (so its SQLite database and settings are private), listens on a free
+loopback port, runs in its own process group, and is killed with that group when the test ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from loraflow.launch import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def prefect_env(home: Path, api_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick up a scheduled run within a second, not ten
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    })
+    return env
+
+
+def _start(argv: list[str], env: dict, log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    stream = log.open("w")
+    return subprocess.Popen(argv, env=env, cwd=cwd, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+class Server:
+    def __init__(self, home: Path):
+        self.home = home
+        self.port = free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.env = prefect_env(home, self.api_url)
+        self.log = home / "server.log"
+        self.processes: list[subprocess.Popen] = []
+
+    def run(self, *argv: str, timeout: float = 300, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+        result = subprocess.run(list(argv), env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        return result
+
+    def start_worker(self, *argv: str, log_name: str = "worker.log", env: dict | None = None) -> Path:
+        log = self.home / log_name
+        self.processes.append(_start(list(argv), {**self.env, **(env or {})}, log))
+        return log
+
+    def client_settings(self):
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        return temporary_settings({PREFECT_API_URL: self.api_url})
+
+
+@contextmanager
+def real_server(home: Path, startup_timeout: float = 120):
+    home.mkdir(parents=True, exist_ok=True)
+    server = Server(home)
+    process = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(server.port)], server.env, server.log)
+    server.processes.append(process)
+    try:
+        deadline = time.time() + startup_timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{server.api_url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"prefect server did not start:\n{server.log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        for started in reversed(server.processes):
+            _stop(started)
