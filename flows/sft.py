@@ -23,8 +23,18 @@ from tasks.report import publish_report
 hide_user_error_tracebacks()
 
 
-@flow(name="loraflow-sft")
-def sft(config: FinetuneConfig) -> dict[str, StageRecord]:
+@flow(name="loraflow-sft", description="Supervised QLoRA/LoRA fine-tune: env → data → quantize → lora → train → export → merge, every stage cached.")
+def sft(config: FinetuneConfig, dataset: str | None = None) -> dict[str, StageRecord]:
+    """Fine-tune a base model on an instruction dataset and publish the run's report.
+
+    Args:
+        config: The fine-tune: base model, data and template, LoRA adapter, training (and where it
+            runs), merge, and the artifact store. Defaults follow the alpaca-lora / QLoRA recipes.
+        dataset: A dataset file (local path or fsspec URL) to use instead of config.data.path; the
+            upload trigger sets it to the file that just landed.
+    """
+    if dataset:
+        config = config.model_copy(update={"data": config.data.model_copy(update={"path": dataset})})
     cached = stage_options(config.storage)
 
     env = check_env(config)

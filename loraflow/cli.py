@@ -1,4 +1,4 @@
-"""`loraflow …`: run, demo, runs, artifacts, doctor, build-model.
+"""`loraflow …`: run, demo, serve, watch, runs, artifacts, doctor, build-model.
 
 The application's entry point, and the only module under loraflow/ that may reach Prefect: it imports
 flows inside its commands, never at module level.
@@ -119,11 +119,8 @@ def cmd_build_model(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    workdir = Path(args.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
-    from loraflow.config import load_config
+def _demo_config_path(workdir: Path) -> Path:
+    """The demo's config in workdir, building the demo model there first if it is missing."""
     from loraflow.data.formats import read_rows
     from loraflow.models.tiny import build_tiny_llama, sample_texts
 
@@ -134,9 +131,79 @@ def cmd_demo(args) -> int:
     config_path = workdir / "demo.yaml"
     if not config_path.exists():
         config_path.write_text(DEMO_CONFIG.format(sample=SAMPLE_DATA))
+    return config_path
+
+
+def cmd_demo(args) -> int:
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
+    from loraflow.config import load_config
+
+    config_path = _demo_config_path(workdir)
     print(f"config: {config_path}   (edit it, or run `loraflow run {config_path} --set key=value`)")
     _run_flow(load_config(config_path, args.set or []), show_ui_hint=True)
     return 0
+
+
+def _require_server() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise LoraflowError("no Prefect server: start one (`.venv/bin/prefect server start`) and "
+                            "export PREFECT_API_URL=http://127.0.0.1:4200/api, then run this again")
+    return url
+
+
+def cmd_serve(args) -> int:
+    """Serve the SFT (with the upload trigger), training, merge and watcher deployments from this process."""
+    from loraflow.config import load_config
+
+    _require_server()
+    config_path = Path(args.config) if args.config else _demo_config_path(Path(args.workdir).resolve())
+    config = load_config(config_path, args.set or []).model_dump(mode="json")
+    from prefect import serve
+    from prefect.events import DeploymentEventTrigger
+
+    from flows.merge import merge_only
+    from flows.sft import sft
+    from flows.train import train_flow
+    from flows.watch import watch_datasets
+    from loraflow.watch import UPLOADED
+
+    upload_trigger = DeploymentEventTrigger(
+        name="new dataset upload", expect={UPLOADED}, match={"prefect.resource.id": "loraflow.dataset.*"},
+        parameters={"dataset": "{{ event.payload.uri }}"},
+    )
+    deployments = [
+        sft.to_deployment("local", parameters={"config": config}, triggers=[upload_trigger], enforce_parameter_schema=True, tags=["loraflow", "sft"]),
+        # A config with train.pool: local hands its training to this served deployment.
+        train_flow.to_deployment("local", enforce_parameter_schema=True, tags=["loraflow", "training"]),
+        merge_only.to_deployment("local", parameters={"config": config}, enforce_parameter_schema=True, tags=["loraflow", "merge"]),
+        watch_datasets.to_deployment(
+            "local", parameters={"prefix": args.watch or "./incoming", "storage": config["storage"]},
+            interval=args.interval if args.watch else None, enforce_parameter_schema=True, tags=["loraflow", "watcher"],
+        ),
+    ]
+    print(f"serving {len(deployments)} deployments with defaults from {config_path}"
+          + (f"; scanning {args.watch} every {args.interval} s" if args.watch else "") + " (Ctrl-C stops)")
+    serve(*deployments)
+    return 0
+
+
+def cmd_watch(args) -> int:
+    """Scan the prefix now and then every --interval seconds, emitting loraflow.dataset.* events."""
+    import time
+
+    _require_server()
+    from flows.watch import emit_upload_events
+
+    while True:
+        emit_upload_events(args.prefix, args.storage, print)
+        if args.once:
+            return 0
+        time.sleep(args.interval)
 
 
 def cmd_artifacts(args) -> int:
@@ -213,6 +280,21 @@ def parser() -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="list recent fine-tunes with their state and final loss")
     runs.add_argument("--limit", type=int, default=20)
     runs.set_defaults(handler=cmd_runs)
+
+    serve = commands.add_parser("serve", help="serve the SFT (with its upload trigger), training, merge and watcher deployments from this process")
+    serve.add_argument("--config", help="YAML config whose values become the deployments' defaults (default: the demo's)")
+    serve.add_argument("--set", action="append", metavar="KEY=VALUE")
+    serve.add_argument("--workdir", default="loraflow-demo", help="where the demo model and config live when --config is not given")
+    serve.add_argument("--watch", metavar="PREFIX", help="also scan this folder or fsspec prefix for new datasets on a schedule")
+    serve.add_argument("--interval", type=int, default=60, help="seconds between scans with --watch")
+    serve.set_defaults(handler=cmd_serve)
+
+    watch = commands.add_parser("watch", help="scan a folder or bucket prefix for new dataset files and emit upload events")
+    watch.add_argument("prefix", help="a local folder or fsspec URL (s3://bucket/incoming)")
+    watch.add_argument("--storage", required=True, help="artifact store where the watcher remembers what it has seen")
+    watch.add_argument("--interval", type=float, default=30, help="seconds between scans")
+    watch.add_argument("--once", action="store_true", help="scan once and exit")
+    watch.set_defaults(handler=cmd_watch)
 
     doctor = commands.add_parser("doctor", help="print what this machine offers (devices, versions, launchers)")
     doctor.set_defaults(handler=cmd_doctor)

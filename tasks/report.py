@@ -33,7 +33,9 @@ def publish_report(config: FinetuneConfig, records: dict[str, StageRecord]) -> S
         f"![loss curve](data:image/png;base64,{image})\n\nPNG in the store: `{report['run_uri']}/loss.png`",
         key=artifact_key(run, "loss-curve"), description=f"train and eval loss vs step, {run}",
     )
-    create_link_artifact(records["adapter"].uri, link_text="adapter (PEFT, safetensors)", key=artifact_key(run, "adapter"))
+    create_link_artifact(records["adapter"].uri, link_text="adapter (PEFT, safetensors)", key=artifact_key(run, "adapter"),
+                         description=f"the exported adapter of {run}: load with PeftModel.from_pretrained(base, this folder)")
     if "merged" in records:
-        create_link_artifact(records["merged"].uri, link_text="merged model", key=artifact_key(run, "merged"))
+        create_link_artifact(records["merged"].uri, link_text="merged model", key=artifact_key(run, "merged"),
+                             description=f"base + adapter of {run} merged, checked against base+adapter logits")
     return StageRecord(stage="report", key=records["train"].key, uri=report["run_uri"], metrics={"run": run})

@@ -134,3 +134,34 @@ def test_a_writer_killed_between_files_leaves_an_untrusted_folder(s3, tmp_path):
     assert built and not record.reused
     assert sorted(k for k in all_objects(s3) if k.startswith("crash/datasets/feedface/")) == [
         f"crash/datasets/feedface/{MANIFEST}", "crash/datasets/feedface/train.parquet"]
+
+
+def test_dataset_watcher_on_an_s3_prefix(s3, tmp_path):
+    """New, unchanged, changed, duplicate and invalid uploads under s3://…/incoming, memory kept in an S3 store."""
+    from loraflow.watch import INVALID, UPLOADED, DatasetWatcher
+
+    rows = json.loads((Path(__file__).parents[1] / "loraflow/data/sample/alpaca_gpt4_sample.json").read_text())
+    prefix, store = f"s3://{BUCKET}/watched/incoming", f"s3://{BUCKET}/watched/store"
+    put = lambda key, body: s3.put_object(Bucket=BUCKET, Key=f"watched/incoming/{key}", Body=body)  # noqa: E731
+
+    def scan():
+        watcher = DatasetWatcher(prefix, store)  # a fresh watcher each time: memory lives in the store
+        found = watcher.scan()
+        for item in found:
+            watcher.remember(item)
+        return {item.uri.rsplit("/", 1)[-1]: item for item in found}
+
+    put("a.jsonl", "".join(json.dumps(row) + "\n" for row in rows[:10]))
+    put("readme.md", "not a dataset")
+    first = scan()
+    assert list(first) == ["a.jsonl"] and first["a.jsonl"].event == UPLOADED and first["a.jsonl"].rows == 10
+    assert first["a.jsonl"].uri == f"{prefix}/a.jsonl" and first["a.jsonl"].format == "alpaca"
+    assert scan() == {}
+    put("a.jsonl", "".join(json.dumps(row) + "\n" for row in rows[10:20]))
+    assert scan()["a.jsonl"].change == "changed"
+    put("b.jsonl", "".join(json.dumps(row) + "\n" for row in rows[10:20]))  # a's new bytes under another name
+    assert scan()["b.jsonl"].change == "duplicate" and scan() == {}
+    put("c.json", json.dumps([{"question": "no instruction field"}]))
+    invalid = scan()["c.json"]
+    assert invalid.event == INVALID and "expected alpaca (instruction, input, output)" in invalid.error
+    assert scan() == {}  # reported once per content

@@ -2,7 +2,8 @@
 
 The pool is created from infra/work-pools/xpu.json, the worker started by infra/worker/start-worker, the training
 deployment from deployments/prefect.yaml by `prefect deploy`, and the SFT flow (run with
-`loraflow run`, train.pool: xpu) hands training to that worker through run_deployment.
+`loraflow run`, train.pool: xpu) hands training to that worker through run_deployment. A failed
+deployment run retried with `prefect flow-run retry` (the UI's Retry) reuses every finished stage.
 """
 
 import json
@@ -27,44 +28,94 @@ def _flow_runs(server, flow_name: str):
         return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
 
 
-def test_sft_hands_training_to_a_worker_of_the_xpu_pool(tiny_model, tmp_path):
-    config = tmp_path / "pool.yaml"
-    config.write_text(yaml.safe_dump({
+def _config(tiny_model, tmp_path, **train) -> dict:
+    return {
         "name": "pooled", "storage": str(tmp_path / "store"),
         "model": {"base": str(tiny_model)},
         "data": {"path": str(SAMPLE), "val_set_size": 8, "cutoff_len": 128},
         "train": {"learning_rate": 1e-2, "batch_size": 8, "micro_batch_size": 4, "max_steps": 2,
-                  "save_steps": 2, "eval_steps": 2, "gradient_checkpointing": False, "pool": "xpu"},
+                  "save_steps": 2, "eval_steps": 2, "gradient_checkpointing": False, **train},
         "merge": {"enabled": False},
-    }))
-    with real_server(tmp_path / "prefect") as server:
+    }
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """A server, the xpu pool from its JSON, a worker started by infra/worker/start-worker, and the deployments."""
+    home = tmp_path_factory.mktemp("prefect-pool")
+    with real_server(home) as server:
         prefect = str(BIN / "prefect")
         server.run(prefect, "work-pool", "create", "xpu", "--type", "process", "--base-job-template", "infra/work-pools/xpu.json")
-        worker_log = server.start_worker(str(REPO / "infra/worker/start-worker"), "xpu",
-                                         env={"LORAFLOW_VENV": str(BIN.parent), "LORAFLOW_WORKER_NAME": "e2e-worker"})
+        server.worker_log = server.start_worker(str(REPO / "infra/worker/start-worker"), "xpu",
+                                                env={"LORAFLOW_VENV": str(BIN.parent), "LORAFLOW_WORKER_NAME": "e2e-worker"})
         server.run(prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-        with server.client_settings():
-            from prefect.client.orchestration import get_client
+        yield server
 
-            with get_client(sync_client=True) as client:
-                pool = client.read_work_pool("xpu")
-        assert pool.type == "process"
-        template = json.loads((REPO / "infra/work-pools/xpu.json").read_text())
-        assert pool.base_job_template["variables"]["properties"].keys() == template["variables"]["properties"].keys()
 
-        first = server.run(str(BIN / "loraflow"), "run", str(config), timeout=600)
-        trainings = _flow_runs(server, "loraflow-train")
-        assert len(trainings) == 1, first.stdout[-3000:]
-        training = trainings[0]
-        assert training.state.is_completed() and training.work_pool_name == "xpu" and training.deployment_id is not None
-        assert training.infrastructure_pid  # a worker started it as a process
-        worker_output = worker_log.read_text()
-        assert "e2e-worker" in worker_output and str(training.id) in worker_output
-        assert "trained adapter committed" in worker_output  # the trainer's log went through the worker
-        adapter = tmp_path / "store" / "runs"
-        assert len(list(adapter.glob("pooled-*/adapter/adapter_model.safetensors"))) == 1
+def test_sft_hands_training_to_a_worker_of_the_xpu_pool(pool, tiny_model, tmp_path):
+    server = pool
+    config = tmp_path / "pool.yaml"
+    config.write_text(yaml.safe_dump(_config(tiny_model, tmp_path, pool="xpu")))
+    with server.client_settings():
+        from prefect.client.orchestration import get_client
 
-        # The same fine-tune again: its idempotency key finds the finished job; no second training run.
-        again = server.run(str(BIN / "loraflow"), "run", str(config), timeout=600)
-        assert len(_flow_runs(server, "loraflow-train")) == 1, again.stdout[-3000:]
-        assert "train" in again.stdout
+        with get_client(sync_client=True) as client:
+            work_pool = client.read_work_pool("xpu")
+    assert work_pool.type == "process"
+    template = json.loads((REPO / "infra/work-pools/xpu.json").read_text())
+    assert work_pool.base_job_template["variables"]["properties"].keys() == template["variables"]["properties"].keys()
+
+    first = server.run(str(BIN / "loraflow"), "run", str(config), timeout=600)
+    trainings = _flow_runs(server, "loraflow-train")
+    assert len(trainings) == 1, first.stdout[-3000:]
+    training = trainings[0]
+    assert training.state.is_completed() and training.work_pool_name == "xpu" and training.deployment_id is not None
+    assert training.infrastructure_pid  # a worker started it as a process
+    worker_output = server.worker_log.read_text()
+    assert "e2e-worker" in worker_output and str(training.id) in worker_output
+    assert "trained adapter committed" in worker_output  # the trainer's log went through the worker
+    assert len(list((tmp_path / "store" / "runs").glob("pooled-*/adapter/adapter_model.safetensors"))) == 1
+
+    # The same fine-tune again: its idempotency key finds the finished job; no second training run.
+    again = server.run(str(BIN / "loraflow"), "run", str(config), timeout=600)
+    assert len(_flow_runs(server, "loraflow-train")) == 1, again.stdout[-3000:]
+
+
+def _wait_final(server, flow_run_id, timeout: float = 300):
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.time() + timeout
+    with server.client_settings(), get_client(sync_client=True) as client:
+        while not (run := client.read_flow_run(flow_run_id)).state.is_final():
+            assert time.time() < deadline, server.worker_log.read_text()[-3000:]
+            time.sleep(1)
+    return run
+
+
+def test_prefect_flow_run_retry_of_a_failed_deployment_run_reuses_every_finished_stage(pool, tiny_model, tmp_path):
+    """What the UI's Retry button does: the same flow run, rescheduled, picked up by the worker again."""
+    from prefect.client.orchestration import get_client
+
+    from flows.runs import task_states
+
+    server = pool
+    config = _config(tiny_model, tmp_path, max_steps=4, retries=0)
+    with server.client_settings(), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("loraflow-sft/xpu")
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"config": config},
+            job_variables={"env": {"LORAFLOW_TEST_FAIL_AT_STEP": "3"}},  # fails after checkpoint-2, first attempt only
+        )
+    failed = _wait_final(server, run.id)
+    assert failed.state.is_failed(), failed.state
+
+    server.run(str(BIN / "prefect"), "flow-run", "retry", str(run.id))
+    retried = _wait_final(server, run.id)
+    assert retried.state.is_completed(), server.worker_log.read_text()[-3000:]
+    with server.client_settings():
+        states = task_states(run.id)
+    assert {states[name] for name in ("prepare-dataset", "quantize-base", "inject-lora")} == {"Cached"}
+    assert states["train"] == "Completed"
+    assert "resuming from" in server.worker_log.read_text() and "checkpoint-2" in server.worker_log.read_text()

@@ -1,0 +1,38 @@
+"""Merge-only: fold an exported adapter from the store into its full-precision base.
+
+For an adapter trained with `merge.enabled: false`, or to merge again in another dtype. The merged
+model is checked against base + adapter on validation rows, like the SFT flow's merge.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from loraflow.config import FinetuneConfig
+from loraflow.errors import LoraflowError
+from loraflow.storage import ArtifactStore, StageRecord
+from tasks.common import hide_user_error_tracebacks, stage_options
+from tasks.data import prepare_dataset
+from tasks.env import check_env, inspect_sources
+from tasks.export import merge_adapter
+
+hide_user_error_tracebacks()
+
+
+@flow(name="loraflow-merge", description="Merge an exported adapter into its base and verify the merged model's logits.")
+def merge_only(config: FinetuneConfig, adapter_uri: str) -> StageRecord:
+    """Merge the adapter at adapter_uri into config.model.base.
+
+    Args:
+        config: The fine-tune that produced the adapter (its base, data for the logit check, store, merge dtype).
+        adapter_uri: The exported adapter folder, e.g. <store>/runs/<run>/adapter.
+    """
+    store = ArtifactStore(config.storage)
+    manifest = store.manifest(adapter_uri.rstrip("/"))
+    if manifest is None or manifest.get("stage") != "adapter":
+        raise LoraflowError(f"{adapter_uri}: no committed adapter there; give the adapter/ folder of a run (see `loraflow runs`)")
+    adapter = StageRecord(stage="adapter", key=manifest["key"], uri=adapter_uri.rstrip("/"), metrics=manifest.get("metrics", {}), reused=True)
+    env = check_env(config)
+    sources = inspect_sources(config)
+    dataset = prepare_dataset.with_options(**stage_options(config.storage))(config, sources)
+    return merge_adapter(config, env, sources, dataset, adapter)

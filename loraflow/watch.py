@@ -1,0 +1,131 @@
+"""Finding new dataset files under a storage prefix (local folder or any fsspec URL), by content.
+
+A file is identified by the sha256 of its bytes; size + ETag/mtime only spare re-reading files that
+have not been touched. What the watcher has seen lives in the artifact store
+(`<store>/watch/<prefix hash>.json`), not in memory, so a restarted or rescheduled watcher (or one on
+another host) picks up where the last one stopped. Each new file is validated before it is reported
+as an upload: a half-written or malformed file is reported as invalid, once per content, and becomes
+an upload when its finished bytes arrive.
+
+Same bytes under a new name are not a new upload: the fine-tune they would start is the one that
+already ran (every stage's key is content-derived), so the watcher reports them as a duplicate of the
+first name and starts nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import fsspec
+
+from loraflow.data.formats import SUFFIXES, format_alpaca, format_conversations, read_rows
+from loraflow.errors import LoraflowError
+from loraflow.storage import ArtifactStore, hash_uri, sha256_hex
+
+UPLOADED = "loraflow.dataset.uploaded"
+INVALID = "loraflow.dataset.invalid"
+
+
+@dataclass
+class Found:
+    uri: str
+    sha256: str
+    size: int
+    fingerprint: str
+    change: str  # new | changed | duplicate | invalid
+    format: str | None = None
+    rows: int | None = None
+    error: str | None = None
+    duplicate_of: str | None = None
+
+    @property
+    def event(self) -> str | None:
+        return {"new": UPLOADED, "changed": UPLOADED, "invalid": INVALID}.get(self.change)
+
+    def payload(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "fingerprint"}
+
+
+def detect_format(uri: str, rows: list[dict]) -> str:
+    """alpaca, sharegpt or messages, from the first row's fields; every row is then checked by its formatter."""
+    if not rows:
+        raise LoraflowError(f"{uri}: no rows")
+    fields = set(rows[0])
+    if "conversations" in fields:
+        return "sharegpt"
+    if "messages" in fields:
+        return "messages"
+    if {"instruction", "output"} <= fields:
+        return "alpaca"
+    raise LoraflowError(f"{uri}: row 0 has fields {', '.join(sorted(fields)) or 'none'}; expected alpaca "
+                        "(instruction, input, output), sharegpt (conversations) or messages (messages)")
+
+
+def validate_dataset(uri: str) -> tuple[str, int]:
+    """(format, usable rows) of a dataset file, or a LoraflowError saying what is wrong and where."""
+    rows = read_rows(uri)
+    data_format = detect_format(uri, rows)
+    if data_format == "alpaca":
+        formatted = format_alpaca(uri, rows, "alpaca", True)
+    else:
+        formatted = format_conversations(uri, rows, data_format, "chatml", False, "</s>")
+    if not formatted.texts:
+        raise LoraflowError(f"{uri}: none of its {len(rows)} rows is usable ({dict(formatted.dropped)})")
+    return data_format, len(formatted.texts)
+
+
+class DatasetWatcher:
+    def __init__(self, prefix: str, storage: str):
+        self.prefix = prefix.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.prefix)
+        self.store = ArtifactStore(storage)
+        self.memory_uri = self.store.uri("watch", f"{sha256_hex(self.prefix)[:16]}.json")
+
+    def _memory(self) -> dict:
+        try:
+            return self.store.read_json(self.memory_uri)
+        except FileNotFoundError:
+            return {"prefix": self.prefix, "files": {}}
+
+    def _uri(self, path: str) -> str:
+        # Report files the way the prefix was written: plain paths for a plain local prefix.
+        return path if "://" not in self.prefix else self.fs.unstrip_protocol(path)
+
+    def scan(self) -> list[Found]:
+        """Dataset files that are new or changed since the last remember(), validated; nothing is written."""
+        self.fs.invalidate_cache()
+        memory = self._memory()["files"]
+        known_content = {entry["sha256"]: uri for uri, entry in memory.items() if entry["change"] in ("new", "changed")}
+        found = []
+        if not self.fs.exists(self.root):
+            raise LoraflowError(f"{self.prefix}: watched location does not exist")
+        for path, info in sorted(self.fs.find(self.root, detail=True).items()):
+            if info.get("type") == "directory" or not path.lower().endswith(SUFFIXES) or "/." in path:
+                continue
+            uri = self._uri(path)
+            size = int(info.get("size") or 0)
+            fingerprint = str(info.get("ETag") or info.get("etag") or f"{size}-{info.get('mtime') or info.get('LastModified')}")
+            previous = memory.get(uri)
+            if previous and previous["fingerprint"] == fingerprint:
+                continue
+            digest = hash_uri(uri)
+            if previous and previous["sha256"] == digest:
+                memory[uri] = {**previous, "fingerprint": fingerprint}  # touched, not changed
+                continue
+            item = Found(uri, digest, size, fingerprint, "changed" if previous and previous["change"] != "invalid" else "new")
+            if digest in known_content and known_content[digest] != uri:
+                item.change, item.duplicate_of = "duplicate", known_content[digest]
+            else:
+                try:
+                    item.format, item.rows = validate_dataset(uri)
+                    known_content[digest] = uri
+                except LoraflowError as error:
+                    item.change, item.error = "invalid", str(error)
+            found.append(item)
+        return found
+
+    def remember(self, item: Found) -> None:
+        """Record one file as seen (after its event went out: a crash in between re-reports it, never drops it)."""
+        memory = self._memory()
+        memory["files"][item.uri] = {"sha256": item.sha256, "fingerprint": item.fingerprint, "change": item.change}
+        self.store.write_json(self.memory_uri, memory)

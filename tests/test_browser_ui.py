@@ -1,0 +1,91 @@
+"""The Prefect UI in a real headless Chromium: the SFT deployment's parameter form and a finished run's artifacts.
+
+Needs Chromium (Debian's `chromium`, installed by `scripts/setup --test`) and Playwright's Python
+package; skipped where either is missing. Screenshots go to test-output/screenshots/.
+"""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from real_prefect import BIN, REPO, real_server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium is not installed (apt-get install chromium)"),
+]
+SCREENSHOTS = REPO / "test-output" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield launched
+        launched.close()
+
+
+def _page(browser, url: str, wait_for: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 2000})
+    page.goto(url)
+    page.get_by_text(wait_for, exact=False).first.wait_for(timeout=60_000)
+    return page
+
+
+def _screenshot(page, name: str) -> None:
+    page.wait_for_timeout(500)  # let the last requests render
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def test_deployment_form_and_finished_run_artifacts_in_chromium(browser, tiny_model, tmp_path):
+    config = tmp_path / "ui.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "ui", "storage": str(tmp_path / "store"), "model": {"base": str(tiny_model)},
+        "data": {"path": str(REPO / "loraflow/data/sample/alpaca_gpt4_sample.json"), "val_set_size": 8, "cutoff_len": 128},
+        "train": {"learning_rate": 1e-2, "batch_size": 8, "micro_batch_size": 4, "max_steps": 3, "logging_steps": 1,
+                  "save_steps": 3, "eval_steps": 3, "gradient_checkpointing": False},
+        "merge": {"enabled": False},
+    }))
+    with real_server(tmp_path / "prefect") as server:
+        server.run(str(BIN / "prefect"), "work-pool", "create", "xpu", "--type", "process", "--base-job-template", "infra/work-pools/xpu.json")
+        server.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+        finished = server.run(str(BIN / "loraflow"), "run", str(config), timeout=600).stdout
+        flow_run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", finished).group(1)
+        from prefect.client.orchestration import get_client
+
+        with server.client_settings(), get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("loraflow-sft/xpu")
+        ui = f"http://127.0.0.1:{server.port}"
+
+        form = _page(browser, f"{ui}/deployments/deployment/{deployment.id}/run", "LoRA rank.")
+        _screenshot(form, "sft-deployment-run-form")
+        text = form.inner_text("body")
+        for section, description in [("Model", "The base model and how it is loaded for training."),
+                                     ("Data", "The training data and how it becomes tokens."),
+                                     ("Train", "The optimisation and where it runs."),
+                                     ("Merge", "Merging the adapter into a full-precision copy of the base.")]:
+            assert section in text and description in text
+        assert "Peak learning rate." in text
+        values = form.locator("input, textarea").evaluate_all("fields => fields.map(field => field.value)")
+        assert "./loraflow-demo/models/tiny-llama" in values and "0.01" in values  # the deployment's defaults fill the form
+
+        run_page = _page(browser, f"{ui}/runs/flow-run/{flow_run_id}", "Completed")
+        run_page.get_by_text("Artifacts", exact=True).first.click()
+        run_page.get_by_text("-loss-curve").first.wait_for(timeout=30_000)
+        _screenshot(run_page, "sft-run-artifacts")
+        text = run_page.inner_text("body")
+        for suffix in ("summary", "metrics", "loss-curve", "adapter"):
+            assert re.search(rf"ui-[0-9a-f]{{12}}-{suffix}", text), f"artifact *-{suffix} not listed:\n{text[:3000]}"
+
+        run_page.get_by_text("-loss-curve").first.click()
+        run_page.locator("img[src^='data:image/png']").first.wait_for(timeout=30_000)  # the inlined loss curve renders
+        assert run_page.locator("img[src^='data:image/png']").first.evaluate("image => image.naturalWidth") > 100
+        _screenshot(run_page, "sft-run-loss-curve")

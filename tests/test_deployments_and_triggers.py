@@ -1,0 +1,161 @@
+"""Deployments from deployments/prefect.yaml, the upload trigger, and `loraflow serve`, on a real Prefect server.
+
+The watcher runs as `loraflow watch --once` (a real process emitting real events); the server's
+trigger service turns each `loraflow.dataset.uploaded` into an SFT flow run. The runs stay scheduled
+(no worker here): what is asserted is which runs the trigger created, with which parameters.
+"""
+
+import json
+import shutil
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from real_prefect import BIN, REPO, real_server
+
+pytestmark = pytest.mark.slow
+
+SAMPLE_ROWS = json.loads((REPO / "loraflow/data/sample/alpaca_gpt4_sample.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-server")
+    with real_server(home) as running:
+        running.run(str(BIN / "prefect"), "work-pool", "create", "xpu", "--type", "process", "--base-job-template", "infra/work-pools/xpu.json")
+        running.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+        yield running
+
+
+def _deployment(server, name: str):
+    from prefect.client.orchestration import get_client
+
+    with server.client_settings(), get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
+def _runs_of(server, deployment_name: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deployment = _deployment(server, deployment_name)
+    with server.client_settings(), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+    return sorted(runs, key=lambda run: run.created)
+
+
+def _wait_for_runs(server, expected: int, settle: float = 4.0, timeout: float = 60.0) -> list:
+    """The SFT runs once `expected` exist and no more arrive within `settle` seconds."""
+    deadline = time.time() + timeout
+    while len(runs := _runs_of(server, "loraflow-sft/xpu")) < expected and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(settle)
+    runs = _runs_of(server, "loraflow-sft/xpu")
+    assert len(runs) == expected, [run.parameters.get("dataset") for run in runs]
+    return runs
+
+
+def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
+    for name in ("loraflow-sft/xpu", "loraflow-train/xpu", "loraflow-merge/xpu", "loraflow-watch/xpu"):
+        deployment = _deployment(server, name)
+        assert deployment.enforce_parameter_schema and deployment.work_pool_name == "xpu" and deployment.description
+    sft = _deployment(server, "loraflow-sft/xpu")
+    assert [schedule.active for schedule in sft.schedules] == [False]  # the example schedule is off
+    sections = sft.parameter_openapi_schema["definitions"]
+    assert {"FinetuneConfig", "ModelSettings", "DataSettings", "LoraSettings", "TrainSettings", "MergeSettings"} <= set(sections)
+    for section in ("ModelSettings", "DataSettings", "LoraSettings", "TrainSettings", "MergeSettings"):
+        for field, schema in sections[section]["properties"].items():
+            assert schema.get("description"), f"{section}.{field} has no description for the UI form"
+    assert sections["DataSettings"]["properties"]["template"]["enum"][:2] == ["alpaca", "alpaca_legacy"]
+    assert set(sections["TrainSettings"]["properties"]["launcher"]["enum"]) == {"local", "torchrun", "deepspeed", "mpirun"}
+
+
+def _watch(server, incoming, store) -> str:
+    return server.run(str(BIN / "loraflow"), "watch", str(incoming), "--storage", str(store), "--once").stdout
+
+
+def test_each_new_or_changed_dataset_starts_exactly_one_fine_tune(server, tmp_path):
+    incoming, store = tmp_path / "incoming", tmp_path / "store"
+    incoming.mkdir()
+    (incoming / "first.json").write_text(json.dumps(SAMPLE_ROWS[:20]))
+    (incoming / "notes.txt").write_text("not a dataset")
+    assert "new dataset" in _watch(server, incoming, store)
+    runs = _wait_for_runs(server, 1)
+    assert runs[0].parameters["dataset"] == str(incoming / "first.json")
+    assert runs[0].parameters["config"]["name"] == "demo"  # the deployment's defaults, with the file as dataset
+
+    assert "no new or changed dataset files" in _watch(server, incoming, store)
+    _wait_for_runs(server, 1)
+
+    (incoming / "first.json").write_text(json.dumps(SAMPLE_ROWS[20:40]))  # changed content, same name
+    assert "changed dataset" in _watch(server, incoming, store)
+    assert [run.parameters["dataset"] for run in _wait_for_runs(server, 2)] == [str(incoming / "first.json")] * 2
+
+    with (incoming / "second.jsonl").open("w") as stream:
+        stream.writelines(json.dumps(row) + "\n" for row in SAMPLE_ROWS[40:60])
+    pq.write_table(pa.Table.from_pylist(SAMPLE_ROWS[60:80]), incoming / "third.parquet")
+    _watch(server, incoming, store)
+    started = {run.parameters["dataset"] for run in _wait_for_runs(server, 4)[2:]}
+    assert started == {str(incoming / "second.jsonl"), str(incoming / "third.parquet")}
+
+    # Same bytes under a new name: the fine-tune it would start already ran; nothing starts.
+    shutil.copyfile(incoming / "third.parquet", incoming / "third-copy.parquet")
+    assert f"same bytes as {incoming / 'third.parquet'}" in _watch(server, incoming, store)
+    _wait_for_runs(server, 4)
+
+    # A half-written file is reported invalid (once), and starts its fine-tune when it is complete.
+    complete = json.dumps(SAMPLE_ROWS[80:100])
+    (incoming / "late.json").write_text(complete[: len(complete) // 2])
+    output = _watch(server, incoming, store)
+    assert f"invalid dataset {incoming / 'late.json'}" in output and "malformed JSON" in output
+    _wait_for_runs(server, 4)
+    assert "no new or changed" in _watch(server, incoming, store)
+    (incoming / "late.json").write_text(complete)
+    assert "new dataset" in _watch(server, incoming, store)
+    assert _wait_for_runs(server, 5)[-1].parameters["dataset"] == str(incoming / "late.json")
+
+
+def test_loraflow_serve_registers_and_runs_the_deployments(tmp_path):
+    """`loraflow serve` (no worker, no pool): its deployments appear with the config as defaults and its process runs them.
+
+    Its own server: the served SFT deployment has the upload trigger too, and must not see the other tests' events.
+    """
+    with real_server(tmp_path / "prefect") as server:
+        _serve_and_run_the_watcher(server, tmp_path)
+
+
+def _serve_and_run_the_watcher(server, tmp_path):
+
+    config = tmp_path / "served.yaml"
+    config.write_text(json.dumps({"name": "served", "storage": str(tmp_path / "store"),
+                                  "model": {"base": "some/model"}, "data": {"path": str(tmp_path / "data.json")}}))
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a.json").write_text(json.dumps(SAMPLE_ROWS[:10]))
+    log = server.start_worker(str(BIN / "loraflow"), "serve", "--config", str(config), "--watch", str(incoming), "--interval", "3600",
+                              log_name="serve.log")
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.time() + 90
+    while True:
+        try:
+            watch = _deployment(server, "loraflow-watch/local")
+            sft = _deployment(server, "loraflow-sft/local")
+            break
+        except ObjectNotFound:
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+    assert sft.parameters["config"]["name"] == "served" and sft.enforce_parameter_schema
+    assert watch.parameters["prefix"] == str(incoming)
+    for name in ("loraflow-train/local", "loraflow-merge/local"):
+        _deployment(server, name)
+
+    server.run(str(BIN / "prefect"), "deployment", "run", "loraflow-watch/local")
+    deadline = time.time() + 90
+    while not ((runs := _runs_of(server, "loraflow-watch/local")) and runs[-1].state.is_final()):
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    assert runs[-1].state.is_completed(), log.read_text()[-3000:]
+    assert f"new dataset {incoming / 'a.json'}" in log.read_text()
