@@ -119,3 +119,33 @@ def test_prefect_flow_run_retry_of_a_failed_deployment_run_reuses_every_finished
     assert {states[name] for name in ("prepare-dataset", "quantize-base", "inject-lora")} == {"Cached"}
     assert states["train"] == "Completed"
     assert "resuming from" in server.worker_log.read_text() and "checkpoint-2" in server.worker_log.read_text()
+
+
+def test_stopping_the_fine_tune_cancels_its_training_job_and_leaves_no_trainer(pool, tiny_model, tmp_path):
+    """Ctrl-C on `loraflow run` while its training runs on the pool: the training flow run is cancelled,
+    the worker stops it, and no `loraflow.train` process survives."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    server = pool
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump(_config(tiny_model, tmp_path, pool="xpu", max_steps=100000, save_steps=1000, eval_steps=1000)))
+    runs_before = {run.id for run in _flow_runs(server, "loraflow-train")}
+    fine_tune = subprocess.Popen([str(BIN / "loraflow"), "run", str(config)], env=server.env, cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (trainers := [p for p in psutil.process_iter(["cmdline"]) if "loraflow.train" in " ".join(p.info["cmdline"] or [])
+                            and str(tmp_path) in " ".join(p.info["cmdline"] or [])]):
+        assert time.time() < deadline and fine_tune.poll() is None, fine_tune.stdout.read()[-3000:] if fine_tune.poll() is not None else "no trainer started"
+        time.sleep(1)
+    training = next(run for run in _flow_runs(server, "loraflow-train") if run.id not in runs_before)
+
+    os.kill(fine_tune.pid, signal.SIGINT)
+    fine_tune.wait(timeout=60)
+    assert _wait_final(server, training.id, timeout=120).state.name == "Cancelled"
+    gone, alive = psutil.wait_procs(trainers, timeout=60)
+    assert not alive, [p.pid for p in alive]
