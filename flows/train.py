@@ -82,5 +82,7 @@ def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord
 
 
 def _read_record(store: ArtifactStore, flow_run_id) -> StageRecord | None:
-    uri = store.uri(RECORDS, f"{flow_run_id}.json")
-    return StageRecord.model_validate(store.read_json(uri)) if store.fs.exists(store.path(uri)) else None
+    try:
+        return StageRecord.model_validate(store.read_json(store.uri(RECORDS, f"{flow_run_id}.json")))
+    except FileNotFoundError:
+        return None

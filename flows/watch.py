@@ -13,9 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.events import emit_event
 from prefect.events.worker import EventsWorker
 
-from loraflow.watch import DatasetWatcher, Found
-
-EVENT_RESOURCE = "loraflow.dataset"
+from loraflow.watch import RESOURCE_PREFIX, DatasetWatcher, Found
 
 
 def emit_upload_events(prefix: str, storage: str, log: Callable[[str], None]) -> list[Found]:
@@ -26,7 +24,7 @@ def emit_upload_events(prefix: str, storage: str, log: Callable[[str], None]) ->
             emit_event(
                 event=item.event,
                 resource={
-                    "prefect.resource.id": f"{EVENT_RESOURCE}.{item.uri}",
+                    "prefect.resource.id": RESOURCE_PREFIX + item.uri,
                     "prefect.resource.name": item.uri.rsplit("/", 1)[-1],
                     "loraflow.uri": item.uri,
                     "loraflow.sha256": item.sha256,
@@ -42,8 +40,7 @@ def emit_upload_events(prefix: str, storage: str, log: Callable[[str], None]) ->
     # Events leave through a background queue: only files whose events reached the server are
     # remembered, so a crash here re-reports them on the next scan instead of dropping them.
     EventsWorker.drain_all(at_exit=False)
-    for item in found:
-        watcher.remember(item)
+    watcher.remember(found)
     if not found:
         log(f"{prefix}: no new or changed dataset files")
     return found

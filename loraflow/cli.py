@@ -170,10 +170,10 @@ def cmd_serve(args) -> int:
     from flows.sft import sft
     from flows.train import train_flow
     from flows.watch import watch_datasets
-    from loraflow.watch import UPLOADED
+    from loraflow.watch import RESOURCE_PREFIX, UPLOADED
 
     upload_trigger = DeploymentEventTrigger(
-        name="new dataset upload", expect={UPLOADED}, match={"prefect.resource.id": "loraflow.dataset.*"},
+        name="new dataset upload", expect={UPLOADED}, match={"prefect.resource.id": RESOURCE_PREFIX + "*"},
         parameters={"dataset": "{{ event.payload.uri }}"},
     )
     deployments = [

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from loraflow.errors import LoraflowError
@@ -102,6 +103,15 @@ class Topology:
         return max(1, len(self.hosts))
 
     @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @cached_property
+    def flavour(self) -> str:
+        """The resolved mpi setting: `mpirun --version` is asked once per topology, not per use."""
+        return mpi_flavour(self.mpi)
+
+    @property
     def master_addr(self) -> str:
         return self.hosts[0] if self.hosts else os.environ.get("MASTER_ADDR", "127.0.0.1")
 
@@ -139,7 +149,7 @@ def write_hostfile(topology: Topology, folder: Path) -> Path | None:
     """Write the hostfile for several hosts (mpirun and deepspeed read it on the launching host only)."""
     if topology.nnodes == 1 or topology.launcher not in ("mpirun", "deepspeed"):
         return None
-    flavour = mpi_flavour(topology.mpi) if topology.launcher == "mpirun" else "openmpi"
+    flavour = topology.flavour if topology.launcher == "mpirun" else "openmpi"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "hostfile"
     path.write_text(hostfile_text(topology, flavour))
@@ -176,7 +186,7 @@ def build_command(topology: Topology, spec_uri: str, node_rank: int = 0, python:
         env = {"MASTER_ADDR": topology.master_addr, "MASTER_PORT": port}
         passed = ["MASTER_ADDR", "MASTER_PORT", "PATH"]
         argv = ["mpirun", "-n", str(per_node * nnodes)]
-        if mpi_flavour(topology.mpi) == "intel":
+        if topology.flavour == "intel":
             argv += ["-ppn", str(per_node), "-genvlist", ",".join(passed)]
             if hostfile:
                 argv += ["-f", str(hostfile)]

@@ -21,7 +21,7 @@ from loraflow import merge as merge_stage
 from loraflow.config import FinetuneConfig
 from loraflow.envcheck import check_environment
 from loraflow.errors import LoraflowError
-from loraflow.launch import deepspeed_config, distributed_backend
+from loraflow.launch import Topology, deepspeed_config, distributed_backend
 from loraflow.models import native
 from loraflow.storage import ArtifactStore, StageRecord, hash_uri, sha256_hex
 
@@ -155,7 +155,7 @@ def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, b
         "quantized": base.metrics.get("quantization") == "nf4",
         "lora_init_uri": lora.uri,
         "train": config.train.model_dump() | {"device": env.metrics["device"], "precision": env.metrics["precision"]},
-        "ddp_backend": distributed_backend(env.metrics["device"]) if config.train.nproc_per_node * max(1, len(config.train.hosts)) > 1 else None,
+        "ddp_backend": distributed_backend(env.metrics["device"]) if Topology.from_train(config.train).world_size > 1 else None,
         "deepspeed_config": deepspeed_config(config.train.deepspeed_zero, config.train.deepspeed_offload_optimizer),
         "trust_remote_code": config.model.trust_remote_code,
     }

@@ -24,6 +24,7 @@ from loraflow.storage import ArtifactStore, hash_uri, sha256_hex
 
 UPLOADED = "loraflow.dataset.uploaded"
 INVALID = "loraflow.dataset.invalid"
+RESOURCE_PREFIX = "loraflow.dataset."  # an event's resource id is this + the file's URI
 
 
 @dataclass
@@ -124,8 +125,9 @@ class DatasetWatcher:
             found.append(item)
         return found
 
-    def remember(self, item: Found) -> None:
-        """Record one file as seen (after its event went out: a crash in between re-reports it, never drops it)."""
+    def remember(self, found: list[Found]) -> None:
+        """Record a scan's files as seen (after their events went out: a crash in between re-reports them, never drops them)."""
         memory = self._memory()
-        memory["files"][item.uri] = {"sha256": item.sha256, "fingerprint": item.fingerprint, "change": item.change}
+        for item in found:
+            memory["files"][item.uri] = {"sha256": item.sha256, "fingerprint": item.fingerprint, "change": item.change}
         self.store.write_json(self.memory_uri, memory)

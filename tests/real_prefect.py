@@ -64,10 +64,17 @@ class Server:
         assert result.returncode == 0, f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         return result
 
-    def start_worker(self, *argv: str, log_name: str = "worker.log", env: dict | None = None) -> Path:
+    def start_background(self, *argv: str, log_name: str, env: dict | None = None) -> Path:
+        """A long-running process (a worker, `loraflow serve`) against this server, stopped with it; returns its log."""
         log = self.home / log_name
         self.processes.append(_start(list(argv), {**self.env, **(env or {})}, log))
         return log
+
+    def create_pool_and_deploy(self) -> None:
+        """The xpu pool from infra/work-pools/xpu.json, then every deployment in deployments/prefect.yaml."""
+        prefect = str(BIN / "prefect")
+        self.run(prefect, "work-pool", "create", "xpu", "--type", "process", "--base-job-template", "infra/work-pools/xpu.json")
+        self.run(prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
 
     def client_settings(self):
         from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -55,8 +55,7 @@ def test_deployment_form_and_finished_run_artifacts_in_chromium(browser, tiny_mo
         "merge": {"enabled": False},
     }))
     with real_server(tmp_path / "prefect") as server:
-        server.run(str(BIN / "prefect"), "work-pool", "create", "xpu", "--type", "process", "--base-job-template", "infra/work-pools/xpu.json")
-        server.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+        server.create_pool_and_deploy()
         finished = server.run(str(BIN / "loraflow"), "run", str(config), timeout=600).stdout
         flow_run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", finished).group(1)
         from prefect.client.orchestration import get_client

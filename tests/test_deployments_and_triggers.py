@@ -24,8 +24,7 @@ SAMPLE_ROWS = json.loads((REPO / "loraflow/data/sample/alpaca_gpt4_sample.json")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
     with real_server(home) as running:
-        running.run(str(BIN / "prefect"), "work-pool", "create", "xpu", "--type", "process", "--base-job-template", "infra/work-pools/xpu.json")
-        running.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+        running.create_pool_and_deploy()
         yield running
 
 
@@ -134,7 +133,7 @@ def _serve_and_run_the_watcher(server, tmp_path):
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     (incoming / "a.json").write_text(json.dumps(SAMPLE_ROWS[:10]))
-    log = server.start_worker(str(BIN / "loraflow"), "serve", "--config", str(config), "--watch", str(incoming), "--interval", "3600",
+    log = server.start_background(str(BIN / "loraflow"), "serve", "--config", str(config), "--watch", str(incoming), "--interval", "3600",
                               log_name="serve.log")
     from prefect.exceptions import ObjectNotFound
 

@@ -147,8 +147,7 @@ def test_dataset_watcher_on_an_s3_prefix(s3, tmp_path):
     def scan():
         watcher = DatasetWatcher(prefix, store)  # a fresh watcher each time: memory lives in the store
         found = watcher.scan()
-        for item in found:
-            watcher.remember(item)
+        watcher.remember(found)
         return {item.uri.rsplit("/", 1)[-1]: item for item in found}
 
     put("a.jsonl", "".join(json.dumps(row) + "\n" for row in rows[:10]))

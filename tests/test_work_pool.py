@@ -44,11 +44,9 @@ def pool(tmp_path_factory):
     """A server, the xpu pool from its JSON, a worker started by infra/worker/start-worker, and the deployments."""
     home = tmp_path_factory.mktemp("prefect-pool")
     with real_server(home) as server:
-        prefect = str(BIN / "prefect")
-        server.run(prefect, "work-pool", "create", "xpu", "--type", "process", "--base-job-template", "infra/work-pools/xpu.json")
-        server.worker_log = server.start_worker(str(REPO / "infra/worker/start-worker"), "xpu",
-                                                env={"LORAFLOW_VENV": str(BIN.parent), "LORAFLOW_WORKER_NAME": "e2e-worker"})
-        server.run(prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+        server.create_pool_and_deploy()
+        server.worker_log = server.start_background(str(REPO / "infra/worker/start-worker"), "xpu", log_name="worker.log",
+                                                    env={"LORAFLOW_VENV": str(BIN.parent), "LORAFLOW_WORKER_NAME": "e2e-worker"})
         yield server
 
 
