@@ -129,15 +129,19 @@ def test_distributed_backend_per_device():
     assert distributed_backend("xpu") in ("xccl", "ccl")
 
 
-def _train_with(launcher, tiny_model, tmp_path, quantization="nf4", **train):
+def _train_with(launcher, tiny_model, tmp_path, quantization="nf4", val_set_size=16, deepspeed_overrides=None, **train):
     sample = str(Path(__file__).parents[1] / "loraflow/data/sample/alpaca_gpt4_sample.json")
     config = build_config({
         "name": "ddp", "storage": str(tmp_path / "store"), "model": {"base": str(tiny_model), "quantization": quantization},
-        "data": {"path": sample, "val_set_size": 16, "cutoff_len": 128},
+        "data": {"path": sample, "val_set_size": val_set_size, "cutoff_len": 128},
         "train": {"learning_rate": 1e-2, "batch_size": 16, "micro_batch_size": 4, "max_steps": 4, "eval_steps": 2,
                   "save_steps": 2, "gradient_checkpointing": False, "launcher": launcher, "nproc_per_node": 2, **train},
     })
     store, key, run, spec_uri = stages.prepare_training(config, log=lambda _: None)
+    if deepspeed_overrides:
+        spec = store.read_json(spec_uri)
+        spec["deepspeed_config"]["zero_optimization"].update(deepspeed_overrides)
+        store.write_json(spec_uri, spec)
     command = build_command(Topology(launcher, 2), spec_uri)
     lines = []
     code = run_streaming(command, lines.append, timeout=300)  # a hang kills every rank, not just the launcher
@@ -187,8 +191,12 @@ def test_deepspeed_zero3_plain_lora_saves_the_whole_trained_adapter(tiny_model, 
     """
     from safetensors.torch import load_file
 
-    zero3 = _train_with("deepspeed", tiny_model, tmp_path / "zero3", deepspeed_zero=3, quantization="none")
-    zero2 = _train_with("deepspeed", tiny_model, tmp_path / "zero2", deepspeed_zero=2, quantization="none")
+    # ZeRO-3 keeps parameters under stage3_param_persistence_threshold (1e5 elements) whole on every
+    # rank, which every LoRA matrix of the tiny model is: a threshold of 0 shards them all. Without a
+    # validation split no evaluation leaves them gathered when training ends.
+    zero3 = _train_with("deepspeed", tiny_model, tmp_path / "zero3", deepspeed_zero=3, quantization="none", val_set_size=0,
+                        deepspeed_overrides={"stage3_param_persistence_threshold": 0})
+    zero2 = _train_with("deepspeed", tiny_model, tmp_path / "zero2", deepspeed_zero=2, quantization="none", val_set_size=0)
     sharded, whole = (load_file(Path(r.uri) / "adapter_model.safetensors") for r in (zero3, zero2))
     assert sharded.keys() == whole.keys() and len(sharded) == 28
     for name in whole:

@@ -100,10 +100,12 @@ def test_prefect_flow_run_retry_of_a_failed_deployment_run_reuses_every_finished
 
     server = pool
     config = _config(tiny_model, tmp_path, max_steps=4, retries=0)
+    subset = tmp_path / "uploaded.json"  # given as `dataset`, as the upload trigger does: it replaces data.path
+    subset.write_text(json.dumps(json.loads(SAMPLE.read_text())[:60]))
     with server.client_settings(), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("loraflow-sft/xpu")
         run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"config": config},
+            deployment.id, parameters={"config": config, "dataset": str(subset)},
             job_variables={"env": {"LORAFLOW_TEST_FAIL_AT_STEP": "3"}},  # fails after checkpoint-2, first attempt only
         )
     failed = _wait_final(server, run.id)
@@ -117,6 +119,8 @@ def test_prefect_flow_run_retry_of_a_failed_deployment_run_reuses_every_finished
     assert {states[name] for name in ("prepare-dataset", "quantize-base", "inject-lora")} == {"Cached"}
     assert states["train"] == "Completed"
     assert "resuming from" in server.worker_log.read_text() and "checkpoint-2" in server.worker_log.read_text()
+    [stats] = (tmp_path / "store" / "datasets").glob("*/stats.json")
+    assert json.loads(stats.read_text())["source"] == str(subset) and json.loads(stats.read_text())["rows_read"] == 60
 
 
 def test_stopping_the_fine_tune_cancels_its_training_job_and_leaves_no_trainer(pool, tiny_model, tmp_path):
