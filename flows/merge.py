@@ -27,6 +27,7 @@ def merge_only(config: FinetuneConfig, adapter_uri: str) -> StageRecord:
         config: The fine-tune that produced the adapter (its base, data for the logit check, store, merge dtype).
         adapter_uri: The exported adapter folder, e.g. <store>/runs/<run>/adapter.
     """
+    config = config.for_run()
     store = ArtifactStore(config.storage)
     manifest = store.manifest(adapter_uri.rstrip("/"))
     if manifest is None or manifest.get("stage") != "adapter":

@@ -1,6 +1,6 @@
 """Supervised (Q)LoRA fine-tuning: env → sources → data → quantize → lora → train → export → merge.
 
-Training runs in this process (a subflow) or, with `train.pool` set, on that Prefect work pool.
+Training runs in this flow run (a task) or, with `train.pool` set, on that Prefect work pool.
 
 Each stage is a cached task returning a JSON StageRecord; a second run with the same inputs reuses
 every finished stage (Prefect cache, or the committed output in the store with a cold database).
@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 from flows.train import run_training
 from loraflow.config import FinetuneConfig
 from loraflow.storage import StageRecord
+from flows.common import announce_upload, finetune_run_name
 from tasks.common import hide_user_error_tracebacks, stage_options
 from tasks.data import prepare_dataset
 from tasks.env import check_env, inspect_sources
@@ -23,18 +24,22 @@ from tasks.report import publish_report
 hide_user_error_tracebacks()
 
 
-@flow(name="loraflow-sft", description="Supervised QLoRA/LoRA fine-tune: env → data → quantize → lora → train → export → merge, every stage cached.")
-def sft(config: FinetuneConfig, dataset: str | None = None) -> dict[str, StageRecord]:
+@flow(name="loraflow-sft", flow_run_name=finetune_run_name,
+      description="Supervised QLoRA/LoRA fine-tune: env → data → quantize → lora → train → export → merge, every stage cached.")
+def sft(config: FinetuneConfig, dataset: str = "", upload_event: str = "") -> dict[str, StageRecord]:
     """Fine-tune a base model on an instruction dataset and publish the run's report.
 
     Args:
         config: The fine-tune: base model, data and template, LoRA adapter, training (and where it
             runs), merge, and the artifact store. Defaults follow the alpaca-lora / QLoRA recipes.
         dataset: A dataset file (local path or fsspec URL) to use instead of config.data.path; the
-            upload trigger sets it to the file that just landed.
+            upload trigger sets it to the file that just landed. Empty: config.data.path.
+        upload_event: The id of the upload event that started this run (set by the upload trigger;
+            leave it empty).
     """
-    if dataset:
-        config = config.model_copy(update={"data": config.data.model_copy(update={"path": dataset})})
+    config = config.for_run(dataset)
+    if upload_event:
+        announce_upload(config, upload_event)
     cached = stage_options(config.storage)
 
     env = check_env(config)
@@ -42,13 +47,13 @@ def sft(config: FinetuneConfig, dataset: str | None = None) -> dict[str, StageRe
     dataset = prepare_dataset.with_options(**cached)(config, sources)
     base = quantize_base.with_options(**cached)(config, env, sources)
     lora = inject_lora.with_options(**cached)(config, env, base)
-    trained = run_training(config, dataset, base, lora)  # a subflow here, or a job on train.pool
+    trained = run_training(config, env, dataset, base, lora)  # here, or a job on train.pool
     adapter = export_adapter(config, dataset, trained)
     records = {"env": env, "sources": sources, "dataset": dataset, "quantized": base, "lora": lora, "train": trained, "adapter": adapter}
     if config.merge.enabled:
         records["merged"] = merge_adapter(config, env, sources, dataset, adapter)
 
-    publish_report(config, records)
+    publish_report(config, records, upload_event)
 
     logger = get_run_logger()
     for name in ("dataset", "quantized", "lora", "train", "adapter", "merged"):

@@ -1,9 +1,10 @@
-"""The training flow: runs where the GPUs are (in-process as a subflow, or on the XPU work pool).
+"""Training: in the fine-tune's own flow run (a task), or on the XPU work pool (a deployment's flow run).
 
-With `train.pool` unset, the SFT flow calls `train_flow` directly. With a pool, it starts the
-`loraflow-train/<pool>` deployment through `run_deployment`, with an idempotency key derived from
-the training's content, so a retried (or repeated) fine-tune attaches to the job already running or
-finished instead of starting a second one.
+With `train.pool` empty, the SFT flow runs the train task itself: its trainer log and progress
+artifact are on the fine-tune's run. With a pool, it starts the `loraflow-train/train-<pool>`
+deployment through `run_deployment`, with an idempotency key derived from the training's content, so
+a retried (or repeated) fine-tune attaches to the job already running or finished instead of starting
+a second one; while it waits it relays that job's log and progress into the fine-tune's run.
 """
 
 from __future__ import annotations
@@ -17,18 +18,22 @@ from loraflow.config import FinetuneConfig
 from loraflow.storage import ArtifactStore, StageRecord, sha256_hex
 from tasks.common import stage_options
 from tasks.env import check_env
-from tasks.train import train_adapter
+from tasks.train import TrainingProgress, train_adapter
 
 TRAIN_FLOW = "loraflow-train"
 RECORDS = "train-records"  # <store>/train-records/<flow run id>.json: what a pool job trained
 
 
-@flow(name=TRAIN_FLOW)
+def train_task(config: FinetuneConfig):
+    """The train task as every flow runs it: cached on its key, persisted in the store, retried (each retry resumes)."""
+    return train_adapter.with_options(**stage_options(config.storage), retries=config.train.retries, retry_delay_seconds=1)
+
+
+@flow(name=TRAIN_FLOW, description="Train a LoRA/QLoRA adapter on this worker's host (started by a fine-tune whose train.pool names this pool).")
 def train_flow(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
     """Check this host (its device decides precision and backend), then train with retries that resume."""
     env = check_env(config)
-    task = train_adapter.with_options(**stage_options(config.storage), retries=config.train.retries, retry_delay_seconds=1)
-    record = task(config, env, dataset, base, lora)
+    record = train_task(config)(config, env, dataset, base, lora)
     # A caller on another host cannot read this flow's result from the worker's disk; it reads this.
     store = ArtifactStore(config.storage)
     store.write_json(store.uri(RECORDS, f"{current_flow_run.id}.json"), record.model_dump(mode="json"))
@@ -36,12 +41,12 @@ def train_flow(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, 
 
 
 def deployment_name(pool: str) -> str:
-    return f"{TRAIN_FLOW}/{pool}"
+    return f"{TRAIN_FLOW}/train-{pool}"
 
 
-def run_training(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
+def run_training(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
     if not config.train.pool:
-        return train_flow(config, dataset, base, lora)
+        return train_task(config)(config, env, dataset, base, lora)
     return _run_on_pool(config, dataset, base, lora)
 
 
@@ -65,12 +70,18 @@ def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord
         # An earlier attempt's job ended (failed, cancelled, or its store was emptied): a new job
         # resumes from the newest committed checkpoint.
         logger.info(f"training job {run.name} ended {run.state.name} without an adapter; starting attempt {attempt + 1}")
-    logger.info(f"training runs on work pool {config.train.pool!r} as flow run {run.name} ({run.id})")
+    logger.info(f"training runs on work pool {config.train.pool!r} as flow run {run.name} ({run.id}); its log follows")
+    relay = _LogRelay(run.id)
     try:
         with get_client(sync_client=True) as client:
             while not run.state.is_final():
+                relay.poll(client)
                 time.sleep(2)
                 run = client.read_flow_run(run.id)
+            # The job's last lines reach the server after its final state: wait (briefly) for its closing line.
+            deadline = time.time() + 15
+            while not relay.poll(client) and time.time() < deadline:
+                time.sleep(0.5)
     except BaseException:
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(run.id, Cancelling(message="the fine-tune that started it stopped"), force=True)
@@ -79,6 +90,40 @@ def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord
     if not run.state.is_completed() or record is None:
         raise RuntimeError(f"training flow run {run.name} on pool {config.train.pool!r} ended {run.state.name}: {run.state.message or 'see its log'}")
     return record
+
+
+class _LogRelay:
+    """Copies a pool job's log lines into this flow run's log, and its step lines into a progress artifact here.
+
+    So the fine-tune's own run page shows its training, wherever the training ran.
+    """
+
+    def __init__(self, flow_run_id):
+        self.flow_run_id = flow_run_id
+        self.seen: set = set()
+        self.since = None
+        self.finished = False
+        self.progress = TrainingProgress(prefix="[pool job] ")
+
+    def poll(self, client) -> bool:
+        """Relay the lines logged since the last poll; True once the job's closing line ("Finished in state …") has passed."""
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTimestamp
+        from prefect.client.schemas.sorting import LogSort
+
+        while True:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[self.flow_run_id]),
+                                     timestamp=LogFilterTimestamp(after_=self.since) if self.since else None),
+                sort=LogSort.TIMESTAMP_ASC, limit=200)
+            fresh = [log for log in logs if log.id not in self.seen]
+            for log in fresh:
+                self.seen.add(log.id)
+                self.progress.on_line(log.message)
+                self.finished |= log.task_run_id is None and log.message.startswith("Finished in state")
+            if logs:
+                self.since = logs[-1].timestamp
+            if len(logs) < 200 or not fresh:
+                return self.finished
 
 
 def _read_record(store: ArtifactStore, flow_run_id) -> StageRecord | None:

@@ -9,37 +9,41 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prefect import flow, get_run_logger
-from prefect.events import emit_event
-from prefect.events.worker import EventsWorker
+import asyncio
 
-from loraflow.watch import RESOURCE_PREFIX, DatasetWatcher, Found
+from prefect import flow, get_run_logger
+from prefect.events import Event
+
+from loraflow.watch import DatasetWatcher, Found
+
+
+async def _send(events: list) -> None:
+    from prefect.events.clients import get_events_client
+
+    async with get_events_client() as client:
+        for event in events:
+            await client.emit(event)
 
 
 def emit_upload_events(prefix: str, storage: str, log: Callable[[str], None]) -> list[Found]:
     watcher = DatasetWatcher(prefix, storage)
+    if watcher.created:
+        log(f"{prefix}: created the watched folder (it did not exist); put dataset files there")
     found = watcher.scan()
+    events = []
     for item in found:
         if item.event:
-            emit_event(
-                event=item.event,
-                resource={
-                    "prefect.resource.id": RESOURCE_PREFIX + item.uri,
-                    "prefect.resource.name": item.uri.rsplit("/", 1)[-1],
-                    "loraflow.uri": item.uri,
-                    "loraflow.sha256": item.sha256,
-                },
-                payload=item.payload(),
-            )
+            events.append(Event(event=item.event, resource=item.resource(), related=item.related(), payload=item.payload()))
         if item.change == "invalid":
             log(f"invalid dataset {item.uri} (sha256 {item.sha256[:12]}): {item.error}")
         elif item.change == "duplicate":
             log(f"{item.uri}: same bytes as {item.duplicate_of}, already fine-tuned on; nothing started")
         else:
             log(f"{item.change} dataset {item.uri}: {item.rows} {item.format} rows, sha256 {item.sha256[:12]} → {item.event}")
-    # Events leave through a background queue: only files whose events reached the server are
-    # remembered, so a crash here re-reports them on the next scan instead of dropping them.
-    EventsWorker.drain_all(at_exit=False)
+    # Sent straight to the server (not through Prefect's background queue), so the scan's events have
+    # reached it before its files are remembered: a crash in between re-reports them, never drops them.
+    if events:
+        asyncio.run(_send(events))
     watcher.remember(found)
     if not found:
         log(f"{prefix}: no new or changed dataset files")

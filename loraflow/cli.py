@@ -1,4 +1,4 @@
-"""`loraflow …`: run, demo, serve, watch, runs, artifacts, doctor, build-model.
+"""`loraflow …`: run, demo, serve, watch, runs, artifacts, generate, doctor, build-model.
 
 The application's entry point, and the only module under loraflow/ that may reach Prefect: it imports
 flows inside its commands, never at module level.
@@ -68,7 +68,7 @@ def _print_records(records: dict, outcomes: dict[str, str]) -> None:
 
 
 def _run_flow(config, show_ui_hint: bool) -> dict:
-    from flows.runs import stage_outcomes, task_states
+    from tasks.runs import stage_outcomes, task_states
     from flows.sft import sft
 
     state = sft(config, return_state=True)
@@ -156,6 +156,40 @@ def _require_server() -> str:
     return url
 
 
+DEPLOYMENTS_YAML = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
+
+
+def served_deployments(config: dict, watch_prefix: str | None, interval: float) -> list:
+    """deployments/prefect.yaml's entries as `<what>-local` deployments of this process (one source for both).
+
+    The config becomes every `config` default; the watcher gets `watch_prefix` and the config's store,
+    with an interval schedule when a prefix is given. Work pools and the YAML's example schedules do
+    not apply to a served process.
+    """
+    import importlib
+
+    import yaml
+    from prefect.events import DeploymentEventTrigger
+
+    served = []
+    for entry in yaml.safe_load(DEPLOYMENTS_YAML.read_text())["deployments"]:
+        module, _, attribute = entry["entrypoint"].partition(":")
+        flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), attribute)
+        parameters = dict(entry.get("parameters") or {})
+        if "config" in parameters:
+            parameters["config"] = config
+        if "prefix" in parameters:
+            parameters.update(prefix=watch_prefix or parameters["prefix"], storage=config["storage"])
+        triggers = [DeploymentEventTrigger(**{k: v for k, v in trigger.items() if k != "type"}) for trigger in entry.get("triggers") or []]
+        served.append(flow.to_deployment(
+            entry["name"].removesuffix("-" + entry["work_pool"]["name"]) + "-local",
+            description=entry.get("description"), tags=entry.get("tags"), parameters=parameters, triggers=triggers,
+            interval=interval if ("prefix" in parameters and watch_prefix) else None,
+            enforce_parameter_schema=entry.get("enforce_parameter_schema", True),
+        ))
+    return served
+
+
 def cmd_serve(args) -> int:
     """Serve the SFT (with the upload trigger), training, merge and watcher deployments from this process."""
     from loraflow.config import load_config
@@ -164,29 +198,9 @@ def cmd_serve(args) -> int:
     config_path = Path(args.config) if args.config else _demo_config_path(Path(args.workdir).resolve())
     config = load_config(config_path, args.set or []).model_dump(mode="json")
     from prefect import serve
-    from prefect.events import DeploymentEventTrigger
 
-    from flows.merge import merge_only
-    from flows.sft import sft
-    from flows.train import train_flow
-    from flows.watch import watch_datasets
-    from loraflow.watch import RESOURCE_PREFIX, UPLOADED
-
-    upload_trigger = DeploymentEventTrigger(
-        name="new dataset upload", expect={UPLOADED}, match={"prefect.resource.id": RESOURCE_PREFIX + "*"},
-        parameters={"dataset": "{{ event.payload.uri }}"},
-    )
-    deployments = [
-        sft.to_deployment("local", parameters={"config": config}, triggers=[upload_trigger], enforce_parameter_schema=True, tags=["loraflow", "sft"]),
-        # A config with train.pool: local hands its training to this served deployment.
-        train_flow.to_deployment("local", enforce_parameter_schema=True, tags=["loraflow", "training"]),
-        merge_only.to_deployment("local", parameters={"config": config}, enforce_parameter_schema=True, tags=["loraflow", "merge"]),
-        watch_datasets.to_deployment(
-            "local", parameters={"prefix": args.watch or "./incoming", "storage": config["storage"]},
-            interval=args.interval if args.watch else None, enforce_parameter_schema=True, tags=["loraflow", "watcher"],
-        ),
-    ]
-    print(f"serving {len(deployments)} deployments with defaults from {config_path}"
+    deployments = served_deployments(config, args.watch, args.interval)
+    print(f"serving {len(deployments)} deployments ({', '.join(d.name for d in deployments)}) with defaults from {config_path}"
           + (f"; scanning {args.watch} every {args.interval} s" if args.watch else "") + " (Ctrl-C stops)")
     serve(*deployments)
     return 0
@@ -218,7 +232,7 @@ def cmd_artifacts(args) -> int:
         except FileNotFoundError:
             raise LoraflowError(f"{run_uri}: no summary.md; is {args.run!r} a run in {args.storage}? (see `loraflow runs`)") from None
         return 0
-    from flows.runs import recent_runs
+    from tasks.runs import recent_runs
 
     for row in recent_runs(limit=200):
         if args.run in (row["flow_run"], row["run"], row["flow_run_id"]):
@@ -230,8 +244,32 @@ def cmd_artifacts(args) -> int:
                         "pass --storage URL to read a run folder from the store")
 
 
+def cmd_generate(args) -> int:
+    """Stream the run's answers to --prompt (or each line of --prompts-file)."""
+    from transformers.utils import logging as transformers_logging
+
+    from loraflow.generate import generate, run_outputs
+    from loraflow.storage import ArtifactStore
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the answer
+    run_outputs(ArtifactStore(args.storage), args.run)  # a wrong run id fails before anything is printed
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        except OSError as error:
+            raise LoraflowError(f"{args.prompts_file}: cannot read the prompts file ({error.strerror})") from None
+    if not prompts:
+        raise LoraflowError("nothing to generate: give --prompt TEXT (repeatable) or --prompts-file FILE (one prompt a line)")
+    for prompt in prompts:
+        print(f"\n>>> {prompt}\n", flush=True)
+        generate(args.storage, args.run, [prompt], args.max_new_tokens, args.merged, args.trust_remote_code,
+                 on_text=lambda text: print(text, end="", flush=True))
+    return 0
+
+
 def cmd_runs(args) -> int:
-    from flows.runs import recent_runs
+    from tasks.runs import recent_runs
 
     rows = recent_runs(limit=args.limit)
     if not rows:
@@ -276,6 +314,16 @@ def parser() -> argparse.ArgumentParser:
     artifacts.add_argument("run", help="run id (e.g. demo-17182e7ab5d2), flow-run name or flow-run id")
     artifacts.add_argument("--storage", help="read the run folder from this artifact store instead of Prefect")
     artifacts.set_defaults(handler=cmd_artifacts)
+
+    gen = commands.add_parser("generate", help="try a fine-tune: its template, base + adapter (or the merged model), streamed output")
+    gen.add_argument("run", help="run id in the store (e.g. demo-17182e7ab5d2: see `loraflow runs` or the run's summary)")
+    gen.add_argument("--storage", required=True, help="the artifact store the run is in")
+    gen.add_argument("--prompt", action="append", help="a user message (repeatable)")
+    gen.add_argument("--prompts-file", help="a text file with one prompt a line")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--merged", action="store_true", help="use the merged model instead of base + adapter")
+    gen.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code to run (never taken from the store)")
+    gen.set_defaults(handler=cmd_generate)
 
     runs = commands.add_parser("runs", help="list recent fine-tunes with their state and final loss")
     runs.add_argument("--limit", type=int, default=20)

@@ -33,41 +33,42 @@ class ModelSettings(_Section):
     """The base model and how it is loaded for training."""
 
     base: str = Field(
+        title="Base model",
         description="Base model: a local directory with config.json and weights, or a hub id "
         "(resolved through the local Hugging Face cache when offline)."
     )
     quantization: Literal["nf4", "none"] = Field(
-        "nf4",
+        "nf4", title="Quantization",
         description="nf4: QLoRA, the base loaded in 4-bit NormalFloat with bitsandbytes and cached "
         "pre-quantized in the store. none: plain LoRA on a bf16/fp32 base.",
     )
-    double_quant: bool = Field(True, description="Quantize the 4-bit scales too (QLoRA paper; saves ~0.4 bit/param).")
-    trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint to run.")
+    double_quant: bool = Field(True, title="Double quantization", description="Quantize the 4-bit scales too (QLoRA paper; saves ~0.4 bit/param).")
+    trust_remote_code: bool = Field(False, title="Trust remote code", description="Allow model code shipped with the checkpoint to run.")
 
 
 class DataSettings(_Section):
     """The training data and how it becomes tokens."""
 
-    path: str = Field(description="Dataset file (.json, .jsonl or .parquet): a local path or any fsspec URL (s3://…).")
+    path: str = Field(title="Dataset file", description="Dataset file (.json, .jsonl or .parquet): a local path or any fsspec URL (s3://…).")
     format: Literal["alpaca", "sharegpt", "messages"] = Field(
-        "alpaca",
+        "alpaca", title="Row format",
         description="alpaca: instruction/input/output rows. sharegpt: conversations[{from, value}]. "
         "messages: messages[{role, content}].",
     )
     template: TemplateName = Field(
-        "alpaca",
+        "alpaca", title="Prompt template",
         description="Prompt template. alpaca, alpaca_legacy, alpaca_short, vigogne for alpaca rows "
         "(byte-identical to alpaca-lora's); vicuna_v1.1 or chatml for conversations.",
     )
-    cutoff_len: int = Field(256, ge=8, description="Maximum tokens per example; longer ones are truncated.")
-    train_on_inputs: bool | None = Field(
-        None,
-        description="Compute loss on the prompt too. Unset: the recipe default, true for alpaca "
-        "(alpaca-lora), false for conversations (FastChat: assistant turns only).",
+    cutoff_len: int = Field(256, title="Cutoff length (tokens)", ge=8, description="Maximum tokens per example; longer ones are truncated.")
+    train_on_inputs: Literal["auto", "yes", "no"] = Field(
+        "auto", title="Loss on the prompt too",
+        description="yes: compute loss on the prompt as well as the answer. auto: the recipe default, yes for "
+        "alpaca (alpaca-lora), no for conversations (FastChat: assistant turns only).",
     )
-    add_eos: bool = Field(True, description="Append the EOS token when the example fits in cutoff_len.")
-    val_set_size: int = Field(2000, ge=0, description="Rows held out for evaluation (seeded split); 0 for none.")
-    seed: int = Field(42, description="Seed of the train/validation split.")
+    add_eos: bool = Field(True, title="Append EOS", description="Append the EOS token when the example fits in cutoff_len.")
+    val_set_size: int = Field(2000, title="Validation rows", ge=0, description="Rows held out for evaluation (seeded split); 0 for none.")
+    seed: int = Field(42, title="Split seed", description="Seed of the train/validation split.")
 
     @model_validator(mode="after")
     def _template_matches_format(self) -> DataSettings:
@@ -84,21 +85,27 @@ class DataSettings(_Section):
             )
         return self
 
+    @field_validator("train_on_inputs", mode="before")
+    @classmethod
+    def _yes_no(cls, value):
+        # YAML's `train_on_inputs: true` (and the unset null of older configs) read as the form's choices.
+        return {True: "yes", False: "no", None: "auto"}.get(value, value) if isinstance(value, (bool, type(None))) else value
+
     @property
     def effective_train_on_inputs(self) -> bool:
-        if self.train_on_inputs is not None:
-            return self.train_on_inputs
+        if self.train_on_inputs != "auto":
+            return self.train_on_inputs == "yes"
         return self.format == "alpaca"
 
 
 class LoraSettings(_Section):
     """The LoRA adapter injected into the base."""
 
-    r: int = Field(8, ge=1, description="LoRA rank.")
-    alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    r: int = Field(8, title="Rank (r)", ge=1, description="LoRA rank.")
+    alpha: int = Field(16, title="Alpha", ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, title="Dropout", ge=0, lt=1, description="Dropout on the LoRA input.")
     target: Literal["all-linear", "attention-qv"] | list[str] = Field(
-        "all-linear",
+        "all-linear", title="Target modules",
         description="all-linear: every linear projection except the output head (QLoRA paper, "
         "ipex-llm). attention-qv: the query and value projections (alpaca-lora, FastChat). "
         "Or an explicit list of module names.",
@@ -115,51 +122,53 @@ class LoraSettings(_Section):
 class TrainSettings(_Section):
     """The optimisation and where it runs."""
 
-    learning_rate: float = Field(3e-5, gt=0, description="Peak learning rate.")
-    batch_size: int = Field(128, ge=1, description="Global batch size; gradient accumulation makes up the rest.")
-    micro_batch_size: int = Field(2, ge=1, description="Examples per device per forward pass.")
-    num_epochs: float = Field(3, gt=0, description="Passes over the training split.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run num_epochs).")
+    learning_rate: float = Field(3e-5, title="Learning rate", gt=0, description="Peak learning rate.")
+    batch_size: int = Field(128, title="Batch size (global)", ge=1, description="Global batch size; gradient accumulation makes up the rest.")
+    micro_batch_size: int = Field(2, title="Micro batch size", ge=1, description="Examples per device per forward pass.")
+    num_epochs: float = Field(3, title="Epochs", gt=0, description="Passes over the training split.")
+    max_steps: int = Field(-1, title="Max steps", description="Stop after this many optimizer steps (-1: run num_epochs).")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "cosine", description="Learning-rate schedule."
+        "cosine", title="Learning-rate schedule", description="Learning-rate schedule."
     )
-    warmup: float = Field(0.03, ge=0, description="Warmup: a fraction of the steps if < 1, else a step count.")
-    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm (QLoRA recipe).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup: float = Field(0.03, title="Warmup", ge=0, description="Warmup: a fraction of the steps if < 1, else a step count.")
+    max_grad_norm: float = Field(0.3, title="Max gradient norm", gt=0, description="Gradient clipping norm (QLoRA recipe).")
+    weight_decay: float = Field(0.0, title="Weight decay", ge=0, description="AdamW weight decay.")
     optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd"] = Field(
-        "adamw_torch", description="Optimizer."
+        "adamw_torch", title="Optimizer", description="Optimizer."
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 on XPU and on CUDA that supports it, fp32 on CPU."
+        "auto", title="Precision", description="auto: bf16 on XPU and on CUDA that supports it, fp32 on CPU."
     )
-    gradient_checkpointing: bool = Field(True, description="Trade compute for memory (QLoRA recipe).")
-    logging_steps: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
-    eval_steps: int = Field(100, ge=1, description="Evaluate every N steps when there is a validation split.")
-    save_steps: int = Field(100, ge=1, description="Checkpoint (and sync to the store) every N steps.")
-    seed: int = Field(42, description="Training seed (LoRA init, data order, dropout).")
-    device: Literal["auto", "xpu", "cuda", "cpu"] = Field("auto", description="Device to train on.")
+    gradient_checkpointing: bool = Field(True, title="Gradient checkpointing", description="Trade compute for memory (QLoRA recipe).")
+    logging_steps: int = Field(1, title="Log every (steps)", ge=1, description="Log metrics every N optimizer steps.")
+    eval_steps: int = Field(100, title="Evaluate every (steps)", ge=1, description="Evaluate every N steps when there is a validation split.")
+    save_steps: int = Field(100, title="Checkpoint every (steps)", ge=1, description="Checkpoint (and sync to the store) every N steps.")
+    seed: int = Field(42, title="Training seed", description="Training seed (LoRA init, data order, dropout).")
+    device: Literal["auto", "xpu", "cuda", "cpu"] = Field("auto", title="Device", description="Device to train on.")
     launcher: Literal["local", "torchrun", "deepspeed", "mpirun"] = Field(
-        "local", description="How the training process is started."
+        "local", title="Launcher", description="How the training process is started."
     )
-    nproc_per_node: int = Field(1, ge=1, description="Training processes per host (one per GPU or XPU card).")
+    nproc_per_node: int = Field(1, title="Processes per host", ge=1, description="Training processes per host (one per GPU or XPU card).")
     hosts: list[str] = Field(
-        [], description="Several hosts: their names (or addresses), the first being the one the training "
+        [], title="Hosts", description="Several hosts: their names (or addresses), the first being the one the training "
         "flow runs on and the rendezvous point. Empty: this host only."
     )
-    master_port: int | None = Field(
-        None, ge=1, le=65535, description="Rendezvous port. Unset: a free port on one host, 29500 across several hosts."
+    master_port: int = Field(
+        0, title="Rendezvous port", ge=0, le=65535,
+        description="Rendezvous port. 0: a free port on one host, 29500 across several hosts.",
     )
     mpi: Literal["auto", "openmpi", "intel"] = Field(
-        "auto", description="mpirun flavour (its flags differ): auto asks `mpirun --version`."
+        "auto", title="MPI flavour", description="mpirun flavour (its flags differ): auto asks `mpirun --version`."
     )
-    deepspeed_zero: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (0: DeepSpeed not used).")
+    # A plain number, not Literal[0, 2, 3]: the Prefect UI renders an integer enum as a blank dropdown.
+    deepspeed_zero: int = Field(0, title="DeepSpeed ZeRO stage", ge=0, le=3, description="DeepSpeed ZeRO stage: 2 or 3 (0: DeepSpeed not used).")
     deepspeed_offload_optimizer: bool = Field(
-        False, description="ZeRO-2/3: keep optimizer state in host memory (DeepSpeedCPUAdam), as ipex-llm's 70B recipe does."
+        False, title="Offload optimizer to CPU", description="ZeRO-2/3: keep optimizer state in host memory (DeepSpeedCPUAdam), as ipex-llm's 70B recipe does."
     )
-    retries: int = Field(1, ge=0, description="Retries of the train task after a failure; each resumes from the newest committed checkpoint.")
-    timeout_s: float | None = Field(None, gt=0, description="Kill the whole training process group after this many seconds.")
-    pool: str | None = Field(
-        None, description="Prefect work pool that runs training (e.g. xpu); unset: run in this flow's process."
+    retries: int = Field(1, title="Retries", ge=0, description="Retries of the train task after a failure; each resumes from the newest committed checkpoint.")
+    timeout_s: float = Field(0, title="Timeout (seconds)", ge=0, description="Kill the whole training process group after this many seconds (0: no limit).")
+    pool: str = Field(
+        "", title="Work pool", description="Prefect work pool that runs training (e.g. xpu); empty: run in this flow's process."
     )
 
     @model_validator(mode="after")
@@ -168,6 +177,8 @@ class TrainSettings(_Section):
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
             )
+        if self.deepspeed_zero not in (0, 2, 3):
+            raise ValueError(f"deepspeed_zero must be 0 (off), 2 or 3, not {self.deepspeed_zero}")
         if self.deepspeed_zero and self.launcher != "deepspeed":
             raise ValueError(f"deepspeed_zero={self.deepspeed_zero} needs launcher: deepspeed (got {self.launcher!r})")
         if self.deepspeed_offload_optimizer and not self.deepspeed_zero:
@@ -182,21 +193,27 @@ class TrainSettings(_Section):
 class MergeSettings(_Section):
     """Merging the adapter into a full-precision copy of the base."""
 
-    enabled: bool = Field(True, description="Write a merged model after export.")
-    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on XPU/CUDA, fp32 on CPU.")
-    check_rows: int = Field(4, ge=1, description="Validation rows whose logits must match before and after merging.")
+    enabled: bool = Field(True, title="Merge after export", description="Write a merged model after export.")
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", title="Merged dtype", description="auto: bf16 on XPU/CUDA, fp32 on CPU.")
+    check_rows: int = Field(4, title="Rows checked", ge=1, description="Validation rows whose logits must match before and after merging.")
 
 
 class FinetuneConfig(_Section):
     """One supervised (Q)LoRA fine-tune: model, data, adapter, training, merge, and the artifact store."""
 
-    name: str = Field("loraflow", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Run name prefix (lowercase, digits, dashes).")
-    storage: str = Field("./loraflow-store", description="Artifact store: a local path or any fsspec URL (s3://bucket/prefix).")
-    model: ModelSettings
-    data: DataSettings
-    lora: LoraSettings = LoraSettings()
-    train: TrainSettings = TrainSettings()
-    merge: MergeSettings = MergeSettings()
+    name: str = Field("loraflow", title="Run name", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Run name prefix (lowercase, digits, dashes).")
+    storage: str = Field("./loraflow-store", title="Artifact store", description="Artifact store: a local path or any fsspec URL (s3://bucket/prefix).")
+    model: ModelSettings = Field(title="Model")
+    data: DataSettings = Field(title="Data")
+    lora: LoraSettings = Field(LoraSettings(), title="LoRA adapter")
+    train: TrainSettings = Field(TrainSettings(), title="Train")
+    merge: MergeSettings = Field(MergeSettings(), title="Merge")
+
+    def for_run(self, dataset: str | None = None) -> FinetuneConfig:
+        """This config as a flow runs it: `dataset` (when given) as data.path, and local paths absolute,
+        so every URI a record or artifact carries still leads to its file from another folder."""
+        config = self if not dataset else self.model_copy(update={"data": self.data.model_copy(update={"path": dataset})})
+        return resolve_relative_paths(config, Path.cwd())
 
     @model_validator(mode="after")
     def _supported_combination(self) -> FinetuneConfig:

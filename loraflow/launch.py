@@ -89,14 +89,14 @@ class Topology:
     launcher: str = "local"
     nproc_per_node: int = 1
     hosts: list[str] = field(default_factory=list)
-    master_port: int | None = None
+    master_port: int = 0  # 0: a free port on one host, 29500 across several
     mpi: str = "auto"
 
     @classmethod
     def from_train(cls, train) -> Topology:
         """From the train section (a TrainSettings or the dict in a run spec)."""
         get = train.get if isinstance(train, dict) else lambda name, default=None: getattr(train, name, default)
-        return cls(get("launcher", "local"), get("nproc_per_node", 1), list(get("hosts", None) or []), get("master_port"), get("mpi", "auto"))
+        return cls(get("launcher", "local"), get("nproc_per_node", 1), list(get("hosts", None) or []), get("master_port", 0) or 0, get("mpi", "auto"))
 
     @property
     def nnodes(self) -> int:

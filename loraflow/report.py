@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from loraflow.storage import ArtifactStore, StageRecord
+from loraflow.storage import ArtifactStore, StageRecord, browser_url
 
 METRIC_COLUMNS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "peak_rss_mb", "peak_device_mb")
 _SECRET_NAME = re.compile(r"(secret|password|token|key|credential)", re.IGNORECASE)
@@ -41,8 +41,25 @@ def read_metrics(store: ArtifactStore, run_uri: str) -> list[dict]:
     return [json.loads(line) for line in store.read_text(f"{run_uri}/metrics/metrics.jsonl").splitlines() if line.strip()]
 
 
+# How each metric is shown: significant digits (None: a whole number).
+_ROUNDING = {"epoch": 3, "loss": 4, "eval_loss": 4, "learning_rate": 3, "grad_norm": 3, "tokens_per_s": None,
+             "peak_rss_mb": None, "peak_device_mb": None}
+
+
+def _rounded(column: str, value: Any) -> Any:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or column == "step":
+        return value
+    digits = _ROUNDING.get(column, 4)
+    return round(value) if digits is None else float(f"{value:.{digits}g}")
+
+
 def metrics_table(rows: list[dict]) -> list[dict]:
-    return [{column: row.get(column) for column in METRIC_COLUMNS if any(column in r for r in rows)} for row in rows]
+    """One row per step (train and eval metrics of a step side by side), numbers rounded for reading."""
+    by_step: dict[Any, dict] = {}
+    for row in rows:
+        by_step.setdefault(row.get("step"), {}).update({k: v for k, v in row.items() if v is not None})
+    columns = [column for column in METRIC_COLUMNS if any(column in r for r in by_step.values())]
+    return [{column: _rounded(column, row.get(column)) for column in columns} for row in by_step.values()]
 
 
 def loss_curve_png(rows: list[dict], title: str) -> bytes:
@@ -75,14 +92,66 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return "—" if value is None else str(value)
 
 
-def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: list[dict], run_uri: str) -> str:
-    """stage_rows: [{stage, outcome, seconds}] in pipeline order."""
+def _link(uri: str | None) -> str:
+    """A store URI as people use it: copyable in code, and a link where a browser can open it."""
+    if not uri:
+        return ""
+    url = browser_url(uri)
+    return f"`{uri}`" + (f" ([open]({url}))" if url else "")
+
+
+def _resume_note(train: dict) -> str | None:
+    resumed = train.get("resumed_from")
+    if not resumed:
+        return None
+    return f"resumed from {resumed.rsplit('/', 1)[-1]} after a failure (`{resumed}`): the steps before it were not repeated"
+
+
+def usage_snippet(config: dict, records: dict[str, StageRecord], example: str = "Give three tips for staying healthy.") -> str:
+    """Python that loads the adapter onto its base with PEFT (and the merged model), real paths filled in."""
+    from loraflow.data.templates import generation_prompt
+
+    adapter = records["adapter"].uri
+    merged = records.get("merged")
+    prompt = generation_prompt(config["data"]["format"], config["data"]["template"], example)
+    lines = ["import torch", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    if "://" in adapter:  # a remote store: PEFT and transformers read local folders
+        local = f"./{run_uri_of(records).rsplit('/', 1)[-1]}-adapter"
+        lines += ["import fsspec", "", f"fs, path = fsspec.core.url_to_fs({adapter!r})",
+                  f"fs.get(path + '/', {local + '/'!r}, recursive=True)", f"adapter = {local!r}"]
+    else:
+        lines += [f"adapter = {adapter!r}"]
+    lines += [
+        "tokenizer = AutoTokenizer.from_pretrained(adapter)",
+        f"base = AutoModelForCausalLM.from_pretrained({config['model']['base']!r}, dtype=torch.float32)",
+        "model = PeftModel.from_pretrained(base, adapter).eval()  # the base with the trained adapter",
+        "",
+        f"prompt = {prompt!r}  # the run's template ({config['data']['template']})",
+        "inputs = tokenizer(prompt, return_tensors='pt')",
+        "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
+        "print(tokenizer.decode(output[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
+    ]
+    if merged is not None and "://" not in merged.uri:
+        lines += ["", "# or the merged model: plain transformers, no PEFT",
+                  f"merged = AutoModelForCausalLM.from_pretrained({merged.uri!r}, dtype=torch.float32)"]
+    return "\n".join(lines)
+
+
+def generate_command(config: dict, records: dict[str, StageRecord]) -> str:
+    run = run_uri_of(records).rsplit("/", 1)[-1]
+    return f"loraflow generate {run} --storage {config['storage']} --prompt 'Give three tips for staying healthy.'"
+
+
+def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: list[dict], run_uri: str,
+                     started_by: str | None = None) -> str:
+    """stage_rows: [{stage, outcome, seconds}] in pipeline order; started_by: what started the run (markdown)."""
     data = records["dataset"].metrics
     lora = records["lora"].metrics
     train = records["train"].metrics
     merged = records.get("merged")
     dropped = ", ".join(f"{count} {reason}" for reason, count in data.get("rows_dropped", {}).items()) or "none"
     percentiles = data.get("token_length_percentiles", {})
+    resumed = _resume_note(train)
     lines = [
         f"# Fine-tune `{run_uri.rsplit('/', 1)[-1]}`",
         "",
@@ -92,16 +161,30 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
         + (f" · peak device {_fmt(train.get('peak_device_mb'), 6)} MB" if train.get("peak_device_mb") else "")
         + f" · {train.get('global_step')} steps on {train.get('device')} ({train.get('precision')})",
         "",
+        *([f"**Training {resumed}.**", ""] if resumed else []),
+        *([f"Started by {started_by}.", ""] if started_by else []),
+        "## Use it",
+        "",
+        "```python",
+        usage_snippet(config, records),
+        "```",
+        "",
+        "Or in a terminal (streams the answer; `--merged` uses the merged model):",
+        "",
+        "```bash",
+        generate_command(config, records),
+        "```",
+        "",
         "## Stages",
         "",
         "| stage | outcome | seconds | output |",
         "|---|---|---|---|",
-        *(f"| {row['stage']} | {row['outcome']} | {_fmt(row.get('seconds'), 3)} | {records[row['stage']].uri or ''} |"
+        *(f"| {row['stage']} | {row['outcome']} | {_fmt(row.get('seconds'), 3)} | {_link(records[row['stage']].uri)} |"
           for row in stage_rows if row["stage"] in records),
         "",
         "## Data",
         "",
-        f"- source `{data.get('source')}`: {data.get('rows_read')} rows read, {data.get('rows_kept')} kept "
+        f"- source {_link(data.get('source'))}: {data.get('rows_read')} rows read, {data.get('rows_kept')} kept "
         f"({data.get('train_rows')} train / {data.get('val_rows')} validation); dropped: {dropped}",
         f"- {data.get('truncated_rows')} rows truncated at cutoff {data.get('cutoff_len')}; token length "
         + ", ".join(f"{k} {v}" for k, v in percentiles.items()),
@@ -119,25 +202,26 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
         lines.append(f"- merged model checked: max |logit difference| {_fmt(merged.metrics.get('max_abs_logit_diff'), 3)} "
                      f"(allowed {_fmt(merged.metrics.get('tolerance'), 3)}, {merged.metrics.get('dtype')})")
     lines += ["", "## Outputs", "",
-              f"- adapter: `{records['adapter'].uri}`",
-              *( [f"- merged model: `{merged.uri}`"] if merged is not None else []),
-              f"- metrics: `{run_uri}/metrics/metrics.jsonl`, loss curve: `{run_uri}/loss.png`",
+              f"- adapter: {_link(records['adapter'].uri)}",
+              *([f"- merged model: {_link(merged.uri)}"] if merged is not None else []),
+              f"- metrics: {_link(run_uri + '/metrics/metrics.jsonl')}, loss curve: {_link(run_uri + '/loss.png')}",
               "", "## Config", "", "```json", json.dumps(redact(config), indent=2), "```", ""]
     return "\n".join(lines)
 
 
-def write_report(store: ArtifactStore, config: dict, records: dict[str, StageRecord], stage_rows: list[dict]) -> dict:
+def write_report(store: ArtifactStore, config: dict, records: dict[str, StageRecord], stage_rows: list[dict],
+                 started_by: str | None = None) -> dict:
     """Write summary.md, summary.json and loss.png into the run folder; return what was written."""
     run_uri = run_uri_of(records)
     rows = read_metrics(store, run_uri)
-    markdown = summary_markdown(config, records, stage_rows, run_uri)
+    markdown = summary_markdown(config, records, stage_rows, run_uri, started_by)
     png = loss_curve_png(rows, run_uri.rsplit("/", 1)[-1])
     store.write_bytes(f"{run_uri}/summary.md", markdown.encode())
     store.write_bytes(f"{run_uri}/loss.png", png)
     train = records["train"].metrics
     summary = {
         "run": run_uri.rsplit("/", 1)[-1], "run_uri": run_uri, "final_loss": train.get("final_loss"),
-        "eval_loss": train.get("eval_loss"), "tokens_per_s": train.get("tokens_per_s"),
+        "eval_loss": train.get("eval_loss"), "tokens_per_s": train.get("tokens_per_s"), "resumed_from": train.get("resumed_from"),
         "stages": stage_rows, "outputs": {name: record.uri for name, record in records.items() if record.uri},
     }
     store.write_json(f"{run_uri}/summary.json", summary)

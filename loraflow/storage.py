@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ class StageRecord(BaseModel):
 
     stage: str
     key: str = Field(description="Content hash of everything the output depends on.")
-    uri: str | None = Field(None, description="The committed output folder, if the stage writes one.")
+    uri: str = Field("", description="The committed output folder (empty when the stage writes none).")
     metrics: dict[str, Any] = Field(default_factory=dict)
     reused: bool = Field(False, description="True when the output was found committed in the store.")
 
@@ -90,6 +91,24 @@ def fingerprint_file(path: Path, full_hash_limit: int = 256 * 1024 * 1024) -> di
     return {"name": path.name, "size": size, "head_sha256": head, "tail_sha256": tail}
 
 
+def browser_url(uri: str) -> str | None:
+    """A URL a browser opens for a store URI: file:// for local paths; for S3 the AWS console's folder
+    view, or the object URL of the folder's manifest on an S3-compatible endpoint (AWS_ENDPOINT_URL).
+
+    No presigned URLs: they carry the access key id and expire, and artifacts live on.
+    """
+    protocol, _, rest = uri.partition("://") if "://" in uri else ("", "", uri)
+    if protocol in ("", "file", "local"):
+        return Path(rest if protocol else os.path.abspath(uri)).as_uri()
+    if protocol in ("s3", "s3a"):
+        bucket, _, key = rest.partition("/")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return f"{endpoint.rstrip('/')}/{bucket}/{key}/{MANIFEST}"
+        return f"https://s3.console.aws.amazon.com/s3/buckets/{bucket}?prefix={urllib.parse.quote(key)}/"
+    return None
+
+
 def _is_local(fs) -> bool:
     return isinstance(fs, LocalFileSystem)
 
@@ -98,7 +117,9 @@ class ArtifactStore:
     """One artifact store rooted at an fsspec URL."""
 
     def __init__(self, url: str, storage_options: dict | None = None):
-        self.url = url.rstrip("/")
+        # A relative local store becomes absolute: every URI in a record or artifact must still lead
+        # to its file when read from another working folder (a worker's, the UI user's).
+        self.url = url.rstrip("/") if "://" in url else os.path.abspath(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         self.root = self.root.rstrip("/")
         self.is_local = _is_local(self.fs)

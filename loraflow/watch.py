@@ -14,9 +14,11 @@ first name and starts nothing.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from loraflow.data.formats import SUFFIXES, format_alpaca, format_conversations, read_rows
 from loraflow.errors import LoraflowError
@@ -45,6 +47,31 @@ class Found:
 
     def payload(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None and k != "fingerprint"}
+
+    def resource(self) -> dict[str, str]:
+        """The event's resource: its labels are what the Prefect UI shows in an event's Details (the payload only in Raw)."""
+        labels = {
+            "prefect.resource.id": RESOURCE_PREFIX + self.uri,
+            "prefect.resource.name": self.uri.rsplit("/", 1)[-1],
+            "loraflow.uri": self.uri,
+            "loraflow.sha256": self.sha256,
+            "loraflow.size": str(self.size),
+        }
+        if self.error:
+            labels["loraflow.error"] = self.error.removeprefix(f"{self.uri}: ")
+            if line := re.search(r"\b(?:line|row) (\d+)", self.error):
+                labels["loraflow.line" if "line" in line.group(0) else "loraflow.row"] = line.group(1)
+        else:
+            labels.update({"loraflow.format": str(self.format), "loraflow.rows": str(self.rows)})
+        return labels
+
+    def related(self) -> list[dict[str, str]]:
+        """Related resources. The Prefect UI's event Details list only resource ids (labels and payload are in
+        Raw), so an invalid file's reason is written into a related resource's id, whole."""
+        if not self.error:
+            return []
+        reason = self.error.removeprefix(f"{self.uri}: ")
+        return [{"prefect.resource.id": f"problem: {reason}", "prefect.resource.role": "problem", "prefect.resource.name": reason}]
 
 
 def detect_format(uri: str, rows: list[dict]) -> str:
@@ -81,6 +108,11 @@ class DatasetWatcher:
         self.fs, self.root = fsspec.core.url_to_fs(self.prefix)
         self.store = ArtifactStore(storage)
         self.memory_uri = self.store.uri("watch", f"{sha256_hex(self.prefix)[:16]}.json")
+        # A local folder to watch is created (uploads then have a place to land); an object-store
+        # prefix has no folders: until something is uploaded under it, it is simply empty.
+        self.created = isinstance(self.fs, LocalFileSystem) and not self.fs.exists(self.root)
+        if self.created:
+            self.fs.makedirs(self.root, exist_ok=True)
 
     def _memory(self) -> dict:
         try:
@@ -98,9 +130,11 @@ class DatasetWatcher:
         memory = self._memory()["files"]
         known_content = {entry["sha256"]: uri for uri, entry in memory.items() if entry["change"] in ("new", "changed")}
         found = []
-        if not self.fs.exists(self.root):
-            raise LoraflowError(f"{self.prefix}: watched location does not exist")
-        for path, info in sorted(self.fs.find(self.root, detail=True).items()):
+        try:
+            listing = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            listing = {}
+        for path, info in sorted(listing.items()):
             if info.get("type") == "directory" or not path.lower().endswith(SUFFIXES) or "/." in path:
                 continue
             uri = self._uri(path)

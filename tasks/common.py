@@ -33,6 +33,14 @@ def stage_options(storage: str) -> dict:
     return {"result_storage": result_storage(storage), "persist_result": True, "result_serializer": "json"}
 
 
+def event_url(event_id: str, occurred) -> str | None:
+    """The Prefect UI's page of an event (None when no UI URL is configured)."""
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()
+    return f"{ui}/events/event/{occurred:%Y-%m-%d}/{event_id}" if ui else None
+
+
 def log_info(message: str) -> None:
     get_run_logger().info(message)
 

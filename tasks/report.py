@@ -1,12 +1,14 @@
 import base64
+from datetime import datetime, timezone
 
 from prefect import runtime, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from flows.runs import STAGE_TASKS, stage_outcomes, task_runs
+from tasks.runs import STAGE_TASKS, stage_outcomes, task_runs
 from loraflow.config import FinetuneConfig
 from loraflow.report import write_report
-from loraflow.storage import ArtifactStore, StageRecord
+from loraflow.storage import ArtifactStore, StageRecord, browser_url
+from tasks.common import event_url
 
 
 def artifact_key(run: str, what: str) -> str:
@@ -15,17 +17,22 @@ def artifact_key(run: str, what: str) -> str:
 
 
 @task(name="publish-report")
-def publish_report(config: FinetuneConfig, records: dict[str, StageRecord]) -> StageRecord:
+def publish_report(config: FinetuneConfig, records: dict[str, StageRecord], upload_event: str | None = None) -> StageRecord:
     """Summary, metrics table, loss curve and output links: in the run folder and as UI artifacts."""
     runs = task_runs(runtime.flow_run.id)
     outcomes = stage_outcomes(records, {name: run["state"] for name, run in runs.items()})
     stage_rows = [{"stage": stage, "outcome": outcomes.get(stage), "seconds": runs.get(task_name, {}).get("seconds")}
                   for stage, task_name in STAGE_TASKS.items() if stage in records]
     store = ArtifactStore(config.storage)
-    report = write_report(store, config.model_dump(mode="json"), records, stage_rows)
+    started_by = None
+    if upload_event:
+        url = event_url(upload_event, runtime.flow_run.scheduled_start_time or datetime.now(timezone.utc))
+        started_by = f"the upload of `{config.data.path}` (event " + (f"[{upload_event}]({url})" if url else f"`{upload_event}`") + ")"
+    report = write_report(store, config.model_dump(mode="json"), records, stage_rows, started_by)
     run = report["summary"]["run"]
     train = records["train"].metrics
-    headline = f"final train loss {train.get('final_loss'):.4f}, eval loss {train.get('eval_loss') or float('nan'):.4f}"
+    eval_loss = f"eval loss {train['eval_loss']:.4f}" if train.get("eval_loss") is not None else "no eval split"
+    headline = f"final train loss {train.get('final_loss'):.4f}, {eval_loss}" + (", resumed after a failure" if train.get("resumed_from") else "")
     create_markdown_artifact(report["markdown"], key=artifact_key(run, "summary"), description=headline)
     create_table_artifact(report["metrics"], key=artifact_key(run, "metrics"), description=f"logged metrics per step of {run}")
     image = base64.b64encode(report["png"]).decode()
@@ -33,9 +40,11 @@ def publish_report(config: FinetuneConfig, records: dict[str, StageRecord]) -> S
         f"![loss curve](data:image/png;base64,{image})\n\nPNG in the store: `{report['run_uri']}/loss.png`",
         key=artifact_key(run, "loss-curve"), description=f"train and eval loss vs step, {run}",
     )
-    create_link_artifact(records["adapter"].uri, link_text="adapter (PEFT, safetensors)", key=artifact_key(run, "adapter"),
-                         description=f"the exported adapter of {run}: load with PeftModel.from_pretrained(base, this folder)")
-    if "merged" in records:
-        create_link_artifact(records["merged"].uri, link_text="merged model", key=artifact_key(run, "merged"),
-                             description=f"base + adapter of {run} merged, checked against base+adapter logits")
+    for name, text, what in (("adapter", "adapter (PEFT, safetensors)", "the exported adapter: PeftModel.from_pretrained(base, this folder)"),
+                             ("merged", "merged model", "base + adapter merged, checked against base+adapter logits")):
+        if name in records:
+            uri = records[name].uri
+            # The link opens where a browser can (file://, the S3 console); the description keeps the URI to copy.
+            create_link_artifact(browser_url(uri) or uri, link_text=text, key=artifact_key(run, name),
+                                 description=f"`{uri}` — {what} ({run})")
     return StageRecord(stage="report", key=records["train"].key, uri=report["run_uri"], metrics={"run": run})

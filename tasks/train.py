@@ -13,18 +13,28 @@ from tasks.common import log_info
 
 
 class TrainingProgress:
-    """Streams the trainer's lines into the run log and keeps a progress artifact at the percentage of steps."""
+    """Streams the trainer's lines into the run log and keeps a progress artifact (`<run>-progress`) at the percentage of steps.
+
+    The artifact is made when the line naming the run (RUN_LINE) passes, so the same class serves the
+    train task and a fine-tune relaying a pool job's log.
+    """
 
     STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+    RUN_LINE = "training run {run}: {uri}"
+    RUN = re.compile(r"^training run ([a-z0-9-]+): ")
 
-    def __init__(self, run: str):
-        self.artifact_id = create_progress_artifact(0.0, key=f"{run}-progress", description=f"training steps done, {run}")
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self.artifact_id = None
         self.percent = 0.0
 
     def on_line(self, line: str) -> None:
-        log_info(line)
+        log_info(self.prefix + line)
+        if self.artifact_id is None and (named := self.RUN.match(line)):
+            run = named.group(1)
+            self.artifact_id = create_progress_artifact(0.0, key=f"{run}-progress", description=f"training steps done, {run}")
         match = self.STEP.match(line)
-        if match and int(match.group(2)) > 0:
+        if match and self.artifact_id is not None and int(match.group(2)) > 0:
             percent = round(100 * int(match.group(1)) / int(match.group(2)), 1)
             if percent > self.percent:
                 self.percent = percent
@@ -47,13 +57,14 @@ def train_adapter(config: FinetuneConfig, env: StageRecord, dataset: StageRecord
     spec_uri = f"{run}/spec.json"
     store.write_json(spec_uri, spec)
     topology = launch.Topology.from_train(config.train)
+    progress = TrainingProgress()
+    progress.on_line(TrainingProgress.RUN_LINE.format(run=run.rsplit("/", 1)[-1], uri=run))
     with tempfile.TemporaryDirectory(prefix="loraflow-launch-") as scratch:
         command = launch.build_command(topology, spec_uri, hostfile=launch.write_hostfile(topology, Path(scratch)))
         log_info(f"launching: {' '.join(command.argv)}")
         if topology.launcher == "torchrun" and topology.nnodes > 1:
             log_info(f"on each other host N of {topology.hosts}: python -m loraflow.launch {spec_uri} --node-rank N")
-        progress = TrainingProgress(run.rsplit("/", 1)[-1])
-        code = launch.run_streaming(command, progress.on_line, timeout=config.train.timeout_s)
+        code = launch.run_streaming(command, progress.on_line, timeout=config.train.timeout_s or None)
     if code != 0:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         raise RuntimeError(f"the training process {how} (its log is above); a retry resumes from the newest checkpoint in {run}/checkpoints")

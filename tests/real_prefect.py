@@ -29,6 +29,9 @@ def prefect_env(home: Path, api_url: str) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick up a scheduled run within a second, not ten
         "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        # The scheduler's full pass runs every 60 s by default; a schedule added to an existing
+        # deployment (as in the UI) waits for it. 5 s keeps the schedule test short.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     })
     return env

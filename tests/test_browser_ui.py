@@ -6,6 +6,7 @@ package; skipped where either is missing. Screenshots go to test-output/screensh
 
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -61,12 +62,18 @@ def test_deployment_form_and_finished_run_artifacts_in_chromium(browser, tiny_mo
         from prefect.client.orchestration import get_client
 
         with server.client_settings(), get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name("loraflow-sft/xpu")
+            deployment = client.read_deployment_by_name("loraflow-sft/sft-xpu")
         ui = f"http://127.0.0.1:{server.port}"
 
         form = _page(browser, f"{ui}/deployments/deployment/{deployment.id}/run", "LoRA rank.")
         _screenshot(form, "sft-deployment-run-form")
         text = form.inner_text("body")
+        # Human titles, and no nullable field's type switcher ('Property is type "None"').
+        for title in ("Learning-rate schedule", "Rendezvous port", "Timeout (seconds)", "MPI flavour", "Rank (r)",
+                      "DeepSpeed ZeRO stage", "Loss on the prompt too", "Work pool"):
+            assert title in text, title
+        for generated in ("Lr Scheduler", "Timeout S", "Property is type"):
+            assert generated not in text, generated
         for section, description in [("Model", "The base model and how it is loaded for training."),
                                      ("Data", "The training data and how it becomes tokens."),
                                      ("Train", "The optimisation and where it runs."),
@@ -76,15 +83,46 @@ def test_deployment_form_and_finished_run_artifacts_in_chromium(browser, tiny_mo
         values = form.locator("input, textarea").evaluate_all("fields => fields.map(field => field.value)")
         assert "./loraflow-demo/models/tiny-llama" in values and "0.01" in values  # the deployment's defaults fill the form
 
-        run_page = _page(browser, f"{ui}/runs/flow-run/{flow_run_id}", "Completed")
+        console: list[str] = []
+        run_page = browser.new_page(viewport={"width": 1400, "height": 2000})
+        run_page.on("console", lambda message: console.append(message.text))
+        run_page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
+        run_page.get_by_text("Completed", exact=False).first.wait_for(timeout=60_000)
+        run_page.get_by_text("Task Runs", exact=True).first.click()
+        run_page.get_by_text("export-adapter", exact=False).first.wait_for(timeout=30_000)  # the task list has rows
+        _screenshot(run_page, "sft-run-task-runs")
+        assert "No task runs" not in run_page.inner_text("body")
+        assert not [line for line in console if "TaskInputResponse" in line], console
         run_page.get_by_text("Artifacts", exact=True).first.click()
         run_page.get_by_text("-loss-curve").first.wait_for(timeout=30_000)
         _screenshot(run_page, "sft-run-artifacts")
         text = run_page.inner_text("body")
-        for suffix in ("summary", "metrics", "loss-curve", "adapter"):
+        for suffix in ("summary", "metrics", "loss-curve", "adapter", "progress"):
             assert re.search(rf"ui-[0-9a-f]{{12}}-{suffix}", text), f"artifact *-{suffix} not listed:\n{text[:3000]}"
 
         run_page.get_by_text("-loss-curve").first.click()
         run_page.locator("img[src^='data:image/png']").first.wait_for(timeout=30_000)  # the inlined loss curve renders
         assert run_page.locator("img[src^='data:image/png']").first.evaluate("image => image.naturalWidth") > 100
         _screenshot(run_page, "sft-run-loss-curve")
+
+
+def test_an_invalid_upload_shows_its_reason_in_the_events_details(browser, tmp_path):
+    import httpx
+
+    with real_server(tmp_path / "prefect") as server:
+        incoming = tmp_path / "incoming"
+        incoming.mkdir()
+        (incoming / "half.json").write_text('[{"instruction": "Name three colours.", "output": "Red, gre')
+        server.run(str(BIN / "loraflow"), "watch", str(incoming), "--storage", str(tmp_path / "store"), "--once")
+        deadline = time.time() + 30
+        while not (events := httpx.post(f"{server.api_url}/events/filter",
+                                        json={"filter": {"event": {"name": ["loraflow.dataset.invalid"]}}}).json()["events"]):
+            assert time.time() < deadline, "no loraflow.dataset.invalid event"
+            time.sleep(0.5)
+        event = events[0]
+        page = _page(browser, f"http://127.0.0.1:{server.port}/events/event/{event['occurred'][:10]}/{event['id']}", "loraflow.dataset.invalid")
+        page.get_by_text("Unterminated string", exact=False).first.wait_for(timeout=30_000)
+        _screenshot(page, "invalid-upload-event")
+        text = page.inner_text("body")
+        assert "problem: malformed JSON: Unterminated string starting at line 1, column 51; the file ends in the middle of a value" in text
+        assert str(incoming / "half.json") in text

@@ -48,19 +48,19 @@ def _runs_of(server, deployment_name: str) -> list:
 def _wait_for_runs(server, expected: int, settle: float = 4.0, timeout: float = 60.0) -> list:
     """The SFT runs once `expected` exist and no more arrive within `settle` seconds."""
     deadline = time.time() + timeout
-    while len(runs := _runs_of(server, "loraflow-sft/xpu")) < expected and time.time() < deadline:
+    while len(runs := _runs_of(server, "loraflow-sft/sft-xpu")) < expected and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(settle)
-    runs = _runs_of(server, "loraflow-sft/xpu")
+    runs = _runs_of(server, "loraflow-sft/sft-xpu")
     assert len(runs) == expected, [run.parameters.get("dataset") for run in runs]
     return runs
 
 
 def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
-    for name in ("loraflow-sft/xpu", "loraflow-train/xpu", "loraflow-merge/xpu", "loraflow-watch/xpu"):
+    for name in ("loraflow-sft/sft-xpu", "loraflow-train/train-xpu", "loraflow-merge/merge-xpu", "loraflow-watch/watch-xpu"):
         deployment = _deployment(server, name)
         assert deployment.enforce_parameter_schema and deployment.work_pool_name == "xpu" and deployment.description
-    sft = _deployment(server, "loraflow-sft/xpu")
+    sft = _deployment(server, "loraflow-sft/sft-xpu")
     assert [schedule.active for schedule in sft.schedules] == [False]  # the example schedule is off
     sections = sft.parameter_openapi_schema["definitions"]
     assert {"FinetuneConfig", "ModelSettings", "DataSettings", "LoraSettings", "TrainSettings", "MergeSettings"} <= set(sections)
@@ -68,11 +68,38 @@ def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
         for field, schema in sections[section]["properties"].items():
             assert schema.get("description"), f"{section}.{field} has no description for the UI form"
     assert sections["DataSettings"]["properties"]["template"]["enum"][:2] == ["alpaca", "alpaca_legacy"]
+    from prefect.client.orchestration import get_client
+
+    with server.client_settings(), get_client(sync_client=True) as client:
+        automations = [automation.name for automation in client.read_automations()]
+    assert automations == ["fine-tune each new dataset upload"]  # named for what it does, not "xpu__automation_1"
     assert set(sections["TrainSettings"]["properties"]["launcher"]["enum"]) == {"local", "torchrun", "deepspeed", "mpirun"}
 
 
+def _events(server, name: str, expected: int = 1, timeout: float = 30) -> list[dict]:
+    """The server's events of this name, once there are `expected` (the server stores events in batches)."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        reply = httpx.post(f"{server.api_url}/events/filter", json={"filter": {"event": {"name": [name]}}, "limit": 50})
+        reply.raise_for_status()
+        events = reply.json()["events"]
+        if len(events) >= expected or time.time() > deadline:
+            return events
+        time.sleep(0.5)
+
+
+def test_the_watcher_creates_a_missing_local_folder(server, tmp_path):
+    incoming = tmp_path / "not-yet" / "incoming"
+    output = _watch(server, incoming, tmp_path / "store")
+    assert incoming.is_dir() and f"{incoming}: created the watched folder" in output and "no new or changed dataset files" in output
+    assert "Still processing items" not in output
+
+
 def _watch(server, incoming, store) -> str:
-    return server.run(str(BIN / "loraflow"), "watch", str(incoming), "--storage", str(store), "--once").stdout
+    result = server.run(str(BIN / "loraflow"), "watch", str(incoming), "--storage", str(store), "--once")
+    return result.stdout + result.stderr
 
 
 def test_each_new_or_changed_dataset_starts_exactly_one_fine_tune(server, tmp_path):
@@ -84,6 +111,9 @@ def test_each_new_or_changed_dataset_starts_exactly_one_fine_tune(server, tmp_pa
     runs = _wait_for_runs(server, 1)
     assert runs[0].parameters["dataset"] == str(incoming / "first.json")
     assert runs[0].parameters["config"]["name"] == "demo"  # the deployment's defaults, with the file as dataset
+    [uploaded] = _events(server, "loraflow.dataset.uploaded")
+    assert runs[0].parameters["upload_event"] == uploaded["id"]  # the run knows the event that started it
+    assert uploaded["resource"]["loraflow.format"] == "alpaca" and uploaded["resource"]["loraflow.rows"] == "20"
 
     assert "no new or changed dataset files" in _watch(server, incoming, store)
     _wait_for_runs(server, 1)
@@ -109,6 +139,11 @@ def test_each_new_or_changed_dataset_starts_exactly_one_fine_tune(server, tmp_pa
     (incoming / "late.json").write_text(complete[: len(complete) // 2])
     output = _watch(server, incoming, store)
     assert f"invalid dataset {incoming / 'late.json'}" in output and "malformed JSON" in output
+    # The reason is on the event's resource (the UI's Details tab), whole: file, line and what it means.
+    [invalid] = _events(server, "loraflow.dataset.invalid")
+    assert invalid["resource"]["loraflow.uri"] == str(incoming / "late.json") and invalid["resource"]["loraflow.line"] == "1"
+    assert invalid["resource"]["loraflow.error"].startswith("malformed JSON: Unterminated string starting at line 1, column ")
+    assert invalid["resource"]["loraflow.error"].endswith("the file ends in the middle of a value: it may still be uploading, or was cut short")
     _wait_for_runs(server, 4)
     assert "no new or changed" in _watch(server, incoming, store)
     (incoming / "late.json").write_text(complete)
@@ -140,20 +175,20 @@ def _serve_and_run_the_watcher(server, tmp_path):
     deadline = time.time() + 90
     while True:
         try:
-            watch = _deployment(server, "loraflow-watch/local")
-            sft = _deployment(server, "loraflow-sft/local")
+            watch = _deployment(server, "loraflow-watch/watch-local")
+            sft = _deployment(server, "loraflow-sft/sft-local")
             break
         except ObjectNotFound:
             assert time.time() < deadline, log.read_text()[-3000:]
             time.sleep(1)
     assert sft.parameters["config"]["name"] == "served" and sft.enforce_parameter_schema
     assert watch.parameters["prefix"] == str(incoming)
-    for name in ("loraflow-train/local", "loraflow-merge/local"):
+    for name in ("loraflow-train/train-local", "loraflow-merge/merge-local"):
         _deployment(server, name)
 
-    server.run(str(BIN / "prefect"), "deployment", "run", "loraflow-watch/local")
+    server.run(str(BIN / "prefect"), "deployment", "run", "loraflow-watch/watch-local")
     deadline = time.time() + 90
-    while not ((runs := _runs_of(server, "loraflow-watch/local")) and runs[-1].state.is_final()):
+    while not ((runs := _runs_of(server, "loraflow-watch/watch-local")) and runs[-1].state.is_final()):
         assert time.time() < deadline, log.read_text()[-3000:]
         time.sleep(1)
     assert runs[-1].state.is_completed(), log.read_text()[-3000:]

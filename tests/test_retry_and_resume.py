@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from loraflow.launch import LaunchCommand, run_streaming
 from loraflow.storage import ArtifactStore
-from flows.runs import task_states
+from tasks.runs import task_states
 from test_sft_pipeline import sft_config
 
 pytestmark = pytest.mark.slow
@@ -51,6 +51,8 @@ def test_rerun_after_a_training_failure_reuses_data_quantization_and_lora(prefec
     trained = state.result()["train"]
     assert trained.metrics["resumed_from"].endswith("/checkpoints/checkpoint-6")
     assert trained.metrics["global_step"] == 12
+    summary = Path(trained.uri.rsplit("/checkpoints/", 1)[0], "summary.md").read_text()
+    assert f"**Training resumed from checkpoint-6 after a failure (`{trained.metrics['resumed_from']}`)" in summary
     # Throughput counts only this attempt's tokens (steps 7-12), not those trained before the crash.
     this_attempt = trained.metrics["tokens_per_s"] * trained.metrics["train_runtime_s"]
     assert 0.3 * trained.metrics["tokens_seen"] < this_attempt < 0.75 * trained.metrics["tokens_seen"]

@@ -52,7 +52,7 @@ def test_the_sft_flow_runs_on_s3_and_leaks_no_credentials(s3, prefect_server, ti
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
-    from flows.runs import task_states
+    from tasks.runs import task_states
     from flows.sft import sft
 
     sample = Path(__file__).parents[1] / "loraflow/data/sample/alpaca_gpt4_sample.json"

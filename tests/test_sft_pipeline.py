@@ -2,14 +2,19 @@
 
 import importlib
 import json
+import os
 import re
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
 from loraflow.config import build_config
-from flows.runs import task_states
+from tasks.runs import task_states
 from loraflow.storage import ArtifactStore
 
 pytestmark = pytest.mark.slow
@@ -33,21 +38,30 @@ def sft_config(model: Path, store: Path, **data):
     })
 
 
-def run_sft(config):
+def run_sft(config, with_id: bool = False, **parameters):
     from flows.sft import sft
 
-    state = sft(config, return_state=True)
+    state = sft(config, return_state=True, **parameters)
     assert state.is_completed(), state.message
-    return state.result(), task_states(state.state_details.flow_run_id)
+    flow_run_id = state.state_details.flow_run_id
+    return (state.result(), task_states(flow_run_id)) + ((flow_run_id,) if with_id else ())
 
 
 @pytest.fixture(scope="module")
 def first_run(prefect_server, tiny_model, tmp_path_factory):
-    store = tmp_path_factory.mktemp("store")
-    config = sft_config(tiny_model, store)
-    calls = tokenize_module.TOKENIZE_CALLS
-    records, states = run_sft(config)
-    return {"config": config, "records": records, "states": states, "tokenize_calls": tokenize_module.TOKENIZE_CALLS - calls}
+    """The store is given relative to the working folder, as `storage: ./store` in a deployment's defaults is."""
+    workdir = tmp_path_factory.mktemp("workdir")
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        config = sft_config(tiny_model, Path("store"))
+        calls = tokenize_module.TOKENIZE_CALLS
+        records, states, flow_run_id = run_sft(config, with_id=True)
+    finally:
+        os.chdir(previous)
+    config = config.model_copy(update={"storage": str(workdir / "store")})
+    return {"config": config, "records": records, "states": states, "flow_run_id": flow_run_id,
+            "tokenize_calls": tokenize_module.TOKENIZE_CALLS - calls}
 
 
 def test_every_stage_output_is_committed_with_a_manifest(first_run):
@@ -175,12 +189,26 @@ def test_the_flow_parameter_schema_is_the_config_form():
 
     from flows.sft import sft
 
+    from loraflow.config import FinetuneConfig
+
     schema = parameter_schema(sft).model_dump()
     definitions = schema["definitions"]
     assert set(definitions["FinetuneConfig"]["properties"]) == {"name", "storage", "model", "data", "lora", "train", "merge"}
     template = definitions["DataSettings"]["properties"]["template"]
     assert template["enum"] == ["alpaca", "alpaca_legacy", "alpaca_short", "vigogne", "vicuna_v1.1", "chatml"]
     assert all("description" in field for field in definitions["TrainSettings"]["properties"].values())
+    # The form reads naturally: every field has a title written for people (not one generated from its
+    # name, like "Lr Scheduler" or "R"), and no field is nullable (the UI shows a type switcher for those).
+    sections = [FinetuneConfig, *(FinetuneConfig.model_fields[name].annotation for name in ("model", "data", "lora", "train", "merge"))]
+    for section in sections:
+        for name, field in section.model_fields.items():
+            assert field.title, f"{section.__name__}.{name} has no title"
+        for name, property_schema in definitions[section.__name__]["properties"].items():
+            assert {"type": "null"} not in property_schema.get("anyOf", []), f"{section.__name__}.{name} is nullable"
+    assert definitions["TrainSettings"]["properties"]["lr_scheduler"]["title"] == "Learning-rate schedule"
+    assert definitions["TrainSettings"]["properties"]["deepspeed_zero"] == {
+        "default": 0, "description": "DeepSpeed ZeRO stage: 2 or 3 (0: DeepSpeed not used).", "maximum": 3, "minimum": 0,
+        "title": "DeepSpeed ZeRO stage", "type": "integer"}
 
 
 def test_the_run_publishes_its_artifacts(first_run, capsys):
@@ -224,3 +252,98 @@ def test_summary_redacts_secrets():
 
     shown = redact({"storage": "s3://AKIAEXAMPLE:hunter2@bucket/prefix", "model": {"hub_token": "hf_abc", "base": "org/m"}})
     assert shown == {"storage": "s3://***@bucket/prefix", "model": {"hub_token": "***", "base": "org/m"}}
+
+
+def test_every_record_and_artifact_carries_absolute_uris(first_run):
+    """The store was given as a relative path: records, summary and links still lead to the files from anywhere."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    store = first_run["config"].storage
+    for name, record in first_run["records"].items():
+        if record.uri:
+            assert record.uri.startswith(store + "/") or Path(record.uri).is_absolute(), (name, record.uri)
+            assert Path(record.uri).exists(), (name, record.uri)
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first_run["flow_run_id"]])))
+    links = {a.key.rsplit("-", 1)[-1]: a for a in artifacts if a.key.endswith(("-adapter", "-merged"))}  # (link artifacts are markdown)
+    assert set(links) == {"adapter", "merged"}
+    for name, artifact in links.items():
+        uri = first_run["records"][name].uri
+        assert artifact.data == f"[{'adapter (PEFT, safetensors)' if name == 'adapter' else 'merged model'}]({Path(uri).as_uri()})"
+        assert f"`{uri}`" in artifact.description
+    [summary] = [a.data for a in artifacts if a.key.endswith("-summary")]
+    assert "./" not in summary.split("## Config")[0] and f"`{first_run['records']['dataset'].uri}` ([open](file://" in summary
+
+
+def test_the_summary_snippet_loads_the_adapter_and_the_merged_model(first_run):
+    """The Python the summary shows, run as a user would paste it."""
+    run_uri = first_run["records"]["adapter"].uri.rsplit("/", 1)[0]
+    summary = Path(run_uri, "summary.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", summary, re.S).group(1)
+    assert first_run["records"]["adapter"].uri in snippet and first_run["records"]["merged"].uri in snippet
+    check = "\nprint('LOADED', type(model).__name__, type(merged).__name__)\n"
+    result = subprocess.run([sys.executable, "-c", snippet + check], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LOADED PeftModelForCausalLM LlamaForCausalLM" in result.stdout
+    assert f"loraflow generate {run_uri.rsplit('/', 1)[-1]} --storage {first_run['config'].storage}" in summary
+
+
+def test_loraflow_generate_streams_the_runs_answer(first_run, capsys):
+    from loraflow.cli import main
+    from loraflow.generate import generate
+
+    run = first_run["records"]["adapter"].uri.rsplit("/", 1)[-2].rsplit("/", 1)[-1]
+    store = first_run["config"].storage
+    assert main(["generate", run, "--storage", store, "--prompt", "Name three colours.", "--max-new-tokens", "6"]) == 0
+    streamed = capsys.readouterr().out
+    [expected] = generate(store, run, ["Name three colours."], max_new_tokens=6)
+    assert ">>> Name three colours." in streamed and expected.strip() in streamed
+    assert generate(store, run, ["Name three colours."], max_new_tokens=6, merged=True) == [expected]  # merged = base + adapter
+    assert main(["generate", "no-such-run", "--storage", store, "--prompt", "x"]) == 1
+    failure = capsys.readouterr()
+    assert f"no-such-run: no exported adapter there; runs with one in {store}: " in failure.err and run in failure.err and not failure.out
+
+
+def test_the_fine_tunes_own_run_shows_its_training_and_its_task_list(first_run):
+    """Training runs as a task of the fine-tune: its log lines and progress bar are on the fine-tune's run,
+    and no task takes a subflow's result (an input the classic UI cannot show: "Invalid TaskInputResponse")."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    flow_run_id = first_run["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert any(log.message.startswith("trained adapter committed") for log in logs)
+    assert {run.name.rsplit("-", 1)[0] for run in task_runs} >= {"prepare-dataset", "train", "export-adapter", "publish-report"}
+    input_types = {i.input_type for run in task_runs for inputs in run.task_inputs.values() for i in inputs}
+    assert input_types <= {"task_run", "parameter", "constant"}, input_types
+
+
+def test_an_upload_started_run_is_named_after_its_file_and_points_to_the_event(first_run):
+    """What the upload trigger passes (`dataset`, `upload_event`): the run is named after the file, its
+    summary links the event, and an event on the dataset's resource names the run."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    event_id = str(uuid.uuid4())
+    dataset = first_run["config"].data.path
+    records, _, flow_run_id = run_sft(first_run["config"], with_id=True, dataset=dataset, upload_event=event_id)
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+    assert re.fullmatch(r"test-alpaca-gpt4-sample-[0-9a-f]{4}", flow_run.name)
+    summary = Path(records["adapter"].uri.rsplit("/", 1)[0], "summary.md").read_text()
+    assert f"Started by the upload of `{dataset}` (event" in summary and event_id in summary
+    deadline = time.time() + 30
+    while True:
+        reply = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json={"filter": {"event": {"name": ["loraflow.finetune.started"]}}})
+        events = [e for e in reply.json()["events"] if e["payload"].get("upload_event") == event_id]
+        if events or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    [event] = events
+    assert event["resource"]["prefect.resource.id"] == f"loraflow.dataset.{dataset}"
+    related = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in event["related"]}
+    assert related["flow-run"] == f"prefect.flow-run.{flow_run_id}" and related["triggering-event"] == f"prefect.event.{event_id}"

@@ -50,3 +50,31 @@ def test_example_configs_validate(name):
     if name == "sharegpt-lora.yaml":
         assert (config.lora.target, config.train.learning_rate, config.train.warmup) == ("attention-qv", 2e-5, 0.03)
         assert config.data.effective_train_on_inputs is False
+
+
+def test_metrics_table_has_one_rounded_row_per_step():
+    from loraflow.report import metrics_table
+
+    rows = [
+        {"step": 1, "epoch": 0.0833333, "loss": 8.123456789, "learning_rate": 0.00999999, "grad_norm": 1.23456, "tokens_per_s": 1234.567},
+        {"step": 2, "epoch": 0.1666666, "loss": 7.65432109, "learning_rate": 0.0095, "grad_norm": 0.987654, "tokens_per_s": 1300.2},
+        {"step": 2, "epoch": 0.1666666, "eval_loss": 7.5555555},
+    ]
+    assert metrics_table(rows) == [
+        {"step": 1, "epoch": 0.0833, "loss": 8.123, "eval_loss": None, "learning_rate": 0.01, "grad_norm": 1.23, "tokens_per_s": 1235},
+        {"step": 2, "epoch": 0.167, "loss": 7.654, "eval_loss": 7.556, "learning_rate": 0.0095, "grad_norm": 0.988, "tokens_per_s": 1300},
+    ]
+
+
+def test_browser_urls_of_store_uris(monkeypatch):
+    from loraflow.storage import ArtifactStore, browser_url
+
+    monkeypatch.chdir("/tmp")
+    assert ArtifactStore("store").uri("runs", "a") == "/tmp/store/runs/a"  # a relative store becomes absolute
+    assert browser_url("/tmp/store/runs/a b") == "file:///tmp/store/runs/a%20b"
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    assert browser_url("s3://bucket/lf/runs/a/adapter") == "https://s3.console.aws.amazon.com/s3/buckets/bucket?prefix=lf/runs/a/adapter/"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    assert browser_url("s3://bucket/lf/runs/a/adapter") == "http://127.0.0.1:9000/bucket/lf/runs/a/adapter/_manifest.json"
+    assert browser_url("memory://x/y") is None

@@ -8,6 +8,7 @@ deployment run retried with `prefect flow-run retry` (the UI's Retry) reuses eve
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,22 @@ def _flow_runs(server, flow_name: str):
 
     with server.client_settings(), get_client(sync_client=True) as client:
         return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+
+
+def _logs(server, flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with server.client_settings(), get_client(sync_client=True) as client:
+        return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+
+def _artifacts(server, flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with server.client_settings(), get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
 
 def _config(tiny_model, tmp_path, **train) -> dict:
@@ -73,6 +90,12 @@ def test_sft_hands_training_to_a_worker_of_the_xpu_pool(pool, tiny_model, tmp_pa
     assert "e2e-worker" in worker_output and str(training.id) in worker_output
     assert "trained adapter committed" in worker_output  # the trainer's log went through the worker
     assert len(list((tmp_path / "store" / "runs").glob("pooled-*/adapter/adapter_model.safetensors"))) == 1
+    # The fine-tune's own run shows its training: the job's log lines relayed, and the progress bar.
+    [fine_tune] = _flow_runs(server, "loraflow-sft")
+    messages = [log.message for log in _logs(server, fine_tune.id)]
+    assert any(m.startswith("[pool job] trained adapter committed") for m in messages), messages[-20:]
+    progress = [a for a in _artifacts(server, fine_tune.id) if a.type == "progress"]
+    assert len(progress) == 1 and progress[0].key.startswith("pooled-") and progress[0].data == 100.0
 
     # The same fine-tune again: its idempotency key finds the finished job; no second training run.
     again = server.run(str(BIN / "loraflow"), "run", str(config), timeout=600)
@@ -80,8 +103,6 @@ def test_sft_hands_training_to_a_worker_of_the_xpu_pool(pool, tiny_model, tmp_pa
 
 
 def _wait_final(server, flow_run_id, timeout: float = 300):
-    import time
-
     from prefect.client.orchestration import get_client
 
     deadline = time.time() + timeout
@@ -96,14 +117,14 @@ def test_prefect_flow_run_retry_of_a_failed_deployment_run_reuses_every_finished
     """What the UI's Retry button does: the same flow run, rescheduled, picked up by the worker again."""
     from prefect.client.orchestration import get_client
 
-    from flows.runs import task_states
+    from tasks.runs import task_states
 
     server = pool
     config = _config(tiny_model, tmp_path, max_steps=4, retries=0)
     subset = tmp_path / "uploaded.json"  # given as `dataset`, as the upload trigger does: it replaces data.path
     subset.write_text(json.dumps(json.loads(SAMPLE.read_text())[:60]))
     with server.client_settings(), get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("loraflow-sft/xpu")
+        deployment = client.read_deployment_by_name("loraflow-sft/sft-xpu")
         run = client.create_flow_run_from_deployment(
             deployment.id, parameters={"config": config, "dataset": str(subset)},
             job_variables={"env": {"LORAFLOW_TEST_FAIL_AT_STEP": "3"}},  # fails after checkpoint-2, first attempt only
@@ -129,7 +150,6 @@ def test_stopping_the_fine_tune_cancels_its_training_job_and_leaves_no_trainer(p
     import os
     import signal
     import subprocess
-    import time
 
     import psutil
 
@@ -150,4 +170,71 @@ def test_stopping_the_fine_tune_cancels_its_training_job_and_leaves_no_trainer(p
     fine_tune.wait(timeout=60)
     assert _wait_final(server, training.id, timeout=120).state.name == "Cancelled"
     gone, alive = psutil.wait_procs(trainers, timeout=60)
+    assert not alive, [p.pid for p in alive]
+
+
+def test_a_schedule_added_to_the_sft_deployment_starts_a_fine_tune_that_completes_on_the_worker(pool, tiny_model, tmp_path):
+    """What the UI's Schedules panel does: the server's scheduler creates the run, a worker of the pool runs it.
+
+    Fails where the scheduler cannot create runs (Prefect 3.8 with SQLAlchemy 2.1: "Can't evaluate bulk DML statement").
+    """
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    server = pool
+    config = _config(tiny_model, tmp_path)
+    config["name"] = "scheduled"
+    with server.client_settings(), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("loraflow-sft/sft-xpu")
+        # Hourly from 5 s from now: the first run is due at once, the next not within the test.
+        first = datetime.now(timezone.utc) + timedelta(seconds=5)
+        [schedule] = client.create_deployment_schedules(deployment.id, [DeploymentScheduleCreate(
+            schedule=IntervalSchedule(interval=timedelta(hours=1), anchor_date=first), active=True, parameters={"config": config})])
+        try:
+            deadline = time.time() + 120
+            while not (runs := [run for run in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+                                if run.auto_scheduled and run.parameters["config"]["name"] == "scheduled"]):
+                assert time.time() < deadline, f"the scheduler created no run in 120 s:\n{server.log.read_text()[-3000:]}"
+                time.sleep(1)
+            due = min(runs, key=lambda run: run.expected_start_time)
+            finished = _wait_final(server, due.id, timeout=400)
+        finally:  # (deleting a schedule deletes its runs that have not started)
+            client.delete_deployment_schedule(deployment.id, schedule.id)
+    assert finished.state.is_completed(), server.worker_log.read_text()[-3000:]
+    assert finished.name.startswith("scheduled-alpaca-gpt4-sample-")  # named after its config and dataset
+    assert list((tmp_path / "store" / "runs").glob("scheduled-*/adapter/adapter_model.safetensors"))
+
+
+def test_stopping_the_worker_ends_its_running_fine_tune_as_crashed_within_seconds(pool, tiny_model, tmp_path):
+    """SIGTERM to infra/worker/start-worker (systemd's stop, kill) while it runs a fine-tune: the worker
+    exits within 30 s, the run ends Crashed (so a Retry resumes it) instead of staying Running, and no
+    trainer survives. Last in this module: it stops the module's worker."""
+    import os
+    import signal
+    import subprocess
+
+    import psutil
+    from prefect.client.orchestration import get_client
+
+    server = pool
+    config = _config(tiny_model, tmp_path, max_steps=100000, save_steps=1000, eval_steps=1000)
+    with server.client_settings(), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("loraflow-sft/sft-xpu")
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"config": config})
+    deadline = time.time() + 240
+    while not (trainers := [p for p in psutil.process_iter(["cmdline"]) if "loraflow.train" in " ".join(p.info["cmdline"] or [])
+                            and str(tmp_path) in " ".join(p.info["cmdline"] or [])]):
+        assert time.time() < deadline, server.worker_log.read_text()[-3000:]
+        time.sleep(1)
+    worker = next(process for process in server.processes if "start-worker" in " ".join(process.args))
+    started = time.time()
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.wait(timeout=30)
+    assert time.time() - started < 30 and worker.returncode == 0, server.worker_log.read_text()[-3000:]
+    assert _wait_final(server, run.id, timeout=30).state.name == "Crashed"
+    gone, alive = psutil.wait_procs(trainers, timeout=30)
     assert not alive, [p.pid for p in alive]

@@ -61,12 +61,21 @@ def read_rows(uri: str) -> list[dict]:
     return rows
 
 
+def _json_problem(error: json.JSONDecodeError, text: str) -> str:
+    """json's message as a whole sentence ("Unterminated string starting at line 1, column 30"), with what it usually means."""
+    where = f"line {error.lineno}, column {error.colno}"
+    message = f"{error.msg} {where}" if error.msg.endswith(" at") else f"{error.msg} at {where}"
+    if not text[error.pos:].strip() or error.msg.startswith("Unterminated string"):
+        message += "; the file ends in the middle of a value: it may still be uploading, or was cut short"
+    return message
+
+
 def _parse_json(uri: str, text: str) -> list:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise LoraflowError(
-            f"{uri}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+            f"{uri}: malformed JSON: {_json_problem(error, text)}"
             + ("; if this file has one object per line, name it .jsonl" if error.msg == "Extra data" else "")
         ) from None
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
@@ -85,7 +94,7 @@ def _parse_jsonl(uri: str, text: str) -> list:
             rows.append(json.loads(line))
         except json.JSONDecodeError as error:
             raise LoraflowError(
-                f"{uri}: malformed JSON on line {number}, column {error.colno}: {error.msg}; "
+                f"{uri}: malformed JSON on line {number}: {_json_problem(error, line).replace('line 1, column', 'column')}; "
                 "fix or remove that line (each line must be one complete JSON object)"
             ) from None
     return rows

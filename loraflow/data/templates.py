@@ -90,3 +90,11 @@ def render_conversation(template: str, turns: list[tuple[str, str]], eos_token: 
         if style.between_turns and position < len(dialogue) - 1:
             segments.append((style.between_turns, False))
     return segments
+
+
+def generation_prompt(data_format: str, template: str, text: str) -> str:
+    """The prompt a fine-tuned model expects for one user message: the template up to where the answer starts."""
+    if data_format == "alpaca":
+        return alpaca_template(template).prompt(text)
+    segments = render_conversation(template, [("user", text)], eos_token="")
+    return "".join(segment for segment, _ in segments) + CONVERSATION[template].assistant_prefix

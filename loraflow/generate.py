@@ -1,0 +1,76 @@
+"""Trying a fine-tune: its template applied to a prompt, base + adapter (or the merged model), greedy output.
+
+`loraflow generate RUN --storage STORE --prompt TEXT` and the summary's load snippet do the same thing.
+Nothing read from the store decides whether code runs: `trust_remote_code` is the caller's flag, never
+the run's stored config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from loraflow.data.templates import generation_prompt
+from loraflow.errors import LoraflowError
+from loraflow.models import native
+from loraflow.storage import ArtifactStore
+
+
+def run_outputs(store: ArtifactStore, run: str) -> dict[str, str]:
+    """{adapter, merged?} URIs of a run folder, or an error naming the runs that have an adapter."""
+    run_uri = store.uri("runs", run)
+    outputs = {name: f"{run_uri}/{name}" for name in ("adapter", "merged") if store.is_committed(f"{run_uri}/{name}")}
+    if "adapter" not in outputs:
+        try:
+            folders = sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in store.fs.ls(store.path(store.uri("runs")), detail=False))
+        except FileNotFoundError:
+            folders = []
+        exported = [name for name in folders if store.is_committed(store.uri("runs", name, "adapter"))]
+        raise LoraflowError(f"{run_uri}: no exported adapter there; runs with one in {store.url}: {', '.join(exported) or 'none'}")
+    return outputs
+
+
+def generate(storage: str, run: str, prompts: list[str], max_new_tokens: int = 128, merged: bool = False,
+             trust_remote_code: bool = False, on_text: Callable[[str], None] | None = None) -> list[str]:
+    """Greedy completions of `prompts` by the run's model; with on_text, each is streamed to it as it is generated."""
+    import torch
+    from transformers import AutoTokenizer
+
+    store = ArtifactStore(storage)
+    outputs = run_outputs(store, run)
+    adapter_dir = store.local_copy(outputs["adapter"])
+    config = json.loads((adapter_dir / "loraflow_config.json").read_text())
+    device = native.available_device()
+    precision = native.resolve_precision("auto", device)
+    if merged:
+        if "merged" not in outputs:
+            raise LoraflowError(f"run {run} has no merged model (merge.enabled was false); drop --merged to use base + adapter")
+        model = native.load_causal_lm(store.local_copy(outputs["merged"]), device, precision, None, trust_remote_code)
+    else:
+        from peft import PeftModel
+
+        base = native.load_causal_lm(Path(native.resolve_model_path(config["model"]["base"])), device, precision, None, trust_remote_code)
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    results = []
+    for text in prompts:
+        prompt = generation_prompt(config["data"]["format"], config["data"]["template"], text)
+        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+        streamer = _CallbackStreamer(tokenizer, on_text) if on_text else None
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        results.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return results
+
+
+def _CallbackStreamer(tokenizer, on_text):
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            on_text(text + ("\n" if stream_end else ""))
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
