@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows.common import announce_upload, finetune_run_name
 from flows.train import run_training
 from loraflow.config import FinetuneConfig
 from loraflow.storage import StageRecord
-from flows.common import announce_upload, finetune_run_name
 from tasks.common import hide_user_error_tracebacks, stage_options
 from tasks.data import prepare_dataset
 from tasks.env import check_env, inspect_sources

@@ -64,18 +64,24 @@ def _print_records(records: dict, outcomes: dict[str, str]) -> None:
     if train:
         m = train.metrics
         print(f"\ntrain loss {m.get('first_loss') or float('nan'):.4f} → {m.get('final_loss') or float('nan'):.4f} (first → last logged step), "
-              f"eval loss {m.get('eval_loss', float('nan')):.4f}, {m.get('tokens_per_s')} tokens/s on {m.get('device')}")
+              + (f"eval loss {m['eval_loss']:.4f}" if m.get("eval_loss") is not None else "no eval split")
+              + f", {m.get('tokens_per_s')} tokens/s on {m.get('device')}")
 
 
 def _run_flow(config, show_ui_hint: bool) -> dict:
-    from tasks.runs import stage_outcomes, task_states
     from flows.sft import sft
+    from tasks.runs import stage_outcomes, task_states
 
     state = sft(config, return_state=True)
     records = state.result(raise_on_failure=False)
     if state.is_failed():
         raise _failure_reason(state)
     _print_records(records, stage_outcomes(records, task_states(state.state_details.flow_run_id)))
+    if "adapter" in records:
+        from loraflow.report import generate_command, run_uri_of
+
+        print(f"\nsummary (with Python that loads the adapter): {run_uri_of(records)}/summary.md\n"
+              f"try it: {Path(sys.executable).parent / generate_command(config.for_run().model_dump(mode='json'), records)}")
     if show_ui_hint:
         from prefect.settings import PREFECT_UI_URL
 

@@ -299,7 +299,8 @@ def _resolve(value: str, folder: Path) -> str:
 def resolve_relative_paths(config: FinetuneConfig, folder: Path) -> FinetuneConfig:
     return config.model_copy(
         update={
-            "storage": _resolve(config.storage, folder),
+            # The store is always a path or URL (never a hub id), and may not exist yet.
+            "storage": config.storage if "://" in config.storage else str((folder / config.storage).resolve()),
             "model": config.model.model_copy(update={"base": _resolve(config.model.base, folder)}),
             "data": config.data.model_copy(update={"path": _resolve(config.data.path, folder)}),
         }

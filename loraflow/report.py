@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shlex
 from typing import Any
 
 from loraflow.storage import ArtifactStore, StageRecord, browser_url
@@ -139,7 +140,7 @@ def usage_snippet(config: dict, records: dict[str, StageRecord], example: str = 
 
 def generate_command(config: dict, records: dict[str, StageRecord]) -> str:
     run = run_uri_of(records).rsplit("/", 1)[-1]
-    return f"loraflow generate {run} --storage {config['storage']} --prompt 'Give three tips for staying healthy.'"
+    return f"loraflow generate {run} --storage {shlex.quote(config['storage'])} --prompt 'Give three tips for staying healthy.'"
 
 
 def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: list[dict], run_uri: str,

@@ -4,11 +4,11 @@ from datetime import datetime, timezone
 from prefect import runtime, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from tasks.runs import STAGE_TASKS, stage_outcomes, task_runs
 from loraflow.config import FinetuneConfig
 from loraflow.report import write_report
 from loraflow.storage import ArtifactStore, StageRecord, browser_url
 from tasks.common import event_url
+from tasks.runs import STAGE_TASKS, stage_outcomes, task_runs
 
 
 def artifact_key(run: str, what: str) -> str:

@@ -274,6 +274,7 @@ def test_every_record_and_artifact_carries_absolute_uris(first_run):
         assert f"`{uri}`" in artifact.description
     [summary] = [a.data for a in artifacts if a.key.endswith("-summary")]
     assert "./" not in summary.split("## Config")[0] and f"`{first_run['records']['dataset'].uri}` ([open](file://" in summary
+    assert f"--storage {store} " in summary and f'"storage": "{store}"' in summary
 
 
 def test_the_summary_snippet_loads_the_adapter_and_the_merged_model(first_run):
