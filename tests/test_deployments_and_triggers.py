@@ -6,6 +6,7 @@ trigger service turns each `loraflow.dataset.uploaded` into an SFT flow run. The
 """
 
 import json
+import re
 import shutil
 import time
 
@@ -186,10 +187,14 @@ def _serve_and_run_the_watcher(server, tmp_path):
     for name in ("loraflow-train/train-local", "loraflow-merge/merge-local"):
         _deployment(server, name)
 
-    server.run(str(BIN / "prefect"), "deployment", "run", "loraflow-watch/watch-local")
+    # --watch gave the watcher an interval schedule (its runs come every --interval s); run it now as well.
+    started = server.run(str(BIN / "prefect"), "deployment", "run", "loraflow-watch/watch-local").stdout
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
     deadline = time.time() + 90
-    while not ((runs := _runs_of(server, "loraflow-watch/watch-local")) and runs[-1].state.is_final()):
+    while not (run := next(r for r in _runs_of(server, "loraflow-watch/watch-local") if str(r.id) == run_id)).state.is_final():
         assert time.time() < deadline, log.read_text()[-3000:]
         time.sleep(1)
-    assert runs[-1].state.is_completed(), log.read_text()[-3000:]
+    assert run.state.is_completed(), log.read_text()[-3000:]
+    watch = _deployment(server, "loraflow-watch/watch-local")
+    assert [(schedule.active, schedule.schedule.interval.total_seconds()) for schedule in watch.schedules] == [(True, 3600)]
     assert f"new dataset {incoming / 'a.json'}" in log.read_text()
