@@ -156,10 +156,15 @@ def write_hostfile(topology: Topology, folder: Path) -> Path | None:
     return path
 
 
-def build_command(topology: Topology, spec_uri: str, node_rank: int = 0, python: str | None = None, hostfile: Path | None = None) -> LaunchCommand:
-    """argv + environment to start the training ranks of this host (torchrun) or of every host (mpirun, deepspeed)."""
+def build_command(topology: Topology, spec_uri: str, node_rank: int = 0, python: str | None = None, hostfile: Path | None = None,
+                  trust_remote_code: bool = False) -> LaunchCommand:
+    """argv + environment to start the training ranks of this host (torchrun) or of every host (mpirun, deepspeed).
+
+    trust_remote_code travels on the command line (from the flow's parameters), never in the spec file.
+    """
     python = python or sys.executable
-    entry = ["-m", "loraflow.train", spec_uri]
+    module_args = [spec_uri, *(["--trust-remote-code"] if trust_remote_code else [])]
+    entry = ["-m", "loraflow.train", *module_args]
     launcher, per_node, nnodes = topology.launcher, topology.nproc_per_node, topology.nnodes
     if launcher == "local":
         if per_node != 1 or nnodes != 1:
@@ -181,7 +186,7 @@ def build_command(topology: Topology, spec_uri: str, node_rank: int = 0, python:
         argv = [find_program("deepspeed") or "deepspeed", f"--num_gpus={per_node}", f"--master_port={port}"]
         if nnodes > 1:
             argv += [f"--hostfile={hostfile}", f"--num_nodes={nnodes}", f"--master_addr={topology.master_addr}"]
-        return LaunchCommand([*argv, "--module", "loraflow.train", spec_uri])
+        return LaunchCommand([*argv, "--module", "loraflow.train", *module_args])
     if launcher == "mpirun":
         env = {"MASTER_ADDR": topology.master_addr, "MASTER_PORT": port}
         passed = ["MASTER_ADDR", "MASTER_PORT", "PATH"]
@@ -281,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec_uri", help="the run spec the training flow wrote (runs/<run>/spec.json, any fsspec URL)")
     parser.add_argument("--node-rank", type=int, required=True, help="this host's index in train.hosts (1, 2, …)")
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code to run (never read from the spec)")
     args = parser.parse_args(argv)
     import fsspec
 
@@ -290,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.spec_uri}: this is for torchrun runs on several hosts, node ranks 1..{topology.nnodes - 1} "
               f"(launcher {topology.launcher}, {topology.nnodes} host(s))", file=sys.stderr)
         return 2
-    command = build_command(topology, args.spec_uri, args.node_rank)
+    command = build_command(topology, args.spec_uri, args.node_rank, trust_remote_code=args.trust_remote_code)
     print(" ".join(command.argv), flush=True)
     if args.dry_run:
         return 0

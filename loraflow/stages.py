@@ -157,7 +157,7 @@ def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, b
         "train": config.train.model_dump() | {"device": env.metrics["device"], "precision": env.metrics["precision"]},
         "ddp_backend": distributed_backend(env.metrics["device"]) if Topology.from_train(config.train).world_size > 1 else None,
         "deepspeed_config": deepspeed_config(config.train.deepspeed_zero, config.train.deepspeed_offload_optimizer),
-        "trust_remote_code": config.model.trust_remote_code,
+        # No trust_remote_code here: the spec is a file in the shared store (see launch.build_command).
     }
     return key, run, spec
 

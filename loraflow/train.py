@@ -120,6 +120,7 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
             # The checkpoint carries the metrics up to its own step, so a resume from it restores
             # exactly those (the run's live metrics may already hold steps past it).
             shutil.copyfile(metrics_path, checkpoint / METRICS)
+            (checkpoint / "training_args.bin").unlink(missing_ok=True)  # a pickle nothing reads back; the spec says the same
             store.commit(checkpoint, f"{run_uri}/checkpoints/{name}", {"step": state.global_step})
             store.commit(metrics_path.parent, f"{run_uri}/metrics")
             print(f"checkpoint {name} committed to {run_uri}/checkpoints/{name}", flush=True)
@@ -129,12 +130,46 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
     return [MetricsToStore()]
 
 
-def newest_checkpoint(store: ArtifactStore, run_uri: str) -> str | None:
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
+
+
+def refused_pickles(folder: Path) -> list[str]:
+    """Files in a checkpoint from the store that are not plain tensor data: "name: reason" for each.
+
+    A checkpoint's optimizer, scheduler and RNG state are pickles. The store is shared and untrusted,
+    so each is first opened with torch's restricted unpickler (weights_only: tensors, containers and
+    numbers; plus the numpy RNG types transformers allows for rng_state.pth), which refuses any other
+    class or call. A file that opens that way cannot run code when a library loads it again, whatever
+    that library's own torch.load settings (DeepSpeed's, for instance).
+    """
+    from transformers.trainer_pt_utils import safe_globals
+
+    refused = []
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES):
+        try:
+            with safe_globals():
+                torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:  # UnpicklingError, or anything a corrupt file raises
+            refused.append(f"{file.relative_to(folder)}: {str(error).splitlines()[0][:200]}")
+    return refused
+
+
+def resumable_checkpoint(store: ArtifactStore, run_uri: str, work: Path) -> tuple[str | None, Path | None]:
+    """The newest committed checkpoint whose files are all safe to load (see refused_pickles), copied locally."""
     committed = [uri for uri in store.list_committed(f"{run_uri}/checkpoints") if uri.rsplit("/", 1)[-1].startswith("checkpoint-")]
-    return max(committed, key=lambda uri: int(uri.rsplit("-", 1)[-1]), default=None)
+    for uri in sorted(committed, key=lambda uri: int(uri.rsplit("-", 1)[-1]), reverse=True):
+        local = store.local_copy(uri, work / "resume" / uri.rsplit("/", 1)[-1])
+        refused = refused_pickles(local)
+        if not refused:
+            return uri, local
+        print(f"not resuming from {uri}: it holds files that are not plain tensor data, which are never loaded "
+              f"from the store ({'; '.join(refused)}); trying an older checkpoint", flush=True)
+    return None, None
 
 
-def train(spec: dict) -> dict:
+def train(spec: dict, trust_remote_code: bool = False) -> dict:
+    """Train as the spec says. trust_remote_code comes from the command line (the flow's parameters),
+    never from the spec: the spec is a file in the shared store."""
     from datasets import Dataset
     from peft import PeftModel
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
@@ -153,7 +188,7 @@ def train(spec: dict) -> dict:
     dataset_dir = store.local_copy(spec["dataset_uri"])
     tokenizer = load_tokenizer(str(dataset_dir / "tokenizer"))
     base_dir = store.local_copy(spec["base_uri"]) if spec["base_in_store"] else Path(spec["base_uri"])
-    model = native.load_causal_lm(base_dir, device, precision, None, spec.get("trust_remote_code", False))
+    model = native.load_causal_lm(base_dir, device, precision, None, trust_remote_code)
     model = native.prepare_for_training(model, spec["quantized"], cfg["gradient_checkpointing"])
     adapter_dir = store.local_copy(spec["lora_init_uri"]) / "adapter"
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
@@ -203,10 +238,8 @@ def train(spec: dict) -> dict:
         deepspeed=spec.get("deepspeed_config"),
         ddp_find_unused_parameters=False if ranks["world_size"] > 1 else None,
     )
-    resume_uri = newest_checkpoint(store, run_uri)
-    resume_dir = None
+    resume_uri, resume_dir = resumable_checkpoint(store, run_uri, work)
     if resume_uri:
-        resume_dir = store.local_copy(resume_uri, work / "resume")
         print(f"resuming from {resume_uri}", flush=True)
         if (resume_dir / METRICS).exists():
             shutil.copyfile(resume_dir / METRICS, metrics_path)
@@ -268,9 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec_uri", help="the run spec (JSON, any fsspec URL)")
     # The deepspeed launcher appends --local_rank=N; the same value is in LOCAL_RANK.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code to run")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        train(read_spec(args.spec_uri))
+        train(read_spec(args.spec_uri), trust_remote_code=args.trust_remote_code)
     except LoraflowError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1

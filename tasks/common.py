@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 from prefect.logging import get_run_logger
 
 from loraflow.errors import LoraflowError
@@ -14,17 +12,14 @@ from loraflow.storage import ArtifactStore, sha256_hex
 def result_storage(storage: str):
     """Prefect's persisted results live in the artifact store, so a retry from anywhere that sees the store hits the cache.
 
-    Prefect reads a bare string as a block slug, so a local store becomes a Path and a remote one an
-    fsspec-backed RemoteFileSystem.
+    A saved JsonOnly*Results block (Prefect resolves a persisted state's result through the
+    block's id, so it must be saved) named from the store's URL, carrying no settings: credentials
+    stay in the environment, never in Prefect's database. It reads back only plain JSON results.
     """
-    store = ArtifactStore(storage)
-    if store.is_local:
-        return Path(store.path(store.uri("prefect-results")))
-    from prefect.filesystems import RemoteFileSystem
+    from tasks.results import JsonOnlyLocalResults, JsonOnlyRemoteResults
 
-    # Prefect only accepts a saved block for remote result storage. Its name is derived from the URL,
-    # and it carries no settings: credentials stay in the environment (never in Prefect's database).
-    block = RemoteFileSystem(basepath=store.uri("prefect-results"))
+    store = ArtifactStore(storage)
+    block = (JsonOnlyLocalResults if store.is_local else JsonOnlyRemoteResults)(basepath=store.uri("prefect-results"))
     block.save(f"loraflow-results-{sha256_hex(store.url)[:16]}", overwrite=True)
     return block
 

@@ -60,10 +60,12 @@ def train_adapter(config: FinetuneConfig, env: StageRecord, dataset: StageRecord
     progress = TrainingProgress()
     progress.on_line(TrainingProgress.RUN_LINE.format(run=run.rsplit("/", 1)[-1], uri=run))
     with tempfile.TemporaryDirectory(prefix="loraflow-launch-") as scratch:
-        command = launch.build_command(topology, spec_uri, hostfile=launch.write_hostfile(topology, Path(scratch)))
+        command = launch.build_command(topology, spec_uri, hostfile=launch.write_hostfile(topology, Path(scratch)),
+                                       trust_remote_code=config.model.trust_remote_code)
         log_info(f"launching: {' '.join(command.argv)}")
         if topology.launcher == "torchrun" and topology.nnodes > 1:
-            log_info(f"on each other host N of {topology.hosts}: python -m loraflow.launch {spec_uri} --node-rank N")
+            trust = " --trust-remote-code" if config.model.trust_remote_code else ""
+            log_info(f"on each other host N of {topology.hosts}: python -m loraflow.launch {spec_uri} --node-rank N{trust}")
         code = launch.run_streaming(command, progress.on_line, timeout=config.train.timeout_s or None)
     if code != 0:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
