@@ -81,7 +81,7 @@ def _run_flow(config, show_ui_hint: bool) -> dict:
         from loraflow.report import generate_command, run_uri_of
 
         print(f"\nsummary (with Python that loads the adapter): {run_uri_of(records)}/summary.md\n"
-              f"try it: {Path(sys.executable).parent / generate_command(config.for_run().model_dump(mode='json'), records)}")
+              f"try it: {generate_command(config.for_run().model_dump(mode='json'), records)}")
     if show_ui_hint:
         from prefect.settings import PREFECT_UI_URL
 
@@ -281,9 +281,10 @@ def cmd_runs(args) -> int:
     if not rows:
         print("no loraflow-sft flow runs in this Prefect database (PREFECT_HOME)")
         return 0
-    print(f"{'flow run':<24} {'state':<10} {'started':<17} {'run':<28} result")
+    width = max(len("flow run"), *(len(row["flow_run"]) for row in rows))
+    print(f"{'flow run':<{width}} {'state':<10} {'started':<17} {'run':<28} result")
     for row in rows:
-        print(f"{row['flow_run']:<24} {row['state']:<10} {row['started']:<17} {row['run']:<28} {row['result']}")
+        print(f"{row['flow_run']:<{width}} {row['state']:<10} {row['started']:<17} {row['run']:<28} {row['result']}")
     return 0
 
 
@@ -346,7 +347,7 @@ def parser() -> argparse.ArgumentParser:
     watch = commands.add_parser("watch", help="scan a folder or bucket prefix for new dataset files and emit upload events")
     watch.add_argument("prefix", help="a local folder or fsspec URL (s3://bucket/incoming)")
     watch.add_argument("--storage", required=True, help="artifact store where the watcher remembers what it has seen")
-    watch.add_argument("--interval", type=float, default=30, help="seconds between scans")
+    watch.add_argument("--interval", type=float, default=30, help="seconds between scans (default 30); it scans until Ctrl-C")
     watch.add_argument("--once", action="store_true", help="scan once and exit")
     watch.set_defaults(handler=cmd_watch)
 

@@ -10,6 +10,8 @@ import io
 import json
 import re
 import shlex
+import sys
+from pathlib import Path
 from typing import Any
 
 from loraflow.storage import ArtifactStore, StageRecord, browser_url
@@ -140,7 +142,9 @@ def usage_snippet(config: dict, records: dict[str, StageRecord], example: str = 
 
 def generate_command(config: dict, records: dict[str, StageRecord]) -> str:
     run = run_uri_of(records).rsplit("/", 1)[-1]
-    return f"loraflow generate {run} --storage {shlex.quote(config['storage'])} --prompt 'Give three tips for staying healthy.'"
+    # The venv's own loraflow (a bare `loraflow` is on PATH only in an activated venv).
+    program = shlex.quote(str(Path(sys.executable).parent / "loraflow"))
+    return f"{program} generate {run} --storage {shlex.quote(config['storage'])} --prompt 'Give three tips for staying healthy.'"
 
 
 def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: list[dict], run_uri: str,

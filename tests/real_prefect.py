@@ -37,9 +37,14 @@ def prefect_env(home: Path, api_url: str) -> dict[str, str]:
     return env
 
 
-def _start(argv: list[str], env: dict, log: Path, cwd: Path = REPO) -> subprocess.Popen:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start(argv: list[str], env: dict, log: Path, cwd: Path = REPO, sigint_ignored: bool = False) -> subprocess.Popen:
     stream = log.open("w")
-    return subprocess.Popen(argv, env=env, cwd=cwd, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(argv, env=env, cwd=cwd, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_ignore_sigint if sigint_ignored else None)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -67,10 +72,13 @@ class Server:
         assert result.returncode == 0, f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         return result
 
-    def start_background(self, *argv: str, log_name: str, env: dict | None = None) -> Path:
-        """A long-running process (a worker, `loraflow serve`) against this server, stopped with it; returns its log."""
+    def start_background(self, *argv: str, log_name: str, env: dict | None = None, sigint_ignored: bool = False) -> Path:
+        """A long-running process (a worker, `loraflow serve`) against this server, stopped with it; returns its log.
+
+        sigint_ignored: start it as a shell script's background job (`cmd &`, nohup) is started, SIGINT ignored.
+        """
         log = self.home / log_name
-        self.processes.append(_start(list(argv), {**self.env, **(env or {})}, log))
+        self.processes.append(_start(list(argv), {**self.env, **(env or {})}, log, sigint_ignored=sigint_ignored))
         return log
 
     def create_pool_and_deploy(self) -> None:
