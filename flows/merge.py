@@ -10,6 +10,7 @@ from prefect import flow
 
 from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
+from loraflow.stages import check_token_ids
 from loraflow.storage import ArtifactStore, StageRecord
 from tasks.common import hide_user_error_tracebacks, stage_options
 from tasks.data import prepare_dataset
@@ -36,4 +37,5 @@ def merge_only(config: FinetuneConfig, adapter_uri: str) -> StageRecord:
     env = check_env(config)
     sources = inspect_sources(config)
     dataset = prepare_dataset.with_options(**stage_options(config.storage))(config, sources)
+    check_token_ids(dataset, sources)
     return merge_adapter(config, env, sources, dataset, adapter)

@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 from flows.common import announce_upload, finetune_run_name
 from flows.train import run_training
 from loraflow.config import FinetuneConfig
+from loraflow.stages import check_token_ids
 from loraflow.storage import StageRecord
 from tasks.common import hide_user_error_tracebacks, stage_options
 from tasks.data import prepare_dataset
@@ -45,6 +46,7 @@ def sft(config: FinetuneConfig, dataset: str = "", upload_event: str = "") -> di
     env = check_env(config)
     sources = inspect_sources(config)
     dataset = prepare_dataset.with_options(**cached)(config, sources)
+    check_token_ids(dataset, sources)  # a tokenizer that does not fit the model stops here, before quantizing
     base = quantize_base.with_options(**cached)(config, env, sources)
     lora = inject_lora.with_options(**cached)(config, env, base)
     trained = run_training(config, env, dataset, base, lora)  # here, or a job on train.pool

@@ -16,7 +16,7 @@ from prefect.runtime import flow_run as current_flow_run
 
 from loraflow.config import FinetuneConfig
 from loraflow.storage import ArtifactStore, StageRecord, sha256_hex
-from tasks.common import stage_options
+from tasks.common import retry_unless_user_error, stage_options
 from tasks.env import check_env
 from tasks.train import TrainingProgress, train_adapter
 
@@ -26,7 +26,8 @@ RECORDS = "train-records"  # <store>/train-records/<flow run id>.json: what a po
 
 def train_task(config: FinetuneConfig):
     """The train task as every flow runs it: cached on its key, persisted in the store, retried (each retry resumes)."""
-    return train_adapter.with_options(**stage_options(config.storage), retries=config.train.retries, retry_delay_seconds=1)
+    return train_adapter.with_options(**stage_options(config.storage), retries=config.train.retries, retry_delay_seconds=1,
+                                      retry_condition_fn=retry_unless_user_error)
 
 
 @flow(name=TRAIN_FLOW, description="Train a LoRA/QLoRA adapter on this worker's host (started by a fine-tune whose train.pool names this pool).")

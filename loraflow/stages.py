@@ -67,9 +67,27 @@ def inspect_sources(config: FinetuneConfig) -> StageRecord:
         "dataset_sha256": dataset_sha256,
         "model_path": str(model_path),
         "model_key": sha256_hex(native.model_fingerprint(model_path)),
-        "tokenizer_key": native.tokenizer_fingerprint(model_path),
     }
+    tokenizer = native.tokenizer_identity(model_path)
+    metrics.update(tokenizer_key=sha256_hex(tokenizer), tokenizer_class=tokenizer["class"], tokenizer_size=tokenizer["size"],
+                   model_vocab_size=native.config_vocab_size(model_path))
     return StageRecord(stage="sources", key=sha256_hex(metrics["dataset_sha256"], metrics["model_key"], metrics["tokenizer_key"]), metrics=metrics)
+
+
+def check_token_ids(dataset: StageRecord, sources: StageRecord) -> None:
+    """Every token id of the tokenized data, and the pad id, index the model's embeddings: a tokenizer that
+    does not match the model fails here, before quantization, instead of deep in the first forward pass."""
+    vocab = sources.metrics.get("model_vocab_size")
+    if not vocab:
+        return
+    tokenizer = f"the tokenizer ({sources.metrics.get('tokenizer_class')}, {sources.metrics.get('tokenizer_size')} tokens)"
+    where = f"{sources.metrics['model_path']}/config.json"
+    for what, token_id in (("token id", dataset.metrics.get("max_token_id")), ("pad token id", dataset.metrics.get("pad_token_id"))):
+        if token_id is not None and token_id >= vocab:
+            raise LoraflowError(
+                f"{what} {token_id} in the tokenized data ({dataset.uri}) is outside the model's vocabulary of {vocab} "
+                f"(vocab_size in {where}): {tokenizer} does not belong to this model; use the model's own tokenizer files"
+            )
 
 
 # ---- keys ---------------------------------------------------------------------------------------

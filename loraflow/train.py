@@ -31,6 +31,8 @@ from loraflow.models import native
 from loraflow.storage import ArtifactStore, sha256_hex
 
 FINAL = "final"
+# The exit code for a LoraflowError (bad input or configuration): the same every time, so not retried.
+USER_ERROR_EXIT = 3
 METRICS = "metrics.jsonl"
 
 
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         train(read_spec(args.spec_uri), trust_remote_code=args.trust_remote_code)
     except LoraflowError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
+        return USER_ERROR_EXIT
     return 0
 
 

@@ -28,6 +28,12 @@ def stage_options(storage: str) -> dict:
     return {"result_storage": result_storage(storage), "persist_result": True, "result_serializer": "json"}
 
 
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: a LoraflowError (bad input, an impossible configuration) fails the same
+    way every time, so only other failures (a crash, a killed process, a lost node) are retried."""
+    return not isinstance(state.data, LoraflowError)
+
+
 def event_url(event_id: str, occurred) -> str | None:
     """The Prefect UI's page of an event (None when no UI URL is configured)."""
     from prefect.settings import PREFECT_UI_URL

@@ -9,6 +9,7 @@ from loraflow import launch, stages
 from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import ArtifactStore, StageRecord
+from loraflow.train import USER_ERROR_EXIT
 from tasks.common import log_info
 
 
@@ -27,9 +28,12 @@ class TrainingProgress:
         self.prefix = prefix
         self.artifact_id = None
         self.percent = 0.0
+        self.error = None  # the trainer's last "error: …" line (a LoraflowError's message)
 
     def on_line(self, line: str) -> None:
         log_info(self.prefix + line)
+        if line.startswith("error: "):
+            self.error = line.removeprefix("error: ")
         if self.artifact_id is None and (named := self.RUN.match(line)):
             run = named.group(1)
             self.artifact_id = create_progress_artifact(0.0, key=f"{run}-progress", description=f"training steps done, {run}")
@@ -67,6 +71,8 @@ def train_adapter(config: FinetuneConfig, env: StageRecord, dataset: StageRecord
             trust = " --trust-remote-code" if config.model.trust_remote_code else ""
             log_info(f"on each other host N of {topology.hosts}: python -m loraflow.launch {spec_uri} --node-rank N{trust}")
         code = launch.run_streaming(command, progress.on_line, timeout=config.train.timeout_s or None)
+    if code == USER_ERROR_EXIT and progress.error:
+        raise LoraflowError(progress.error)  # a user error: not retried (tasks.common.retry_unless_user_error)
     if code != 0:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         raise RuntimeError(f"the training process {how} (its log is above); a retry resumes from the newest checkpoint in {run}/checkpoints")

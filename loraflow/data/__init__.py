@@ -10,12 +10,13 @@ import pyarrow.parquet as pq
 
 from loraflow.config import DataSettings
 from loraflow.data.formats import format_alpaca, format_conversations, read_rows
+from loraflow.data.templates import template_markers_not_in_vocabulary
 from loraflow.data.tokenize import load_tokenizer, to_table, tokenize
 from loraflow.errors import LoraflowError
 
 STAGE = "datasets"
 # Bump when the output of this stage changes for the same inputs (templates, masking, layout).
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: keyed on the tokenizer as built; stats carry token-id bounds
 
 
 def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=print) -> dict:
@@ -32,6 +33,11 @@ def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=
             data.path, rows, data.format, data.template, train_on_inputs, tokenizer.eos_token
         )
     log(f"formatted {len(formatted.texts)} of {len(rows)} rows with template {data.template!r}")
+    split_markers = template_markers_not_in_vocabulary(data.template, tokenizer)
+    if split_markers:
+        log(f"warning: the {data.template} template's markers {', '.join(split_markers)} are not tokens of this tokenizer "
+            f"({type(tokenizer).__name__}): they are trained as plain multi-token text. Use a base whose tokenizer has them, "
+            "or a template it knows (vicuna_v1.1 needs no special tokens).")
 
     ids, labels, row_starts, full_lengths, truncated = tokenize(
         formatted.texts, formatted.spans, tokenizer, data.cutoff_len, data.add_eos
@@ -81,7 +87,11 @@ def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=
         "train_on_inputs": train_on_inputs,
         "template": data.template,
         "pad_token": tokenizer.pad_token,
+        "pad_token_id": tokenizer.pad_token_id,
         "pad_is_eos": tokenizer.pad_token_id == tokenizer.eos_token_id,
+        "max_token_id": int(ids.max()) if len(ids) else -1,
+        "tokenizer_class": type(tokenizer).__name__,
+        "template_markers_split": split_markers,
     }
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats

@@ -92,6 +92,16 @@ def render_conversation(template: str, turns: list[tuple[str, str]], eos_token: 
     return segments
 
 
+# The markers a conversation template writes around turns; a tokenizer that lacks them as single
+# tokens splits them into pieces the model must learn as text.
+TEMPLATE_MARKERS = {"chatml": ("<|im_start|>", "<|im_end|>"), "vicuna_v1.1": ()}
+
+
+def template_markers_not_in_vocabulary(template: str, tokenizer) -> list[str]:
+    vocabulary = tokenizer.get_vocab()
+    return [marker for marker in TEMPLATE_MARKERS.get(template, ()) if marker not in vocabulary]
+
+
 def generation_prompt(data_format: str, template: str, text: str) -> str:
     """The prompt a fine-tuned model expects for one user message: the template up to where the answer starts."""
     if data_format == "alpaca":

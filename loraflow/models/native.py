@@ -115,11 +115,35 @@ def model_fingerprint(path: Path) -> dict:
     }
 
 
-def tokenizer_fingerprint(path: Path) -> str:
+# Text whose token ids show how a tokenizer normalises, pre-tokenises and marks words: two tokenizers
+# built from the same files (transformers picks the class from config.json's model_type) can differ here.
+_PROBE = " Hello  world!\n\tÜber 123 ünïcode — 你好 <s></s> end"
+
+
+def tokenizer_identity(path: Path) -> dict:
+    """The tokenizer as built (as the data stage builds it), not only its files: class, size, special
+    tokens with their ids, chat template, the ids of a probe text, and the files' fingerprints."""
+    from loraflow.data.tokenize import load_tokenizer
+
     files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
     if not files:
         raise LoraflowError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, …) in the model folder")
-    return sha256_hex([fingerprint_file(p) for p in files])
+    tokenizer = load_tokenizer(str(path))
+    return {
+        "class": type(tokenizer).__name__,
+        "size": len(tokenizer),
+        "special_tokens": {name: [token, tokenizer.convert_tokens_to_ids(token)]
+                           for name, token in sorted(tokenizer.special_tokens_map.items()) if isinstance(token, str)},
+        "chat_template": tokenizer.chat_template,
+        "probe_ids": tokenizer(_PROBE, add_special_tokens=True)["input_ids"],
+        "files": [fingerprint_file(p) for p in files],
+    }
+
+
+def config_vocab_size(path: Path) -> int | None:
+    """The model's vocabulary (embedding rows) from its config.json (text_config for multimodal configs)."""
+    config = json.loads((path / "config.json").read_text())
+    return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
 
 
 # ---- loading ----------------------------------------------------------------------------------
