@@ -69,8 +69,11 @@ def _print_records(records: dict, outcomes: dict[str, str]) -> None:
 
 
 def _run_flow(config, show_ui_hint: bool) -> dict:
+    import tasks.common
     from flows.sft import sft
     from tasks.runs import stage_outcomes, task_states
+
+    tasks.common.CALLER_PRINTS_USER_ERRORS = True  # printed once, at the end (_failure_reason)
 
     state = sft(config, return_state=True)
     records = state.result(raise_on_failure=False)

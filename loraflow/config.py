@@ -245,7 +245,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise LoraflowError(f"--set {item!r}: expected key=value, e.g. --set train.learning_rate=1e-4")
         key, raw = item.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw else ""))
+        try:
+            parsed.append((key.strip(), yaml.safe_load(raw) if raw else ""))
+        except yaml.YAMLError as error:
+            problem = str(getattr(error, "problem", None) or error).strip()
+            raise LoraflowError(f"--set {item!r}: the value is not valid YAML ({problem}); e.g. --set lora.target=[q_proj,v_proj], "
+                                "and quote values with special characters") from None
     return parsed
 
 

@@ -62,6 +62,8 @@ def inspect_sources(config: FinetuneConfig) -> StageRecord:
         dataset_sha256 = hash_uri(data_uri)
     except FileNotFoundError:
         raise LoraflowError(f"{data_uri}: dataset file not found; check data.path") from None
+    except IsADirectoryError:
+        raise LoraflowError(f"{data_uri}: this is a folder; data.path names one dataset file (.json, .jsonl or .parquet)") from None
     metrics = {
         "dataset_uri": data_uri,
         "dataset_sha256": dataset_sha256,

@@ -56,9 +56,39 @@ class _UserErrorWithoutTraceback(logging.Filter):
         return True
 
 
+# Set by the CLI, which prints a run's user error itself, once, at the end.
+CALLER_PRINTS_USER_ERRORS = False
+
+
+class _UserErrorOnceOnConsole(logging.Filter):
+    """Prefect logs a failing stage's error four times (the task failed, finished Failed, the flow caught it,
+    finished Failed). On the console a user error is shown once: the first time (a worker's log), or never
+    when the CLI prints it at the end. The run's log in the UI keeps every record."""
+
+    def __init__(self):
+        super().__init__()
+        self.shown: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LoraflowError" not in message and not (record.exc_info and isinstance(record.exc_info[1], LoraflowError)):
+            return True
+        if CALLER_PRINTS_USER_ERRORS:
+            return False
+        error = message.split("LoraflowError", 1)[-1]
+        if any(error.startswith(seen) or seen.startswith(error) or seen in error for seen in self.shown):
+            return False
+        self.shown.add(error.strip(" :('\")"))
+        return True
+
+
 def hide_user_error_tracebacks() -> None:
-    """Install the filter on Prefect's console and API handlers (idempotent)."""
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+    """Install the filters on Prefect's console and API handlers (idempotent)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):  # Prefect's console handler is the root logger's
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, _UserErrorWithoutTraceback) for f in handler.filters):
                 handler.addFilter(_UserErrorWithoutTraceback())
+            if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _UserErrorOnceOnConsole) for f in handler.filters):
+                handler.addFilter(_UserErrorOnceOnConsole())

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from loraflow import stages
 from loraflow.config import build_config, load_config
@@ -100,8 +101,32 @@ def test_cli_prints_the_problem_without_a_traceback(tiny_model, tmp_path, shared
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert "bad.jsonl: malformed JSON on line 2" in result.stderr.strip().splitlines()[-2] + result.stderr
+    assert output.count("malformed JSON on line 2") == 1, output  # once, not once per Prefect state change
     assert "Traceback" not in output
     assert not list((tmp_path / "store").glob("datasets/*/_manifest.json"))
+
+
+# The contract for user-facing messages: each bad input, where it is given, and a fragment its one-line
+# error must contain. Every case ends with exit code 1, no traceback, the message printed once.
+BAD_INPUTS = [
+    ("a data path that is a folder", {"data": {"path": "."}}, [], "this is a folder; data.path names one dataset file"),
+    ("a malformed --set value", {}, ["lora.target=[q_proj"], "--set 'lora.target=[q_proj': the value is not valid YAML"),
+    ("a truncated JSON file", {"data": {"path": "half.json"}}, [], "half.json: malformed JSON: Unterminated string starting at line 1, column"),
+]
+
+
+@pytest.mark.parametrize("case, config, overrides, fragment", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_reported_once_without_a_traceback(case, config, overrides, fragment, tiny_model, tmp_path):
+    (tmp_path / "half.json").write_text('[{"instruction": "a", "output": "b')
+    tree = {"model": {"base": str(tiny_model)}, "data": {"path": "half.json", "val_set_size": 0}, "storage": "store"}
+    for section, values in config.items():
+        tree[section] = {**tree[section], **values}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    argv = [sys.executable, "-m", "loraflow.cli", "run", str(tmp_path / "c.yaml"), *(a for o in overrides for a in ("--set", o))]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert output.count(fragment) == 1, output[-3000:]
 
 
 def test_cli_reports_invalid_config_before_starting_anything(tmp_path):
