@@ -231,7 +231,7 @@ def merge(config: FinetuneConfig, env: StageRecord, sources: StageRecord, datase
         dataset_dir = store.local_copy(dataset.uri)
         split = dataset_dir / ("val.parquet" if (dataset_dir / "val.parquet").exists() else "train.parquet")
         rows = pq.read_table(split, columns=["input_ids"]).slice(0, config.merge.check_rows).column("input_ids").to_pylist()
-        metrics = merge_stage.merge_adapter(Path(sources.metrics["model_path"]), store.local_copy(adapter.uri), out, device, precision, rows, config.model.trust_remote_code)
+        metrics = merge_stage.merge_adapter(Path(sources.metrics["model_path"]), store.local_copy(adapter.uri, verify=True), out, device, precision, rows, config.model.trust_remote_code)
         log(f"merged; max |logit difference| vs base+adapter {metrics['max_abs_logit_diff']:.3g} (allowed {metrics['tolerance']:.3g})")
         return metrics
 

@@ -173,12 +173,18 @@ class ArtifactStore:
             with self.fs.open(path, "wb") as stream:
                 stream.write(data)
 
-    def local_copy(self, uri: str, cache_dir: str | Path | None = None) -> Path:
-        """A local folder with the committed contents of `uri` (the folder itself for a local store)."""
+    def local_copy(self, uri: str, cache_dir: str | Path | None = None, verify: bool = False) -> Path:
+        """A local folder with the committed contents of `uri` (the folder itself for a local store).
+
+        A download is always checked against the manifest (sizes and sha256). verify=True checks a local
+        store's folder the same way: for data about to be trained on or merged.
+        """
         manifest = self.manifest(uri)
         if manifest is None:
             raise FileNotFoundError(f"{uri}: no committed output (missing {MANIFEST})")
         if self.is_local:
+            if verify:
+                self.verify(uri, hashes=True)
             return Path(self.path(uri))
         cache_root = Path(cache_dir or os.environ.get("LORAFLOW_CACHE", Path.home() / ".cache" / "loraflow"))
         target = cache_root / hashlib.sha256(uri.encode()).hexdigest()[:16] / manifest["sha256"][:16]
@@ -190,11 +196,41 @@ class ArtifactStore:
             destination = tmp / entry["path"]
             destination.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get(f"{self.path(uri)}/{entry['path']}", str(destination))
+            with destination.open("rb") as stream:  # what was downloaded is what was committed
+                if destination.stat().st_size != entry["size"] or hash_stream(stream) != entry["sha256"]:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    from loraflow.errors import LoraflowError
+
+                    raise LoraflowError(f"{uri}/{entry['path']}: its bytes differ from the manifest's (truncated or altered "
+                                        f"after commit); delete {uri} to rebuild it")
         (tmp / MANIFEST).write_text(json.dumps(manifest))
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         return target
+
+    def verify(self, uri: str, hashes: bool = False) -> dict:
+        """The manifest of a committed folder after checking its files against it: sizes always, sha256 with
+        hashes=True (before data is trained on or merged). A missing, truncated or altered file is a
+        LoraflowError naming it, never silently used."""
+        from loraflow.errors import LoraflowError
+
+        manifest = self.manifest(uri)
+        if manifest is None:
+            raise LoraflowError(f"{uri}: no committed output there (no {MANIFEST})")
+        for entry in manifest["files"]:
+            path = f"{self.path(uri)}/{entry['path']}"
+            try:
+                size = self.fs.size(path)
+            except FileNotFoundError:
+                raise LoraflowError(f"{uri}/{entry['path']}: listed in the manifest but missing from the store; delete {uri} to rebuild it") from None
+            if size != entry["size"]:
+                raise LoraflowError(f"{uri}/{entry['path']}: {size} bytes, the manifest says {entry['size']} (truncated or rewritten); delete {uri} to rebuild it")
+            if hashes:
+                with self.fs.open(path, "rb") as stream:
+                    if hash_stream(stream) != entry["sha256"]:
+                        raise LoraflowError(f"{uri}/{entry['path']}: its sha256 differs from the manifest's (altered after commit); delete {uri} to rebuild it")
+        return manifest
 
     def list_committed(self, uri: str) -> list[str]:
         """Committed sub-folders of `uri` (one level), sorted by name."""
@@ -208,13 +244,22 @@ class ArtifactStore:
         return [f"{uri}/{name}" for name in folders if self.is_committed(f"{uri}/{name}")]
 
     # ---- writing ---------------------------------------------------------------------------
-    def commit(self, local_dir: str | Path, uri: str, extra: dict | None = None) -> dict:
-        """Publish a local folder at `uri`: clear leftovers, upload every file, then the manifest."""
+    def commit(self, local_dir: str | Path, uri: str, extra: dict | None = None, replace: bool = False) -> dict:
+        """Publish a local folder at `uri`: upload every file, then the manifest.
+
+        A committed folder is immutable: committing where a manifest already is changes nothing and
+        returns that manifest (another writer built the same content key first; a reader may be using
+        it). Only a run's own folders (checkpoints, metrics) pass replace=True to rewrite theirs.
+        Leftovers of an interrupted write are not removed (a concurrent writer may be uploading there):
+        files outside the manifest are never read.
+        """
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise FileNotFoundError(f"{local_dir}: nothing to commit to {uri} (not a folder)")
         destination = self.path(uri)
-        if self.fs.exists(destination):
+        if not replace and (existing := self.manifest(uri)) is not None:
+            return existing
+        if replace and self.fs.exists(destination):
             self.fs.rm(destination, recursive=True)
         files = []
         for file in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST):

@@ -123,8 +123,8 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
             # exactly those (the run's live metrics may already hold steps past it).
             shutil.copyfile(metrics_path, checkpoint / METRICS)
             (checkpoint / "training_args.bin").unlink(missing_ok=True)  # a pickle nothing reads back; the spec says the same
-            store.commit(checkpoint, f"{run_uri}/checkpoints/{name}", {"step": state.global_step})
-            store.commit(metrics_path.parent, f"{run_uri}/metrics")
+            store.commit(checkpoint, f"{run_uri}/checkpoints/{name}", {"step": state.global_step}, replace=True)
+            store.commit(metrics_path.parent, f"{run_uri}/metrics", replace=True)
             print(f"checkpoint {name} committed to {run_uri}/checkpoints/{name}", flush=True)
             if not resumed and state.global_step == _test_hook("LORAFLOW_TEST_KILL_AT_STEP"):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -187,12 +187,13 @@ def train(spec: dict, trust_remote_code: bool = False) -> dict:
     precision = native.resolve_precision(cfg["precision"], device)
     set_seed(cfg["seed"])
 
-    dataset_dir = store.local_copy(spec["dataset_uri"])
+    # verify: what is trained on is what was committed (the store is shared; a file may be truncated or altered).
+    dataset_dir = store.local_copy(spec["dataset_uri"], verify=True)
     tokenizer = load_tokenizer(str(dataset_dir / "tokenizer"))
-    base_dir = store.local_copy(spec["base_uri"]) if spec["base_in_store"] else Path(spec["base_uri"])
+    base_dir = store.local_copy(spec["base_uri"], verify=True) if spec["base_in_store"] else Path(spec["base_uri"])
     model = native.load_causal_lm(base_dir, device, precision, None, trust_remote_code)
     model = native.prepare_for_training(model, spec["quantized"], cfg["gradient_checkpointing"])
-    adapter_dir = store.local_copy(spec["lora_init_uri"]) / "adapter"
+    adapter_dir = store.local_copy(spec["lora_init_uri"], verify=True) / "adapter"
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 
     train_set = Dataset.from_parquet(str(dataset_dir / "train.parquet"))
@@ -290,8 +291,8 @@ def train(spec: dict, trust_remote_code: bool = False) -> dict:
     if is_main:
         (final / "training_args.bin").unlink(missing_ok=True)  # a pickle; the spec and summary say the same
         (final / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        store.commit(metrics_path.parent, f"{run_uri}/metrics")
-        store.commit(final, f"{run_uri}/checkpoints/{FINAL}", {"global_step": result.global_step})
+        store.commit(metrics_path.parent, f"{run_uri}/metrics", replace=True)
+        store.commit(final, f"{run_uri}/checkpoints/{FINAL}", {"global_step": result.global_step}, replace=True)
         print(f"trained adapter committed to {run_uri}/checkpoints/{FINAL}", flush=True)
     return summary
 

@@ -132,8 +132,12 @@ def test_a_writer_killed_between_files_leaves_an_untrusted_folder(s3, tmp_path):
 
     record = stages.reuse_or_build(store, "datasets", "feedface", uri, build, log=lambda _: None)
     assert built and not record.reused
+    # The dead writer's file stays (clearing it could delete a live concurrent writer's upload), outside the
+    # manifest: it is never read, and what is committed verifies.
     assert sorted(k for k in all_objects(s3) if k.startswith("crash/datasets/feedface/")) == [
-        f"crash/datasets/feedface/{MANIFEST}", "crash/datasets/feedface/train.parquet"]
+        f"crash/datasets/feedface/{MANIFEST}", "crash/datasets/feedface/a.parquet", "crash/datasets/feedface/train.parquet"]
+    assert [entry["path"] for entry in store.verify(uri, hashes=True)["files"]] == ["train.parquet"]
+    assert sorted(p.name for p in store.local_copy(uri, tmp_path / "cache").iterdir()) == [MANIFEST, "train.parquet"]
 
 
 def test_dataset_watcher_on_an_s3_prefix(s3, tmp_path):

@@ -131,3 +131,28 @@ def test_trust_remote_code_comes_from_the_flow_never_from_the_spec_in_the_store(
     assert build_command(Topology(), "/s.json", python="/py").argv == ["/py", "-m", "loraflow.train", "/s.json"]
     assert build_command(Topology(), "/s.json", python="/py", trust_remote_code=True).argv[-1] == "--trust-remote-code"
     assert build_command(Topology("deepspeed", 2), "/s.json", trust_remote_code=True).argv[-3:] == ["loraflow.train", "/s.json", "--trust-remote-code"]
+
+
+def test_a_committed_folder_is_never_rewritten_and_a_damaged_one_is_refused(tmp_path):
+    from loraflow.errors import LoraflowError
+    from loraflow.storage import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, text in ((first, "built first"), (second, "built again, differently")):
+        folder.mkdir()
+        (folder / "train.parquet").write_text(text)
+    uri = store.uri("datasets", "k")
+    committed = store.commit(first, uri, {"key": "k"})
+    # A second writer of the same key (two fine-tunes that raced) leaves the committed folder as it is.
+    assert store.commit(second, uri, {"key": "k"}) == committed
+    assert (tmp_path / "store/datasets/k/train.parquet").read_text() == "built first"
+    assert store.verify(uri, hashes=True) == committed and store.local_copy(uri, verify=True) == tmp_path / "store/datasets/k"
+
+    (tmp_path / "store/datasets/k/train.parquet").write_text("built firs")  # truncated
+    with pytest.raises(LoraflowError, match=r"datasets/k/train.parquet: 10 bytes, the manifest says 11 \(truncated or rewritten\)"):
+        store.local_copy(uri, verify=True)
+    (tmp_path / "store/datasets/k/train.parquet").write_text("BUILT FIRST")  # same size, other bytes
+    with pytest.raises(LoraflowError, match=r"datasets/k/train.parquet: its sha256 differs from the manifest's"):
+        store.local_copy(uri, verify=True)
+    assert store.local_copy(uri) == tmp_path / "store/datasets/k"  # reads that do not train check nothing more
