@@ -47,6 +47,9 @@ def sft(config: FinetuneConfig, dataset: str = "", upload_event: str = "") -> di
     sources = inspect_sources(config)
     dataset = prepare_dataset.with_options(**cached)(config, sources)
     check_token_ids(dataset, sources)  # a tokenizer that does not fit the model stops here, before quantizing
+    if dataset.metrics.get("train_rows", config.train.batch_size) < config.train.batch_size:
+        get_run_logger().warning(f"only {dataset.metrics['train_rows']} training rows, fewer than one batch "
+                                 f"(train.batch_size {config.train.batch_size}): each step sees them all")
     base = quantize_base.with_options(**cached)(config, env, sources)
     lora = inject_lora.with_options(**cached)(config, env, base)
     trained = run_training(config, env, dataset, base, lora)  # here, or a job on train.pool

@@ -60,6 +60,12 @@ def _print_records(records: dict, outcomes: dict[str, str]) -> None:
     for name, record in records.items():
         if record.uri:
             print(f"  {name:<10} {outcomes.get(name, ''):<7} {record.uri}")
+    data = records.get("dataset")
+    if data:
+        d = data.metrics
+        dropped = ", ".join(f"{count} {reason}" for reason, count in (d.get("rows_dropped") or {}).items()) or "none"
+        print(f"\ndata: {d.get('rows_read')} rows read, {d.get('rows_kept')} kept ({d.get('train_rows')} train / "
+              f"{d.get('val_rows')} validation); dropped: {dropped}; {d.get('truncated_rows')} truncated at cutoff {d.get('cutoff_len')}")
     train = records.get("train")
     if train:
         m = train.metrics

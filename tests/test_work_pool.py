@@ -7,6 +7,7 @@ deployment run retried with `prefect flow-run retry` (the UI's Retry) reuses eve
 """
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,6 +83,8 @@ def test_sft_hands_training_to_a_worker_of_the_xpu_pool(pool, tiny_model, tmp_pa
     assert work_pool.base_job_template["variables"]["properties"].keys() == template["variables"]["properties"].keys()
 
     first = server.run(str(BIN / "loraflow"), "run", str(config), timeout=600)
+    # What was kept, dropped and truncated is in the terminal summary, not only in stats.json.
+    assert re.search(r"data: 200 rows read, 200 kept \(192 train / 8 validation\); dropped: none; \d+ truncated at cutoff 128", first.stdout)
     trainings = _flow_runs(server, "loraflow-train")
     assert len(trainings) == 1, first.stdout[-3000:]
     training = trainings[0]
