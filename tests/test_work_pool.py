@@ -194,8 +194,10 @@ def test_a_schedule_added_to_the_sft_deployment_starts_a_fine_tune_that_complete
     config["name"] = "scheduled"
     with server.client_settings(), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("loraflow-sft/sft-xpu")
-        # Hourly from 5 s from now: the first run is due at once, the next not within the test.
-        first = datetime.now(timezone.utc) + timedelta(seconds=5)
+        # Hourly from 20 s from now: the first run is due soon, the next not within the test. The scheduler
+        # (every 5 s here) must see the schedule before its anchor, or the first run is an hour later:
+        # 20 s leaves room for a loaded machine.
+        first = datetime.now(timezone.utc) + timedelta(seconds=20)
         [schedule] = client.create_deployment_schedules(deployment.id, [DeploymentScheduleCreate(
             schedule=IntervalSchedule(interval=timedelta(hours=1), anchor_date=first), active=True, parameters={"config": config})])
         try:
@@ -205,6 +207,7 @@ def test_a_schedule_added_to_the_sft_deployment_starts_a_fine_tune_that_complete
                 assert time.time() < deadline, f"the scheduler created no run in 120 s:\n{server.log.read_text()[-3000:]}"
                 time.sleep(1)
             due = min(runs, key=lambda run: run.expected_start_time)
+            assert due.expected_start_time <= first + timedelta(seconds=1), f"the first run is due at {due.expected_start_time}, not {first}"
             finished = _wait_final(server, due.id, timeout=400)
         finally:  # (deleting a schedule deletes its runs that have not started)
             client.delete_deployment_schedule(deployment.id, schedule.id)
