@@ -263,11 +263,9 @@ def cmd_generate(args) -> int:
     """Stream the run's answers to --prompt (or each line of --prompts-file)."""
     from transformers.utils import logging as transformers_logging
 
-    from loraflow.generate import generate, run_outputs
-    from loraflow.storage import ArtifactStore
+    from loraflow.generate import generate
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the answer
-    run_outputs(ArtifactStore(args.storage), args.run)  # a wrong run id fails before anything is printed
     prompts = list(args.prompt or [])
     if args.prompts_file:
         try:
@@ -276,10 +274,9 @@ def cmd_generate(args) -> int:
             raise LoraflowError(f"{args.prompts_file}: cannot read the prompts file ({error.strerror})") from None
     if not prompts:
         raise LoraflowError("nothing to generate: give --prompt TEXT (repeatable) or --prompts-file FILE (one prompt a line)")
-    for prompt in prompts:
-        print(f"\n>>> {prompt}\n", flush=True)
-        generate(args.storage, args.run, [prompt], args.max_new_tokens, args.merged, args.trust_remote_code,
-                 on_text=lambda text: print(text, end="", flush=True))
+    # One load of the model for every prompt; a wrong run id fails before anything is printed.
+    generate(args.storage, args.run, prompts, args.max_new_tokens, args.merged, args.trust_remote_code,
+             on_text=lambda text: print(text, end="", flush=True), on_prompt=lambda prompt: print(f"\n>>> {prompt}\n", flush=True))
     return 0
 
 

@@ -32,8 +32,10 @@ def run_outputs(store: ArtifactStore, run: str) -> dict[str, str]:
 
 
 def generate(storage: str, run: str, prompts: list[str], max_new_tokens: int = 128, merged: bool = False,
-             trust_remote_code: bool = False, on_text: Callable[[str], None] | None = None) -> list[str]:
-    """Greedy completions of `prompts` by the run's model; with on_text, each is streamed to it as it is generated."""
+             trust_remote_code: bool = False, on_text: Callable[[str], None] | None = None,
+             on_prompt: Callable[[str], None] | None = None) -> list[str]:
+    """Greedy completions of `prompts` by the run's model, loaded once; on_prompt is called before each
+    prompt's answer, and with on_text each answer is streamed to it as it is generated."""
     import torch
     from transformers import AutoTokenizer
 
@@ -56,6 +58,8 @@ def generate(storage: str, run: str, prompts: list[str], max_new_tokens: int = 1
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     results = []
     for text in prompts:
+        if on_prompt:
+            on_prompt(text)
         prompt = generation_prompt(config["data"]["format"], config["data"]["template"], text)
         inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
         streamer = _CallbackStreamer(tokenizer, on_text) if on_text else None
