@@ -9,7 +9,9 @@ folder and commits it: files first, manifest last.
 
 from __future__ import annotations
 
+import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from loraflow.config import FinetuneConfig
 from loraflow.envcheck import check_environment
 from loraflow.errors import LoraflowError
 from loraflow.launch import Topology, deepspeed_config, distributed_backend
+from loraflow.lease import build_once
 from loraflow.models import native
 from loraflow.storage import ArtifactStore, StageRecord, hash_uri, sha256_hex
 
@@ -37,15 +40,19 @@ def _short(key: str) -> str:
 
 
 def reuse_or_build(store: ArtifactStore, stage: str, key: str, uri: str, build: Callable[[Path], dict], log: Log) -> StageRecord:
-    manifest = store.manifest(uri)
-    if manifest is not None:
-        log(f"{stage}: reusing committed output {uri}")
-        return StageRecord(stage=stage, key=key, uri=uri, metrics=manifest.get("metrics", {}), reused=True)
-    with tempfile.TemporaryDirectory(prefix=f"loraflow-{stage}-") as tmp:
-        metrics = build(Path(tmp))
-        store.commit(tmp, uri, {"stage": stage, "key": key, "metrics": metrics})
-    log(f"{stage}: committed {uri}")
-    return StageRecord(stage=stage, key=key, uri=uri, metrics=metrics)
+    """The committed output at `uri`, built first if absent: by exactly one process of all that share the store
+    (the others wait for it and reuse it; see loraflow.lease)."""
+    with build_once(store, f"{stage}-{_short(key)}", lambda: store.is_committed(uri), log) as must_build:
+        if must_build:
+            if stage == os.environ.get("LORAFLOW_TEST_SLOW_STAGE"):  # tests: a build as long as a real base's
+                time.sleep(float(os.environ.get("LORAFLOW_TEST_SLOW_SECONDS", 8)))
+            with tempfile.TemporaryDirectory(prefix=f"loraflow-{stage}-") as tmp:
+                metrics = build(Path(tmp))
+                store.commit(tmp, uri, {"stage": stage, "key": key, "metrics": metrics})
+            log(f"{stage}: committed {uri}")
+            return StageRecord(stage=stage, key=key, uri=uri, metrics=metrics)
+    log(f"{stage}: reusing committed output {uri}")
+    return StageRecord(stage=stage, key=key, uri=uri, metrics=store.manifest(uri).get("metrics", {}), reused=True)
 
 
 # ---- env + sources ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from loraflow import launch, stages
 from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
+from loraflow.lease import build_once
 from loraflow.storage import ArtifactStore, StageRecord
 from loraflow.train import USER_ERROR_EXIT
 from tasks.common import log_info
@@ -54,10 +55,15 @@ def train_adapter(config: FinetuneConfig, env: StageRecord, dataset: StageRecord
     """Write the run spec, launch `python -m loraflow.train` (local/torchrun/deepspeed/mpirun), stream its log."""
     store = ArtifactStore(config.storage)
     key, run, spec = stages.train_spec(config, env, dataset, base, lora)
-    finished = stages.trained_record(store, key, run, reused=True)
-    if finished is not None:
-        log_info(f"train: reusing committed adapter {finished.uri}")
-        return finished
+    # One trainer per run folder, even when a retry races a rerun of the same content: the other waits and reuses.
+    with build_once(store, f"train-{key[:16]}", lambda: store.is_committed(f"{run}/checkpoints/final"), log_info) as must_train:
+        if must_train:
+            return _launch_trainer(config, store, key, run, spec)
+    log_info(f"train: reusing committed adapter {run}/checkpoints/final")
+    return stages.trained_record(store, key, run, reused=True)
+
+
+def _launch_trainer(config: FinetuneConfig, store: ArtifactStore, key: str, run: str, spec: dict) -> StageRecord:
     spec_uri = f"{run}/spec.json"
     store.write_json(spec_uri, spec)
     topology = launch.Topology.from_train(config.train)

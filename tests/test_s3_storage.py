@@ -168,3 +168,13 @@ def test_dataset_watcher_on_an_s3_prefix(s3, tmp_path):
     invalid = scan()["c.json"]
     assert invalid.event == INVALID and "expected alpaca (instruction, input, output)" in invalid.error
     assert scan() == {}  # reported once per content
+
+
+def test_concurrent_builders_on_a_bucket_build_once_with_s3_conditional_writes(s3):
+    from test_store_lease import race
+
+    store = ArtifactStore(f"s3://{BUCKET}/lease-race")
+    built, records = race(store)
+    assert len(built) == 1 and sorted(r.reused for r in records) == [False, True, True]
+    store.verify(records[0].uri, hashes=True)
+    assert not [key for key in all_objects(s3) if key.startswith("lease-race/leases/")]  # released

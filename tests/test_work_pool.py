@@ -216,6 +216,43 @@ def test_a_schedule_added_to_the_sft_deployment_starts_a_fine_tune_that_complete
     assert list((tmp_path / "store" / "runs").glob("scheduled-*/adapter/adapter_model.safetensors"))
 
 
+def test_three_fine_tunes_of_one_base_started_at_once_build_it_once_and_all_complete(pool, tiny_model, tmp_path):
+    """Three uploads landing together: three runs of the SFT deployment with different data start at the same
+    moment on the worker, against one store. The base is quantized by one of them (the others wait for it and
+    reuse it), all three complete, and every committed folder in the store verifies against its manifest."""
+    from prefect.client.orchestration import get_client
+
+    from loraflow.storage import MANIFEST, ArtifactStore
+
+    server = pool
+    config = _config(tiny_model, tmp_path, eval_steps=1000)
+    config["name"] = "together"
+    rows = json.loads(SAMPLE.read_text())
+    uploads = []
+    for n in range(3):
+        uploads.append(tmp_path / f"upload-{n}.json")
+        uploads[-1].write_text(json.dumps(rows[n * 50:(n + 1) * 50]))
+    with server.client_settings(), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("loraflow-sft/sft-xpu")
+        # Quantizing the tiny base takes a fraction of a second; a real base takes minutes, so the runs overlap.
+        slow = {"env": {"LORAFLOW_TEST_SLOW_STAGE": "quantized", "LORAFLOW_TEST_SLOW_SECONDS": "8"}}
+        runs = [client.create_flow_run_from_deployment(deployment.id, parameters={"config": config, "dataset": str(upload)},
+                                                       job_variables=slow) for upload in uploads]
+    finished = [_wait_final(server, run.id, timeout=600) for run in runs]
+    assert all(run.state.is_completed() for run in finished), [run.state for run in finished]
+    logs = [[log.message for log in _logs(server, run.id)] for run in runs]
+    built = [n for n, messages in enumerate(logs) if any(m.startswith("quantized: committed") for m in messages)]
+    assert len(built) == 1, [[m for m in messages if m.startswith("quantized")] for messages in logs]
+    assert all(any(m.startswith("quantized-") and "waiting to reuse it" in m for m in messages)
+               for n, messages in enumerate(logs) if n not in built), "the three never overlapped: the test proved nothing"
+    store = ArtifactStore(str(tmp_path / "store"))
+    committed = [folder.parent for folder in (tmp_path / "store").rglob(MANIFEST)]
+    assert len(list((tmp_path / "store" / "runs").glob("together-*/adapter"))) == 3
+    for folder in committed:
+        store.verify(str(folder), hashes=True)
+    assert not list((tmp_path / "store" / "leases").rglob("*.json"))
+
+
 def test_stopping_the_worker_ends_its_running_fine_tune_as_crashed_within_seconds(pool, tiny_model, tmp_path):
     """SIGTERM to infra/worker/start-worker (systemd's stop, kill) while it runs a fine-tune: the worker
     exits within 30 s, the run ends Crashed (so a Retry resumes it) instead of staying Running, and no
