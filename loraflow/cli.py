@@ -1,4 +1,4 @@
-"""`loraflow …`: run, demo, serve, watch, runs, artifacts, generate, doctor, build-model.
+"""`loraflow …`: run, demo, serve, watch, runs, artifacts, generate, du, gc, doctor, build-model.
 
 The application's entry point, and the only module under loraflow/ that may reach Prefect: it imports
 flows inside its commands, never at module level.
@@ -294,6 +294,91 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def _size(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1024 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
+
+
+def cmd_du(args) -> int:
+    import time
+
+    from loraflow.gc import usage
+    from loraflow.storage import ArtifactStore
+
+    store = ArtifactStore(args.storage)
+    parts, runs = usage(store)
+    print(f"{store.url}: {_size(sum(row[1] for row in parts))} in {sum(row[2] for row in parts)} files\n")
+    print(f"  {'part':<18} {'size':>10} {'files':>7} {'committed':>10}")
+    for part, size, files, committed in parts:
+        print(f"  {part:<18} {_size(size):>10} {files:>7} {committed:>10}")
+    if runs:
+        print(f"\n  {'run':<34} {'size':>10} {'checkpoints':>12}  last write")
+        for run, size, checkpoints, newest in runs[:args.limit]:
+            print(f"  {run:<34} {_size(size):>10} {_size(checkpoints):>12}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(newest))}")
+        if len(runs) > args.limit:
+            print(f"  … and {len(runs) - args.limit} smaller runs (--limit)")
+    return 0
+
+
+def _deployment_defaults(store_url: str) -> dict[str, str]:
+    """Every path or URL inside the store that a deployment's default parameters name → which deployment.
+
+    From deployments/prefect.yaml and, when a Prefect server is configured, every deployment on it."""
+    import yaml
+
+    found: dict[str, str] = {}
+
+    def collect(value, owner: str) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                collect(item, owner)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item, owner)
+        elif isinstance(value, str) and value.rstrip("/").startswith(store_url + "/"):
+            found[value.rstrip("/")] = f"deployment {owner}'s default parameters use it"
+
+    for entry in yaml.safe_load(DEPLOYMENTS_YAML.read_text())["deployments"]:
+        collect(entry.get("parameters") or {}, entry["name"])
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                for deployment in client.read_deployments():
+                    collect(deployment.parameters, deployment.name)
+        except Exception as error:  # httpx/network errors, of several types
+            raise LoraflowError(f"cannot read the deployments from the Prefect server at {PREFECT_API_URL.value()} "
+                                f"({type(error).__name__}); gc would not know which outputs their defaults use") from None
+    return found
+
+
+def cmd_gc(args) -> int:
+    from loraflow.gc import apply, plan
+    from loraflow.storage import ArtifactStore
+
+    store = ArtifactStore(args.storage)
+    removable, notes = plan(store, args.older_than, args.grace_hours, _deployment_defaults(store.url))
+    total = sum(item.size for item in removable)
+    if not removable:
+        print(f"{store.url}: nothing to remove")
+    else:
+        verb = "removing" if args.apply else "would remove (a dry run: add --apply to remove)"
+        print(f"{store.url}: {verb} {len(removable)} items, {_size(total)}")
+        for item in removable:
+            print(f"  {_size(item.size):>10}  {item.uri} — {item.reason}")
+    for note in notes:
+        print(f"  {note}")
+    if args.apply and removable:
+        print(f"freed {_size(apply(store, removable))}")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from loraflow.envcheck import describe_environment
 
@@ -356,6 +441,19 @@ def parser() -> argparse.ArgumentParser:
     watch.add_argument("--interval", type=float, default=30, help="seconds between scans (default 30); it scans until Ctrl-C")
     watch.add_argument("--once", action="store_true", help="scan once and exit")
     watch.set_defaults(handler=cmd_watch)
+
+    du = commands.add_parser("du", help="what each part of an artifact store holds, and the largest runs")
+    du.add_argument("--storage", required=True, help="the artifact store (a folder or fsspec URL)")
+    du.add_argument("--limit", type=int, default=20, help="runs to list (largest first)")
+    du.set_defaults(handler=cmd_du)
+
+    gc = commands.add_parser("gc", help="remove leftovers, superseded checkpoints and (with --older-than) old runs; a dry run unless --apply")
+    gc.add_argument("--storage", required=True, help="the artifact store (a folder or fsspec URL)")
+    gc.add_argument("--older-than", type=float, metavar="DAYS", help="also remove runs not written for DAYS days, and the "
+                    "datasets, quantized bases and LoRA inits no remaining run uses")
+    gc.add_argument("--grace-hours", type=float, default=6.0, help="uncommitted folders younger than this are kept (default 6)")
+    gc.add_argument("--apply", action="store_true", help="remove what the dry run lists")
+    gc.set_defaults(handler=cmd_gc)
 
     doctor = commands.add_parser("doctor", help="print what this machine offers (devices, versions, launchers)")
     doctor.set_defaults(handler=cmd_doctor)

@@ -288,9 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code to run (never read from the spec)")
     args = parser.parse_args(argv)
-    import fsspec
+    from loraflow.storage import open_url
 
-    with fsspec.open(args.spec_uri, "r") as stream:
+    with open_url(args.spec_uri, "r") as stream:
         topology = Topology.from_train(json.load(stream)["train"])
     if topology.launcher != "torchrun" or not 0 < args.node_rank < topology.nnodes:
         print(f"error: {args.spec_uri}: this is for torchrun runs on several hosts, node ranks 1..{topology.nnodes - 1} "

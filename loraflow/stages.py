@@ -26,7 +26,7 @@ from loraflow.errors import LoraflowError
 from loraflow.launch import Topology, deepspeed_config, distributed_backend
 from loraflow.lease import build_once
 from loraflow.models import native
-from loraflow.storage import ArtifactStore, StageRecord, hash_uri, sha256_hex
+from loraflow.storage import ArtifactStore, StageRecord, hash_uri, remote_failure, sha256_hex
 
 QUANTIZE_VERSION = 1
 LORA_VERSION = 1
@@ -58,6 +58,7 @@ def reuse_or_build(store: ArtifactStore, stage: str, key: str, uri: str, build: 
 # ---- env + sources ----------------------------------------------------------------------------
 def env_check(config: FinetuneConfig) -> StageRecord:
     report = check_environment(config)
+    ArtifactStore(config.storage).probe()  # unreachable or read-only: said now, naming `storage`
     return StageRecord(stage="env", key=sha256_hex(report), metrics=report)
 
 
@@ -67,10 +68,12 @@ def inspect_sources(config: FinetuneConfig) -> StageRecord:
     data_uri = config.data.path
     try:
         dataset_sha256 = hash_uri(data_uri)
-    except FileNotFoundError:
-        raise LoraflowError(f"{data_uri}: dataset file not found; check data.path") from None
+    except FileNotFoundError as error:
+        raise remote_failure(error, data_uri, "data.path") or LoraflowError(f"{data_uri}: dataset file not found; check data.path") from None
     except IsADirectoryError:
         raise LoraflowError(f"{data_uri}: this is a folder; data.path names one dataset file (.json, .jsonl or .parquet)") from None
+    except Exception as error:  # a remote store's failures, whatever their type
+        raise remote_failure(error, data_uri, "data.path") or error from None
     metrics = {
         "dataset_uri": data_uri,
         "dataset_sha256": dataset_sha256,

@@ -8,9 +8,10 @@ Layout (any fsspec URL: a local path, file://, s3://, memory://):
     <store>/runs/<run>/          spec.json, checkpoints/, adapter/, merged/, metrics.jsonl
     <store>/prefect-results/     Prefect's persisted task results (JSON)
 
+    <store>/leases/<name>/       who is building what right now (loraflow.lease)
+
 A folder is only ever read when its `_manifest.json` exists. Files are written first and the manifest
-last, so a crash mid-write leaves a folder without a manifest: garbage that is never trusted and is
-cleared before the next write to the same place.
+last, so a crash mid-write leaves a folder without a manifest: never trusted, and removed by `loraflow gc`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,64 @@ from pydantic import BaseModel, Field
 
 MANIFEST = "_manifest.json"
 _CHUNK = 4 * 1024 * 1024
+
+# Bounded waits on S3: botocore's defaults (60 s to connect, 60 s per read, retried) under s3fs's own five
+# retries kept a user with an unreachable endpoint waiting minutes, for an error that said "file not found".
+S3_CONNECT_TIMEOUT_S = 5
+S3_READ_TIMEOUT_S = 10  # waiting for an answer; S3 answers in milliseconds, a large PUT's answer comes after its body
+S3_ATTEMPTS = 2  # botocore's, per request; s3fs's loops around it (5 each, nested for reads) are set to one pass
+S3_GIVES_UP_WITHIN_S = 30  # what a user is told: one read's worst case above (2 × 10 s and backoff), with margin
+AWS_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION")
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else ""
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path) for a URL, with bounded timeouts on object stores."""
+    if _protocol(url) in ("s3", "s3a"):
+        fs, path = fsspec.core.url_to_fs(url, config_kwargs={
+            "connect_timeout": S3_CONNECT_TIMEOUT_S, "read_timeout": S3_READ_TIMEOUT_S,
+            "retries": {"total_max_attempts": S3_ATTEMPTS, "mode": "standard"}})
+        fs.retries = 1  # this instance is only ours (fsspec caches filesystems by their options)
+        return fs, path
+    return fsspec.core.url_to_fs(url)
+
+
+def open_url(url: str, mode: str = "rb", **options):
+    """fsspec.open with the same bounded timeouts as filesystem()."""
+    fs, path = filesystem(url)
+    return fsspec.core.OpenFile(fs, path, mode=mode, **options)
+
+
+def remote_failure(error: BaseException, url: str, setting: str):
+    """A LoraflowError that says what went wrong reading or writing `url` (named by config `setting`) and what to
+    check, for the failures of a remote store; None for errors that are not about reaching it."""
+    from loraflow.errors import LoraflowError
+
+    if _protocol(url) in ("", "file", "local"):
+        return None
+    name = type(error).__name__
+    names = {klass.__name__ for klass in type(error).__mro__}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
+    present = ", ".join(f"{var} is set" if var != "AWS_ENDPOINT_URL" else f"AWS_ENDPOINT_URL={os.environ[var]}"
+                        for var in AWS_SETTINGS if os.environ.get(var)) or "none of AWS_ENDPOINT_URL, AWS_PROFILE, AWS_ACCESS_KEY_ID is set"
+    if names & {"ConnectTimeoutError", "ReadTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
+                "ClientConnectorError", "ServerDisconnectedError", "TimeoutError", "ConnectionError"}:
+        problem = (f"network: the S3 endpoint {endpoint} could not be reached or did not answer (gave up within {S3_GIVES_UP_WITHIN_S} s: "
+                   f"{S3_ATTEMPTS} attempts, {S3_CONNECT_TIMEOUT_S} s to connect, {S3_READ_TIMEOUT_S} s to answer; {name}); "
+                   f"check the endpoint and that this machine can reach it")
+    elif names & {"NoCredentialsError", "PartialCredentialsError"}:
+        problem = "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) where this runs"
+    elif isinstance(error, PermissionError) or names & {"ClientError"} and "AccessDenied" in str(error):
+        problem = f"access denied by {endpoint} ({str(error)[:160]}); check the credentials and the bucket's permissions"
+    elif isinstance(error, FileNotFoundError):
+        problem = "no such object or bucket (the endpoint answered: this is not a network problem)"
+    else:
+        return None
+    return LoraflowError(f"{setting} {url}: {problem} [AWS settings read: {present}]")
 
 
 class StageRecord(BaseModel):
@@ -70,7 +129,7 @@ def hash_stream(stream, limit: int | None = None) -> str:
 
 def hash_uri(uri: str) -> str:
     """sha256 of a file's bytes, local or remote."""
-    with fsspec.open(uri, "rb") as stream:
+    with open_url(uri, "rb") as stream:
         return hash_stream(stream)
 
 
@@ -116,11 +175,11 @@ def _is_local(fs) -> bool:
 class ArtifactStore:
     """One artifact store rooted at an fsspec URL."""
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str):
         # A relative local store becomes absolute: every URI in a record or artifact must still lead
         # to its file when read from another working folder (a worker's, the UI user's).
         self.url = url.rstrip("/") if "://" in url else os.path.abspath(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.fs, self.root = filesystem(self.url)
         self.root = self.root.rstrip("/")
         self.is_local = _is_local(self.fs)
 
@@ -141,6 +200,33 @@ class ArtifactStore:
                 return json.load(stream)
         except FileNotFoundError:
             return None
+
+    def probe(self) -> None:
+        """Write, read back and remove a small file at the store's root: a store that cannot be reached or written
+        is reported now, naming `storage`, not as a failure deep inside a stage."""
+        from loraflow.errors import LoraflowError
+
+        path = f"{self.root}/.loraflow-probe-{os.getpid()}-{time.time_ns()}"
+        try:
+            # A read first: its timeouts hold, where a PUT to an endpoint that accepts and never answers waits
+            # unbounded inside aiohttp (measured), so an unreachable endpoint is found by the read.
+            try:
+                self.fs.cat_file(path)  # one request (exists() makes several)
+            except FileNotFoundError:
+                pass
+            self._put_bytes(path, b"ok")
+            if self.fs.cat_file(path) != b"ok":
+                raise LoraflowError(f"storage {self.url}: a file written there read back different")
+            self.fs.rm_file(path)
+        except LoraflowError:
+            raise
+        except Exception as error:  # whatever the filesystem raises: translated below when it is about reaching the store
+            failure = remote_failure(error, self.url, "storage")
+            if failure is None and isinstance(error, OSError):
+                failure = LoraflowError(f"storage {self.url}: cannot write there ({error.strerror or error})")
+            if failure is None:
+                raise
+            raise failure from None
 
     def is_committed(self, uri: str) -> bool:
         return self.manifest(uri) is not None

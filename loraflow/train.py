@@ -22,13 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import fsspec
 import torch
 
 from loraflow.data.tokenize import load_tokenizer
 from loraflow.errors import LoraflowError
 from loraflow.models import native
-from loraflow.storage import ArtifactStore, sha256_hex
+from loraflow.storage import ArtifactStore, open_url, sha256_hex
 
 FINAL = "final"
 # The exit code for a LoraflowError (bad input or configuration): the same every time, so not retried.
@@ -64,7 +63,7 @@ def export_torch_rank_env() -> dict:
 
 
 def read_spec(uri: str) -> dict:
-    with fsspec.open(uri, "r") as stream:
+    with open_url(uri, "r") as stream:
         return json.load(stream)
 
 

@@ -22,7 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from loraflow.data.formats import SUFFIXES, format_alpaca, format_conversations, read_rows
 from loraflow.errors import LoraflowError
-from loraflow.storage import ArtifactStore, hash_uri, sha256_hex
+from loraflow.storage import ArtifactStore, filesystem, hash_uri, sha256_hex
 
 UPLOADED = "loraflow.dataset.uploaded"
 INVALID = "loraflow.dataset.invalid"
@@ -105,7 +105,7 @@ def validate_dataset(uri: str) -> tuple[str, int]:
 class DatasetWatcher:
     def __init__(self, prefix: str, storage: str):
         self.prefix = prefix.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.prefix)
+        self.fs, self.root = filesystem(self.prefix)
         self.store = ArtifactStore(storage)
         self.memory_uri = self.store.uri("watch", f"{sha256_hex(self.prefix)[:16]}.json")
         # A local folder to watch is created (uploads then have a place to land); an object-store

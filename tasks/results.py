@@ -17,6 +17,9 @@ from typing import Any
 
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
+from loraflow.gc import cached_output
+from loraflow.storage import ArtifactStore
+
 SAFE_SERIALIZER = {
     "type": "json", "jsonlib": "json", "dumps_kwargs": {}, "loads_kwargs": {},
     "object_encoder": "prefect.serializers.prefect_json_object_encoder",
@@ -54,6 +57,11 @@ def check_result_file(path: str, content: bytes) -> bytes:
             problem = f"names serializer {shown!r} with settings other than Prefect's plain JSON"
         elif classes := _classes(json.loads(record["result"])) - ALLOWED_CLASSES:
             problem = f"names types other than StageRecord ({', '.join(sorted(classes))})"
+        elif (output := cached_output(content)) and not ArtifactStore(output).is_committed(output):
+            # Removed by `loraflow gc` or by hand (as a "delete it to rebuild it" message says): a miss, not a record
+            # that would send the next stage to a folder that is gone.
+            logger.warning(f"cached result {path} points to {output}, which is no longer committed; rebuilding it")
+            raise RefusedResult(f"{output} is gone")
         else:
             return content
     except (ValueError, KeyError, TypeError) as error:

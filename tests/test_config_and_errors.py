@@ -1,6 +1,7 @@
 """Bad input fails early with a message that names the problem, and commits nothing."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -108,22 +109,28 @@ def test_cli_prints_the_problem_without_a_traceback(tiny_model, tmp_path, shared
 
 # The contract for user-facing messages: each bad input, where it is given, and a fragment its one-line
 # error must contain. Every case ends with exit code 1, no traceback, the message printed once.
+# (case, config sections, --set overrides, environment, the fragment the one error message contains)
 BAD_INPUTS = [
-    ("a data path that is a folder", {"data": {"path": "."}}, [], "this is a folder; data.path names one dataset file"),
-    ("a malformed --set value", {}, ["lora.target=[q_proj"], "--set 'lora.target=[q_proj': the value is not valid YAML"),
-    ("a truncated JSON file", {"data": {"path": "half.json"}}, [], "half.json: malformed JSON: Unterminated string starting at line 1, column"),
+    ("a data path that is a folder", {"data": {"path": "."}}, [], {}, "this is a folder; data.path names one dataset file"),
+    ("a malformed --set value", {}, ["lora.target=[q_proj"], {}, "--set 'lora.target=[q_proj': the value is not valid YAML"),
+    ("a truncated JSON file", {"data": {"path": "half.json"}}, [], {}, "half.json: malformed JSON: Unterminated string starting at line 1, column"),
+    ("an S3 store whose endpoint never answers", {"storage": "s3://bucket/store"}, [],
+     {"AWS_ENDPOINT_URL": "{silent_endpoint}", "AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": "test"},
+     "storage s3://bucket/store: network: the S3 endpoint {silent_endpoint} could not be reached or did not answer (gave up within 30 s"),
 ]
 
 
-@pytest.mark.parametrize("case, config, overrides, fragment", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
-def test_bad_input_is_reported_once_without_a_traceback(case, config, overrides, fragment, tiny_model, tmp_path):
+@pytest.mark.parametrize("case, config, overrides, env, fragment", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_reported_once_without_a_traceback(case, config, overrides, env, fragment, tiny_model, tmp_path, silent_endpoint):
     (tmp_path / "half.json").write_text('[{"instruction": "a", "output": "b')
     tree = {"model": {"base": str(tiny_model)}, "data": {"path": "half.json", "val_set_size": 0}, "storage": "store"}
     for section, values in config.items():
-        tree[section] = {**tree[section], **values}
+        tree[section] = {**tree[section], **values} if isinstance(values, dict) else values
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
     argv = [sys.executable, "-m", "loraflow.cli", "run", str(tmp_path / "c.yaml"), *(a for o in overrides for a in ("--set", o))]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {name: value.format(silent_endpoint=silent_endpoint) for name, value in env.items()}
+    fragment = fragment.format(silent_endpoint=silent_endpoint)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, **env})
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
     assert output.count(fragment) == 1, output[-3000:]

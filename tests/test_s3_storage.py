@@ -178,3 +178,59 @@ def test_concurrent_builders_on_a_bucket_build_once_with_s3_conditional_writes(s
     assert len(built) == 1 and sorted(r.reused for r in records) == [False, True, True]
     store.verify(records[0].uri, hashes=True)
     assert not [key for key in all_objects(s3) if key.startswith("lease-race/leases/")]  # released
+
+
+@pytest.fixture
+def fresh_s3_clients():
+    """s3fs keeps one filesystem per set of options, with the endpoint and credentials it was made with."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_remote_store_failures_name_the_setting_and_tell_network_from_missing(s3, monkeypatch, fresh_s3_clients, silent_endpoint):
+    import time
+
+    import s3fs
+
+    from loraflow.data.formats import read_rows
+    from loraflow.errors import LoraflowError
+    from loraflow.storage import S3_GIVES_UP_WITHIN_S
+
+    # The endpoint answered: a missing object or bucket is not a network problem.
+    with pytest.raises(LoraflowError, match=rf"^data\.path s3://{BUCKET}/incoming/nothing\.json: no such object or bucket "
+                                            r"\(the endpoint answered: this is not a network problem\) \[AWS settings read: AWS_ENDPOINT_URL=http://127\.0\.0\.1:"):
+        read_rows(f"s3://{BUCKET}/incoming/nothing.json")
+    with pytest.raises(LoraflowError, match=r"^storage s3://no-such-bucket/store: no such object or bucket"):
+        ArtifactStore("s3://no-such-bucket/store").probe()
+    ArtifactStore(f"s3://{BUCKET}/probe-ok").probe()  # reachable and writable: no error, nothing left behind
+    assert not [key for key in all_objects(s3) if key.startswith("probe-ok/")]
+
+    # A closed port, then a socket that accepts and never answers: a network failure, within the stated time.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    s3fs.S3FileSystem.clear_instance_cache()  # (it keeps the endpoint it was made with)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    with pytest.raises(LoraflowError, match=rf"^storage s3://{BUCKET}/store: network: the S3 endpoint http://127\.0\.0\.1:{closed} could not be reached"):
+        ArtifactStore(f"s3://{BUCKET}/store").probe()
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", silent_endpoint)
+    started = time.monotonic()
+    with pytest.raises(LoraflowError, match=rf"^data\.path s3://{BUCKET}/a\.json: network: the S3 endpoint {silent_endpoint} could not be reached "
+                                            rf"or did not answer \(gave up within {S3_GIVES_UP_WITHIN_S} s"):
+        read_rows(f"s3://{BUCKET}/a.json")
+    assert time.monotonic() - started < S3_GIVES_UP_WITHIN_S  # the bound the message states, not botocore's minutes
+
+    # No credentials anywhere: said so, naming what was read.
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.meta.endpoint_url)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # botocore would otherwise ask the instance metadata address
+    with pytest.raises(LoraflowError, match=rf"^storage s3://{BUCKET}/store: no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        ArtifactStore(f"s3://{BUCKET}/store").probe()

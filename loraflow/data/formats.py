@@ -12,10 +12,11 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-import fsspec
+from fsspec.utils import infer_compression
 
 from loraflow.data.templates import alpaca_template, render_conversation
 from loraflow.errors import LoraflowError
+from loraflow.storage import open_url, remote_failure
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
 _ROLE = {
@@ -38,10 +39,12 @@ def read_rows(uri: str) -> list[dict]:
     if suffix not in SUFFIXES:
         raise LoraflowError(f"{uri}: unsupported file type {suffix or '(none)'}; expected one of {', '.join(SUFFIXES)}")
     try:
-        with fsspec.open(uri, "rb", compression="infer") as stream:
+        with open_url(uri, "rb", compression=infer_compression(uri)) as stream:
             payload = stream.read()
-    except FileNotFoundError:
-        raise LoraflowError(f"{uri}: dataset file not found; check data.path") from None
+    except FileNotFoundError as error:
+        raise remote_failure(error, uri, "data.path") or LoraflowError(f"{uri}: dataset file not found; check data.path") from None
+    except Exception as error:  # a remote store's failures, whatever their type
+        raise remote_failure(error, uri, "data.path") or error from None
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -1,0 +1,132 @@
+"""`loraflow gc` and `loraflow du` on a store laid out as fine-tunes leave it: what goes, what stays, and why."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from loraflow.cli import main
+from loraflow.gc import plan
+from loraflow.lease import StoreLease
+from loraflow.storage import ArtifactStore
+
+DAY = 86400
+
+
+def _commit(store: ArtifactStore, relative: str, size: int = 1000, age_days: float = 0.0) -> str:
+    folder = Path(store.root, ".build", relative.replace("/", "_"))
+    folder.mkdir(parents=True)
+    (folder / "weights.bin").write_bytes(os.urandom(size))
+    uri = store.uri(relative)
+    store.commit(folder, uri, {"stage": relative.split("/")[0]})
+    _age(Path(store.path(uri)), age_days)
+    return uri
+
+
+def _age(path: Path, days: float) -> None:
+    stamp = time.time() - days * DAY
+    for file in [path, *path.rglob("*")]:
+        os.utime(file, (stamp, stamp))
+
+
+def _run(store: ArtifactStore, name: str, dataset: str, base: str, lora: str, checkpoints: list[int], final: bool, age_days: float) -> str:
+    for step in checkpoints:
+        _commit(store, f"runs/{name}/checkpoints/checkpoint-{step}")
+    if final:
+        _commit(store, f"runs/{name}/checkpoints/final")
+    store.write_json(store.uri("runs", name, "spec.json"), {"dataset_uri": dataset, "base_uri": base, "lora_init_uri": lora})
+    _age(Path(store.path(store.uri("runs", name))), age_days)
+    return store.uri("runs", name)
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    shared = {name: _commit(store, f"{name}/{name[:4]}old", age_days=40) for name in ("datasets", "quantized", "lora-init")}
+    recent_data = _commit(store, "datasets/recentdata", age_days=40)  # old itself, but a recent run uses it
+    store.old = _run(store, "old-aaaaaaaaaaaa", shared["datasets"], shared["quantized"], shared["lora-init"], [2, 4], True, 40)
+    store.recent = _run(store, "recent-bbbbbbbbbbbb", recent_data, shared["quantized"], shared["lora-init"], [2, 4, 6, 8], False, 1)
+    store.shared, store.recent_data = shared, recent_data
+    # A write that died an hour ago (within the grace) and one that died two days ago.
+    for name, age in (("datasets/fresh-leftover", 1 / 24), ("quantized/stale-leftover", 2)):
+        Path(store.path(store.uri(name))).mkdir(parents=True)
+        Path(store.path(store.uri(name)), "model.safetensors").write_bytes(b"partial")
+        _age(Path(store.path(store.uri(name))), age)
+    import shutil
+    shutil.rmtree(Path(store.root, ".build"))
+    return store
+
+
+def test_a_dry_run_lists_leftovers_and_superseded_checkpoints_and_keeps_what_a_resume_needs(store):
+    removable, notes = plan(store)
+    reasons = {item.uri.removeprefix(store.url + "/"): item.reason for item in removable}
+    assert reasons == {
+        "quantized/stale-leftover": "uncommitted leftover of an interrupted write",
+        f"runs/old-aaaaaaaaaaaa/checkpoints/checkpoint-2": "superseded checkpoint (the run's final adapter is committed)",
+        f"runs/old-aaaaaaaaaaaa/checkpoints/checkpoint-4": "superseded checkpoint (the run's final adapter is committed)",
+        # the unfinished run keeps its two newest checkpoints (6, 8) for a resume
+        f"runs/recent-bbbbbbbbbbbb/checkpoints/checkpoint-2": "superseded checkpoint (two newer checkpoints of the run are committed)",
+        f"runs/recent-bbbbbbbbbbbb/checkpoints/checkpoint-4": "superseded checkpoint (two newer checkpoints of the run are committed)",
+    }
+    assert any("fresh-leftover" in note and "grace" in note for note in notes)
+
+
+def test_old_runs_go_with_the_stage_outputs_only_they_used_but_never_what_a_deployment_or_kept_run_uses(store):
+    protected = {store.shared["datasets"]: "deployment sft-xpu's default parameters use it"}
+    removable, notes = plan(store, older_than_days=30, protected=protected)
+    going = {item.uri for item in removable}
+    assert store.old in going  # and with it its checkpoints, adapter and spec
+    assert store.recent not in going and store.recent_data not in going  # the recent run's dataset
+    assert store.shared["quantized"] not in going and store.shared["lora-init"] not in going  # the recent run's base and init
+    assert store.shared["datasets"] not in going  # only the old run used it, but a deployment names it
+    assert f"kept {store.shared['datasets']}: deployment sft-xpu's default parameters use it" in notes
+    assert f"kept {store.recent_data}: a kept run uses it" in notes
+
+
+def test_a_run_training_now_is_left_alone(store):
+    lease = StoreLease(store, "train-bbbbbbbbbbbb0000")
+    assert lease.try_acquire() is None
+    try:
+        removable, notes = plan(store, older_than_days=0.5)
+    finally:
+        lease.release()
+    assert not [item for item in removable if item.uri.startswith(store.recent)]
+    assert f"kept {store.recent}: its training is running now" in notes
+
+
+def test_gc_removes_only_with_apply_and_the_cache_record_of_a_removed_output_becomes_a_miss(store, capsys):
+    from tasks.results import RefusedResult, SAFE_SERIALIZER, check_result_file
+
+    record = json.dumps({"metadata": {"serializer": SAFE_SERIALIZER}, "result": json.dumps(
+        {"__class__": "loraflow.storage.StageRecord", "data": {"stage": "datasets", "key": "k", "uri": store.shared["datasets"]}})}).encode()
+    assert check_result_file("datasets-k", record) == record  # its output is committed: a cache hit
+    results = Path(store.path(store.uri("prefect-results")))
+    results.mkdir()
+    (results / "datasets-k").write_bytes(record)
+
+    assert main(["gc", "--storage", store.url, "--older-than", "30"]) == 0
+    dry = capsys.readouterr().out
+    assert "would remove (a dry run: add --apply to remove)" in dry and f"{store.old} — run not written for 40 days" in dry
+    assert Path(store.path(store.old)).exists()
+
+    assert main(["gc", "--storage", store.url, "--older-than", "30", "--apply"]) == 0
+    applied = capsys.readouterr().out
+    assert "freed" in applied and not Path(store.path(store.old)).exists()
+    assert not Path(store.path(store.shared["datasets"])).exists() and Path(store.path(store.recent)).exists()
+    assert not (results / "datasets-k").exists()
+    with pytest.raises(RefusedResult):  # a record left elsewhere (another store's copy, a race) is a miss, not a dangling hit
+        check_result_file("datasets-k", record)
+    for uri in (store.recent, store.recent_data, store.shared["quantized"]):
+        for manifest in Path(store.path(uri)).rglob("manifest.json"):
+            store.verify(str(manifest.parent), hashes=True)
+
+
+def test_du_shows_each_part_and_the_largest_runs(store, capsys):
+    assert main(["du", "--storage", store.url]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"{store.url}: ") and " files" in out.splitlines()[0]
+    for part in ("runs", "datasets", "quantized", "lora-init"):
+        assert any(line.split()[:1] == [part] for line in out.splitlines()), out
+    assert "recent-bbbbbbbbbbbb" in out and "old-aaaaaaaaaaaa" in out
