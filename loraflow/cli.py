@@ -69,9 +69,9 @@ def _print_records(records: dict, outcomes: dict[str, str]) -> None:
     train = records.get("train")
     if train:
         m = train.metrics
-        print(f"\ntrain loss {m.get('first_loss') or float('nan'):.4f} → {m.get('final_loss') or float('nan'):.4f} (first → last logged step), "
-              + (f"eval loss {m['eval_loss']:.4f}" if m.get("eval_loss") is not None else "no eval split")
-              + f", {m.get('tokens_per_s')} tokens/s on {m.get('device')}")
+        from loraflow.report import eval_text, loss_text
+
+        print(f"\n{loss_text(m, '{:.4f}'.format)}, {eval_text(m, '{:.4f}'.format)}, {m.get('tokens_per_s')} tokens/s on {m.get('device')}")
 
 
 def _run_flow(config, show_ui_hint: bool) -> dict:

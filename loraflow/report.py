@@ -12,6 +12,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from loraflow.storage import ArtifactStore, StageRecord, browser_url
@@ -89,6 +90,20 @@ def loss_curve_png(rows: list[dict], title: str) -> bytes:
     return buffer.getvalue()
 
 
+def loss_text(train: dict, number: Callable[[float], str]) -> str:
+    """The train loss, first → last logged (the trainer always logs the last step)."""
+    if train.get("final_loss") is None:
+        return "train loss: none logged"
+    return f"train loss {number(train['first_loss'])} → {number(train['final_loss'])}"
+
+
+def eval_text(train: dict, number: Callable[[float], str]) -> str:
+    """The eval loss, or why there is none (summaries written before notes existed say 'no eval split')."""
+    if train.get("eval_loss") is not None:
+        return f"eval loss {number(train['eval_loss'])}"
+    return "eval loss: " + (train.get("eval_note") or "no eval split")
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}"
@@ -160,8 +175,7 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
     lines = [
         f"# Fine-tune `{run_uri.rsplit('/', 1)[-1]}`",
         "",
-        f"**final train loss** {_fmt(train.get('final_loss'))} (first {_fmt(train.get('first_loss'))}) · "
-        f"**eval loss** {_fmt(train.get('eval_loss'))} · **{_fmt(train.get('tokens_per_s'), 6)} tokens/s** · "
+        f"**{loss_text(train, lambda v: _fmt(v))}** · **{eval_text(train, lambda v: _fmt(v))}** · **{_fmt(train.get('tokens_per_s'), 6)} tokens/s** · "
         f"peak RSS {_fmt(train.get('peak_rss_mb'), 6)} MB"
         + (f" · peak device {_fmt(train.get('peak_device_mb'), 6)} MB" if train.get("peak_device_mb") else "")
         + f" · {train.get('global_step')} steps on {train.get('device')} ({train.get('precision')})",

@@ -80,6 +80,8 @@ def inspect_sources(config: FinetuneConfig) -> StageRecord:
         "model_path": str(model_path),
         "model_key": sha256_hex(native.model_fingerprint(model_path)),
     }
+    # Checked on the architecture alone (meta device), before any stage reads weights.
+    metrics["lora_targets"] = native.targets_without_weights(model_path, config.lora.target, config.model.trust_remote_code)
     tokenizer = native.tokenizer_identity(model_path)
     metrics.update(tokenizer_key=sha256_hex(tokenizer), tokenizer_class=tokenizer["class"], tokenizer_size=tokenizer["size"],
                    model_vocab_size=native.config_vocab_size(model_path))
@@ -165,7 +167,7 @@ def inject_lora(config: FinetuneConfig, env: StageRecord, base: StageRecord, log
         model = native.prepare_for_training(model, base.metrics["in_store"], config.train.gradient_checkpointing)
         peft_model, report = native.inject_lora(model, config.lora, config.train.seed)
         peft_model.save_pretrained(str(out / "adapter"))
-        log(f"LoRA on {', '.join(report['target_modules'])}: {report['trainable_params']:,} trainable of {report['total_params']:,} parameters ({report['trainable_percent']}%)")
+        log(f"LoRA on {native.describe_targets(report['target_modules'])}: {report['trainable_params']:,} trainable of {report['total_params']:,} parameters ({report['trainable_percent']}%)")
         return report
 
     return reuse_or_build(store, "lora-init", key, store.uri("lora-init", _short(key)), build, log)

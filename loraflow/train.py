@@ -277,8 +277,15 @@ def train(spec: dict, trust_remote_code: bool = False) -> dict:
         "resumed_from": resume_uri,
         **_memory_report(device),
     }
+    # A number, or None and a note saying why there is none: never a bare nan in a summary.
+    summary["eval_loss"], summary["eval_note"] = None, "no validation split (data.val_set_size is 0)"
     if val_set is not None:
-        summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+        eval_loss = trainer.evaluate()["eval_loss"]
+        if math.isfinite(eval_loss):
+            summary["eval_loss"], summary["eval_note"] = eval_loss, None
+        else:
+            summary["eval_note"] = (f"the evaluation gave {eval_loss} (the model's outputs overflowed on the validation "
+                                    f"rows); lower train.learning_rate, or use precision fp32")
     logged = [row["loss"] for row in map(json.loads, metrics_path.read_text().splitlines()) if "loss" in row]
     summary["first_loss"], summary["final_loss"] = (logged[0], logged[-1]) if logged else (None, None)
     if not math.isfinite(summary["train_loss"]):

@@ -5,7 +5,7 @@ from prefect import runtime, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from loraflow.config import FinetuneConfig
-from loraflow.report import write_report
+from loraflow.report import eval_text, loss_text, write_report
 from loraflow.storage import ArtifactStore, StageRecord, browser_url
 from tasks.common import event_url
 from tasks.runs import STAGE_TASKS, stage_outcomes, task_runs
@@ -31,8 +31,7 @@ def publish_report(config: FinetuneConfig, records: dict[str, StageRecord], uplo
     report = write_report(store, config.model_dump(mode="json"), records, stage_rows, started_by)
     run = report["summary"]["run"]
     train = records["train"].metrics
-    eval_loss = f"eval loss {train['eval_loss']:.4f}" if train.get("eval_loss") is not None else "no eval split"
-    headline = f"final train loss {train.get('final_loss'):.4f}, {eval_loss}" + (", resumed after a failure" if train.get("resumed_from") else "")
+    headline = f"{loss_text(train, '{:.4f}'.format)}, {eval_text(train, '{:.4f}'.format)}" + (", resumed after a failure" if train.get("resumed_from") else "")
     create_markdown_artifact(report["markdown"], key=artifact_key(run, "summary"), description=headline)
     create_table_artifact(report["metrics"], key=artifact_key(run, "metrics"), description=f"logged metrics per step of {run}")
     image = base64.b64encode(report["png"]).decode()

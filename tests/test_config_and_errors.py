@@ -114,6 +114,8 @@ BAD_INPUTS = [
     ("a data path that is a folder", {"data": {"path": "."}}, [], {}, "this is a folder; data.path names one dataset file"),
     ("a malformed --set value", {}, ["lora.target=[q_proj"], {}, "--set 'lora.target=[q_proj': the value is not valid YAML"),
     ("a truncated JSON file", {"data": {"path": "half.json"}}, [], {}, "half.json: malformed JSON: Unterminated string starting at line 1, column"),
+    ("a LoRA target the model lacks", {"lora": {"target": ["q_proj", "qq_proj"]}}, [], {},
+     "lora.target names qq_proj, which this model does not have; its linear layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
     ("an S3 store whose endpoint never answers", {"storage": "s3://bucket/store"}, [],
      {"AWS_ENDPOINT_URL": "{silent_endpoint}", "AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": "test"},
      "storage s3://bucket/store: network: the S3 endpoint {silent_endpoint} could not be reached or did not answer (gave up within 30 s"),
@@ -125,7 +127,7 @@ def test_bad_input_is_reported_once_without_a_traceback(case, config, overrides,
     (tmp_path / "half.json").write_text('[{"instruction": "a", "output": "b')
     tree = {"model": {"base": str(tiny_model)}, "data": {"path": "half.json", "val_set_size": 0}, "storage": "store"}
     for section, values in config.items():
-        tree[section] = {**tree[section], **values} if isinstance(values, dict) else values
+        tree[section] = {**tree.get(section, {}), **values} if isinstance(values, dict) else values
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
     argv = [sys.executable, "-m", "loraflow.cli", "run", str(tmp_path / "c.yaml"), *(a for o in overrides for a in ("--set", o))]
     env = {name: value.format(silent_endpoint=silent_endpoint) for name, value in env.items()}
@@ -134,6 +136,7 @@ def test_bad_input_is_reported_once_without_a_traceback(case, config, overrides,
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
     assert output.count(fragment) == 1, output[-3000:]
+    assert not (tmp_path / "store" / "quantized").exists()  # every check that needs no weights comes before quantizing
 
 
 def test_cli_reports_invalid_config_before_starting_anything(tmp_path):
@@ -179,3 +182,20 @@ def test_a_config_written_out_and_read_back_keeps_its_cache_keys(tmp_path):
     sources = StageRecord(stage="sources", key="s", metrics={"dataset_sha256": "x", "tokenizer_key": "t", "model_key": "m"})
     assert stages.dataset_key(again, sources) == stages.dataset_key(config, sources)
     assert stages.lora_key(again, data) == stages.lora_key(config, data)
+
+
+def test_a_run_without_an_eval_says_why_instead_of_nan(tiny_model, tmp_path):
+    from loraflow.launch import Topology, build_command, run_streaming
+    from loraflow.report import eval_text, loss_text
+    from test_sft_pipeline import sft_config
+
+    config = sft_config(tiny_model, tmp_path / "store", val_set_size=0).for_run()
+    config = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 2, "save_steps": 2, "logging_steps": 5})})
+    store, key, run, spec_uri = stages.prepare_training(config, log=lambda _: None)
+    lines = []
+    assert run_streaming(build_command(Topology(), spec_uri), lines.append, timeout=300) == 0, "\n".join(lines)[-3000:]
+    summary = stages.trained_record(store, key, run, reused=False).metrics
+    assert summary["eval_loss"] is None
+    assert eval_text(summary, str) == "eval loss: no validation split (data.val_set_size is 0)"
+    assert loss_text(summary, "{:.2f}".format) == f"train loss {summary['first_loss']:.2f} → {summary['final_loss']:.2f}"  # the last step is logged
+    assert "nan" not in json.dumps(summary).lower()

@@ -57,3 +57,15 @@ def test_injection_counts_trainable_parameters_and_is_seeded():
     b = dict(second.named_parameters())
     lora_a = [n for n in a if "lora_A" in n]
     assert lora_a and all(torch.equal(a[n], b[n]) for n in lora_a)
+
+
+@pytest.mark.parametrize("kind, qv", [("gpt2", ["c_attn"]), ("qwen2", ["q_proj", "v_proj"])])
+def test_targets_resolve_from_the_config_alone_and_a_fused_projection_is_named_as_such(kind, qv, tmp_path):
+    from loraflow.models.native import describe_targets, targets_without_weights
+
+    build(kind).config.save_pretrained(tmp_path)  # config.json only: no weight file exists
+    assert targets_without_weights(tmp_path, "attention-qv") == qv
+    with pytest.raises(LoraflowError, match="lora.target names nope, which this model does not have"):
+        targets_without_weights(tmp_path, ["nope"])
+    assert describe_targets(["c_attn"]) == "c_attn (query, key and value in one fused projection, a Conv1D in GPT-2)"
+    assert describe_targets(["q_proj", "v_proj"]) == "q_proj, v_proj"

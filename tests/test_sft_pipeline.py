@@ -228,7 +228,7 @@ def test_the_run_publishes_its_artifacts(first_run, capsys):
     # Keyed artifacts are versioned: the newest summary is from this run's first or second (cached) flow run.
     assert re.search(r"\| dataset \| (built|cached) \|", summary) and re.search(r"\| train \| (built|cached) \|", summary)
     for expected in ("rows truncated at cutoff 128", "token length p50",
-                     "trainable of", "final train loss", "tokens/s", "peak RSS", first_run["records"]["merged"].uri, '"learning_rate": 0.01'):
+                     "trainable of", "train loss ", "eval loss ", "tokens/s", "peak RSS", first_run["records"]["merged"].uri, '"learning_rate": 0.01'):
         assert expected in summary, expected
     assert float(artifacts[f"{run}-progress"].data) == 100.0
     table = artifacts[f"{run}-metrics"].data
@@ -244,7 +244,7 @@ def test_the_run_publishes_its_artifacts(first_run, capsys):
     assert capsys.readouterr().out.strip() == summary.strip()
     assert main(["runs"]) == 0
     listing = capsys.readouterr().out
-    assert run in listing and "Completed" in listing and f"final train loss {first_run['records']['train'].metrics['final_loss']:.4f}" in listing
+    assert run in listing and "Completed" in listing and f"→ {first_run['records']['train'].metrics['final_loss']:.4f}, eval loss " in listing
 
 
 def test_summary_redacts_secrets():

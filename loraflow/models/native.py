@@ -228,6 +228,28 @@ def target_modules(model, target) -> list[str]:
     return list(target)
 
 
+FUSED_ATTENTION = {"query_key_value": "query, key and value in one fused projection",
+                   "c_attn": "query, key and value in one fused projection, a Conv1D in GPT-2",
+                   "Wqkv": "query, key and value in one fused projection"}
+
+
+def describe_targets(targets: list[str]) -> str:
+    """What the chosen modules are, where a name alone misleads (a fused attention projection is more than q and v)."""
+    return ", ".join(f"{name} ({FUSED_ATTENTION[name]})" if name in FUSED_ATTENTION else name for name in targets)
+
+
+def targets_without_weights(model_path: str | Path, target, trust_remote_code: bool = False) -> list[str]:
+    """lora.target resolved on the model's architecture built on the meta device (no weights read, no memory):
+    a wrong module name is reported before anything is quantized or trained."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return target_modules(model, target)
+
+
 def prepare_for_training(model, quantized: bool, gradient_checkpointing: bool):
     from peft import prepare_model_for_kbit_training
 
