@@ -31,10 +31,11 @@ def train_task(config: FinetuneConfig):
 
 
 @flow(name=TRAIN_FLOW, description="Train a LoRA/QLoRA adapter on this worker's host (started by a fine-tune whose train.pool names this pool).")
-def train_flow(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
+def train_flow(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord,
+               ref_logps: StageRecord | None = None) -> StageRecord:
     """Check this host (its device decides precision and backend), then train with retries that resume."""
     env = check_env(config)
-    record = train_task(config)(config, env, dataset, base, lora)
+    record = train_task(config)(config, env, dataset, base, lora, ref_logps)
     # A caller on another host cannot read this flow's result from the worker's disk; it reads this.
     store = ArtifactStore(config.storage)
     store.write_json(store.uri(RECORDS, f"{current_flow_run.id}.json"), record.model_dump(mode="json"))
@@ -45,13 +46,15 @@ def deployment_name(pool: str) -> str:
     return f"{TRAIN_FLOW}/train-{pool}"
 
 
-def run_training(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
+def run_training(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,
+                 ref_logps: StageRecord | None = None) -> StageRecord:
     if not config.train.pool:
-        return train_task(config)(config, env, dataset, base, lora)
-    return _run_on_pool(config, dataset, base, lora)
+        return train_task(config)(config, env, dataset, base, lora, ref_logps)
+    return _run_on_pool(config, dataset, base, lora, ref_logps)
 
 
-def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
+def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord,
+                 ref_logps: StageRecord | None) -> StageRecord:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
@@ -61,8 +64,11 @@ def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord
     name = deployment_name(config.train.pool)
     parameters = {"config": config.model_dump(mode="json"), "dataset": dataset.model_dump(mode="json"),
                   "base": base.model_dump(mode="json"), "lora": lora.model_dump(mode="json")}
+    if ref_logps is not None:
+        parameters["ref_logps"] = ref_logps.model_dump(mode="json")
     # Content, not the caller's run id: any fine-tune asking for this training joins the same job.
-    job = sha256_hex(TRAIN_FLOW, config.storage, config.name, config.train.model_dump(exclude={"pool", "retries", "timeout_s"}), dataset.key, lora.key)[:24]
+    job = sha256_hex(TRAIN_FLOW, config.storage, config.name, config.train.model_dump(exclude={"pool", "retries", "timeout_s"}),
+                     dataset.key, lora.key, *([config.objective, config.dpo.model_dump()] if config.objective == "dpo" else []))[:24]
     for attempt in range(1000):
         run = run_deployment(name, parameters=parameters, idempotency_key=f"{job}-{attempt}", timeout=0)
         finished_without_adapter = run.state.is_final() and _read_record(store, run.id) is None

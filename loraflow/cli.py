@@ -65,23 +65,29 @@ def _print_records(records: dict, outcomes: dict[str, str]) -> None:
         d = data.metrics
         dropped = ", ".join(f"{count} {reason}" for reason, count in (d.get("rows_dropped") or {}).items()) or "none"
         print(f"\ndata: {d.get('rows_read')} rows read, {d.get('rows_kept')} kept ({d.get('train_rows')} train / "
-              f"{d.get('val_rows')} validation); dropped: {dropped}; {d.get('truncated_rows')} truncated at cutoff {d.get('cutoff_len')}")
+              f"{d.get('val_rows')} validation); dropped: {dropped}; {d.get('truncated_rows')} truncated "
+              + (f"at cutoff {d['cutoff_len']}" if "cutoff_len" in d else f"to max prompt {d.get('max_prompt_length')} / max length {d.get('max_length')} tokens"))
     train = records.get("train")
     if train:
         m = train.metrics
-        from loraflow.report import eval_text, loss_text
+        from loraflow.report import eval_text, loss_text, reward_text
 
         print(f"\n{loss_text(m, '{:.4f}'.format)}, {eval_text(m, '{:.4f}'.format)}, {m.get('tokens_per_s')} tokens/s on {m.get('device')}")
+        if (rewards := reward_text(m)) is not None:
+            print(rewards)
 
 
 def _run_flow(config, show_ui_hint: bool) -> dict:
     import tasks.common
-    from flows.sft import sft
     from tasks.runs import stage_outcomes, task_states
 
     tasks.common.CALLER_PRINTS_USER_ERRORS = True  # printed once, at the end (_failure_reason)
+    if config.objective == "dpo":
+        from flows.dpo import dpo as flow
+    else:
+        from flows.sft import sft as flow
 
-    state = sft(config, return_state=True)
+    state = flow(config, return_state=True)
     records = state.result(raise_on_failure=False)
     if state.is_failed():
         raise _failure_reason(state)
@@ -191,8 +197,13 @@ def served_deployments(config: dict, watch_prefix: str | None, interval: float) 
         module, _, attribute = entry["entrypoint"].partition(":")
         flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), attribute)
         parameters = dict(entry.get("parameters") or {})
-        if "config" in parameters:
-            parameters["config"] = config
+        for name in ("config", "preferences"):
+            if name in parameters:
+                own = parameters[name]
+                # A DPO config keeps its own preference data and settings; model and store are the served config's.
+                parameters[name] = config if own.get("objective") != "dpo" else {
+                    **own, "storage": config["storage"], "model": config["model"],
+                    "data": {**own["data"], "path": str(DEPLOYMENTS_YAML.parents[1] / own["data"]["path"])}}
         if "prefix" in parameters:
             parameters.update(prefix=watch_prefix or parameters["prefix"], storage=config["storage"])
         triggers = [DeploymentEventTrigger(**{k: v for k, v in trigger.items() if k != "type"}) for trigger in entry.get("triggers") or []]

@@ -19,6 +19,7 @@ from loraflow.errors import LoraflowError
 ALPACA_TEMPLATES = ("alpaca", "alpaca_legacy", "alpaca_short", "vigogne")
 CONVERSATION_TEMPLATES = ("vicuna_v1.1", "chatml")
 CONVERSATION_FORMATS = ("sharegpt", "messages")
+PREFERENCE_FORMATS = ("auto", "orca", "pairs", "trl", "openai", "sharegpt-preference", "hh-rlhf")
 
 TemplateName = Literal["alpaca", "alpaca_legacy", "alpaca_short", "vigogne", "vicuna_v1.1", "chatml"]
 
@@ -50,10 +51,13 @@ class DataSettings(_Section):
     """The training data and how it becomes tokens."""
 
     path: str = Field(title="Dataset file", description="Dataset file (.json, .jsonl or .parquet): a local path or any fsspec URL (s3://…).")
-    format: Literal["alpaca", "sharegpt", "messages"] = Field(
+    format: Literal["alpaca", "sharegpt", "messages", "auto", "orca", "pairs", "trl", "openai", "sharegpt-preference", "hh-rlhf"] = Field(
         "alpaca", title="Row format",
-        description="alpaca: instruction/input/output rows. sharegpt: conversations[{from, value}]. "
-        "messages: messages[{role, content}].",
+        description="SFT: alpaca (instruction/input/output), sharegpt (conversations[{from, value}]), messages "
+        "(messages[{role, content}]). DPO: auto (detected from the first row; the DPO default), orca "
+        "(system/question/chosen/rejected), pairs (prompt/chosen/rejected), trl (message lists), openai "
+        "(input.messages/preferred_output/non_preferred_output), sharegpt-preference (conversations + chosen/rejected "
+        "turns), hh-rlhf (chosen/rejected transcripts).",
     )
     template: TemplateName = Field(
         "alpaca", title="Prompt template",
@@ -72,6 +76,12 @@ class DataSettings(_Section):
 
     @model_validator(mode="after")
     def _template_matches_format(self) -> DataSettings:
+        if self.format in PREFERENCE_FORMATS:
+            if self.template not in CONVERSATION_TEMPLATES:
+                raise ValueError(f"template {self.template!r} formats alpaca rows; preference pairs use a conversation "
+                                 f"template ({', '.join(CONVERSATION_TEMPLATES)}; chatml is the DPO default) when the "
+                                 "tokenizer has no chat template of its own")
+            return self
         conversational = self.format in CONVERSATION_FORMATS
         if conversational and self.template not in CONVERSATION_TEMPLATES:
             raise ValueError(
@@ -190,6 +200,41 @@ class TrainSettings(_Section):
         return self
 
 
+class DpoSettings(_Section):
+    """Preference tuning (objective dpo): TRL's DPOTrainer with the ipex-llm DPO recipe's defaults."""
+
+    beta: float = Field(0.1, title="Beta", gt=0, description="How far the policy may move from the reference (DPO's β).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                       "apo_zero", "apo_down", "discopop", "sigmoid_norm"] = Field(
+        "sigmoid", title="Loss", description="sigmoid: the DPO paper's loss. ipo, hinge, robust, … : TRL's other pairwise losses.")
+    max_prompt_length: int = Field(1024, title="Max prompt length (tokens)", ge=8,
+                                   description="Longer prompts keep their end (the turn nearest the answer).")
+    max_length: int = Field(1536, title="Max length (tokens)", ge=16, description="Prompt plus answer; longer answers are cut at the end.")
+    reference: Literal["precomputed", "adapter-disabled", "separate"] = Field(
+        "precomputed", title="Reference model",
+        description="precomputed: the reference log-probs are a cached stage (ref-logps) and training runs no reference "
+        "pass. adapter-disabled: the policy's own base with the adapter switched off, during training (one base copy). "
+        "separate: a second NF4 copy of the base, as the recipe does (twice the memory; for comparison).")
+
+    start_from: str = Field(
+        "", title="Start from an SFT run",
+        description="An SFT run in the same store (its run id, e.g. demo-17182e7ab5d2, or its adapter folder's URI): the "
+        "policy starts from that adapter and the reference is the base with it. Empty: a fresh LoRA adapter.")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DpoSettings:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length {self.max_prompt_length} leaves no room for an answer within max_length {self.max_length}")
+        return self
+
+
+# The ipex-llm DPO recipe (and TRL's examples): what `objective: dpo` changes where the config is silent.
+DPO_DEFAULTS = {"data": {"format": "auto", "template": "chatml", "val_set_size": 0},
+                "lora": {"r": 16, "alpha": 16},
+                "train": {"learning_rate": 5e-5, "micro_batch_size": 4, "batch_size": 16, "max_steps": 200,
+                          "warmup": 0.1, "lr_scheduler": "linear", "max_grad_norm": 1.0}}
+
+
 class MergeSettings(_Section):
     """Merging the adapter into a full-precision copy of the base."""
 
@@ -202,12 +247,29 @@ class FinetuneConfig(_Section):
     """One supervised (Q)LoRA fine-tune: model, data, adapter, training, merge, and the artifact store."""
 
     name: str = Field("loraflow", title="Run name", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Run name prefix (lowercase, digits, dashes).")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", title="Objective", description="sft: supervised fine-tuning on instructions or conversations. dpo: preference "
+        "tuning on chosen/rejected pairs (the dpo section; data and train defaults follow the DPO recipe).")
     storage: str = Field("./loraflow-store", title="Artifact store", description="Artifact store: a local path or any fsspec URL (s3://bucket/prefix).")
     model: ModelSettings = Field(title="Model")
     data: DataSettings = Field(title="Data")
     lora: LoraSettings = Field(LoraSettings(), title="LoRA adapter")
     train: TrainSettings = Field(TrainSettings(), title="Train")
+    dpo: DpoSettings = Field(DpoSettings(), title="DPO (objective dpo)")
     merge: MergeSettings = Field(MergeSettings(), title="Merge")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_defaults(cls, values):
+        """With objective dpo, the DPO recipe's defaults for every data and train field the config leaves unset."""
+        if not isinstance(values, dict) or values.get("objective") != "dpo":
+            return values
+        values = dict(values)
+        for section, defaults in DPO_DEFAULTS.items():
+            given = values.get(section)
+            given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given or {})
+            values[section] = {**defaults, **given}
+        return values
 
     def for_run(self, dataset: str | None = None) -> FinetuneConfig:
         """This config as a flow runs it: `dataset` (when given) as data.path, and local paths absolute,
@@ -223,6 +285,11 @@ class FinetuneConfig(_Section):
                 "partitionable parameters). Use deepspeed_zero: 2 with quantization: nf4, or "
                 "quantization: none with ZeRO-3."
             )
+        if self.objective == "sft" and self.data.format in PREFERENCE_FORMATS:
+            raise ValueError(f"data.format {self.data.format!r} is a preference-pair shape; set objective: dpo to train on pairs")
+        if self.objective == "dpo" and self.data.format not in PREFERENCE_FORMATS:
+            raise ValueError(f"objective dpo trains on preference pairs, but data.format is {self.data.format!r}; use auto "
+                             f"(detected from the first row) or one of {', '.join(PREFERENCE_FORMATS[1:])}")
         if self.model.quantization == "nf4" and self.train.precision == "fp16":
             raise ValueError("precision fp16 with an NF4 base is unstable in the QLoRA recipe; use bf16 or fp32")
         return self

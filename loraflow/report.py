@@ -17,7 +17,9 @@ from typing import Any
 
 from loraflow.storage import ArtifactStore, StageRecord, browser_url
 
-METRIC_COLUMNS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "peak_rss_mb", "peak_device_mb")
+METRIC_COLUMNS = ("step", "epoch", "loss", "eval_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                  "learning_rate", "grad_norm", "tokens_per_s", "peak_rss_mb", "peak_device_mb")
+REWARD_CURVES = (("rewards/chosen", "chosen reward"), ("rewards/rejected", "rejected reward"), ("rewards/margins", "margin"))
 _SECRET_NAME = re.compile(r"(secret|password|token|key|credential)", re.IGNORECASE)
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 
@@ -72,7 +74,9 @@ def loss_curve_png(rows: list[dict], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    dpo = any("rewards/margins" in row for row in rows)
+    figure, panels = plt.subplots(1, 2 if dpo else 1, figsize=(13 if dpo else 7, 4), dpi=100, squeeze=False)
+    axes = panels[0][0]
     for column, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
         points = [(row["step"], row[column]) for row in rows if column in row]
         if points:
@@ -83,6 +87,22 @@ def loss_curve_png(rows: list[dict], title: str) -> bytes:
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
+    if dpo:  # DPO: the implicit rewards (β·log-ratio to the reference) and how often chosen beats rejected
+        rewards = panels[0][1]
+        train_rows = [row for row in rows if "rewards/margins" in row]
+        for column, label in REWARD_CURVES:
+            rewards.plot([row["step"] for row in train_rows], [row[column] for row in train_rows], label=label)
+        accuracy = rewards.twinx()
+        accuracy.plot([row["step"] for row in train_rows], [row["rewards/accuracies"] for row in train_rows], "k:", label="reward accuracy")
+        accuracy.set_ylim(0, 1.05)
+        accuracy.set_ylabel("reward accuracy")
+        rewards.set_xlabel("step")
+        rewards.set_ylabel("reward")
+        rewards.set_title("DPO rewards (training pairs)")
+        rewards.grid(alpha=0.3)
+        lines = rewards.get_legend_handles_labels()
+        extra = accuracy.get_legend_handles_labels()
+        rewards.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8)
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png")
@@ -102,6 +122,15 @@ def eval_text(train: dict, number: Callable[[float], str]) -> str:
     if train.get("eval_loss") is not None:
         return f"eval loss {number(train['eval_loss'])}"
     return "eval loss: " + (train.get("eval_note") or "no eval split")
+
+
+def reward_text(train: dict) -> str | None:
+    """DPO: how the rewards moved (first → last logged training step), and the reference passes training ran."""
+    if "final_reward_margins" not in train:
+        return None
+    return (f"DPO rewards: margin {train['first_reward_margins']:.3f} → {train['final_reward_margins']:.3f}, "
+            f"accuracy {train['first_reward_accuracies']:.2f} → {train['final_reward_accuracies']:.2f} "
+            f"(first → last step); reference forward passes during training: {train.get('reference_forwards')}")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -162,6 +191,18 @@ def generate_command(config: dict, records: dict[str, StageRecord]) -> str:
     return f"{program} generate {run} --storage {shlex.quote(config['storage'])} --prompt 'Give three tips for staying healthy.'"
 
 
+def _data_lines(data: dict, percentiles: dict) -> list[str]:
+    lengths = "token length " + ", ".join(f"{k} {v}" for k, v in percentiles.items())
+    if "cutoff_len" not in data:  # preference pairs
+        cuts = ", ".join(f"{count} {what}" for what, count in data.get("truncations", {}).items()) or "none"
+        return [f"- {data.get('truncated_rows')} pairs truncated to max prompt {data.get('max_prompt_length')} / max length "
+                f"{data.get('max_length')} tokens ({cuts}); {lengths} (prompt + longer answer)",
+                f"- {data.get('tokens')} tokens; format `{data.get('format')}`, template {data.get('template')}"]
+    return [f"- {data.get('truncated_rows')} rows truncated at cutoff {data.get('cutoff_len')}; {lengths}",
+            f"- {data.get('tokens')} tokens, {_fmt(100 * data.get('label_token_fraction', 0), 3)}% of them trained; "
+            f"template `{data.get('template')}`, train_on_inputs {data.get('train_on_inputs')}"]
+
+
 def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: list[dict], run_uri: str,
                      started_by: str | None = None) -> str:
     """stage_rows: [{stage, outcome, seconds}] in pipeline order; started_by: what started the run (markdown)."""
@@ -180,6 +221,7 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
         + (f" · peak device {_fmt(train.get('peak_device_mb'), 6)} MB" if train.get("peak_device_mb") else "")
         + f" · {train.get('global_step')} steps on {train.get('device')} ({train.get('precision')})",
         "",
+        *([reward_text(train), ""] if reward_text(train) else []),
         *([f"**Training {resumed}.**", ""] if resumed else []),
         *([f"Started by {started_by}.", ""] if started_by else []),
         "## Use it",
@@ -205,16 +247,15 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
         "",
         f"- source {_link(data.get('source'))}: {data.get('rows_read')} rows read, {data.get('rows_kept')} kept "
         f"({data.get('train_rows')} train / {data.get('val_rows')} validation); dropped: {dropped}",
-        f"- {data.get('truncated_rows')} rows truncated at cutoff {data.get('cutoff_len')}; token length "
-        + ", ".join(f"{k} {v}" for k, v in percentiles.items()),
-        f"- {data.get('tokens')} tokens, {_fmt(100 * data.get('label_token_fraction', 0), 3)}% of them trained; "
-        f"template `{data.get('template')}`, train_on_inputs {data.get('train_on_inputs')}",
+        *(_data_lines(data, percentiles)),
         "",
         "## Adapter",
         "",
-        f"- LoRA r{config['lora']['r']}/alpha{config['lora']['alpha']}/dropout {config['lora']['dropout']} on "
-        f"{', '.join(lora.get('target_modules', []))}: {lora.get('trainable_params'):,} trainable of "
-        f"{lora.get('total_params'):,} parameters ({lora.get('trainable_percent')}%)",
+        (f"- started from the SFT adapter {_link(lora['start_from'])}: LoRA r{lora.get('r')} on {', '.join(lora.get('target_modules', []))}"
+         if lora.get("start_from") else
+         f"- LoRA r{config['lora']['r']}/alpha{config['lora']['alpha']}/dropout {config['lora']['dropout']} on "
+         f"{', '.join(lora.get('target_modules', []))}: {lora.get('trainable_params'):,} trainable of "
+         f"{lora.get('total_params'):,} parameters ({lora.get('trainable_percent')}%)"),
         f"- base quantization: {records['quantized'].metrics.get('quantization')}",
     ]
     if merged is not None:

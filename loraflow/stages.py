@@ -9,6 +9,7 @@ folder and commits it: files first, manifest last.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -21,16 +22,19 @@ from loraflow import data as data_stage
 from loraflow import export as export_stage
 from loraflow import merge as merge_stage
 from loraflow.config import FinetuneConfig
+from loraflow.data.preference import prepare_preference_dataset
 from loraflow.envcheck import check_environment
 from loraflow.errors import LoraflowError
 from loraflow.launch import Topology, deepspeed_config, distributed_backend
 from loraflow.lease import build_once
 from loraflow.models import native
+from loraflow.spec import RunSpec
 from loraflow.storage import ArtifactStore, StageRecord, hash_uri, remote_failure, sha256_hex
 
 QUANTIZE_VERSION = 1
 LORA_VERSION = 1
 TRAIN_VERSION = 1
+REF_LOGPS_VERSION = 1
 
 Log = Callable[[str], None]
 
@@ -107,6 +111,8 @@ def check_token_ids(dataset: StageRecord, sources: StageRecord) -> None:
 # ---- keys ---------------------------------------------------------------------------------------
 def dataset_key(config: FinetuneConfig, sources: StageRecord) -> str:
     fields = config.data.model_dump(exclude={"path"})
+    if config.objective == "dpo":  # the same file as preference pairs: another output, cut to the DPO lengths
+        fields |= {"objective": "dpo", **config.dpo.model_dump(include={"max_prompt_length", "max_length"})}
     return sha256_hex(data_stage.STAGE, data_stage.STAGE_VERSION, sources.metrics["dataset_sha256"], sources.metrics["tokenizer_key"], fields)
 
 
@@ -122,7 +128,14 @@ def lora_key(config: FinetuneConfig, base: StageRecord) -> str:
 def train_key(config: FinetuneConfig, dataset: StageRecord, lora: StageRecord, env: StageRecord) -> str:
     # Where and how patiently it runs does not change what it computes.
     fields = config.train.model_dump(exclude={"pool", "device", "retries", "timeout_s", "master_port", "mpi"})
+    if config.objective == "dpo":
+        fields |= {"objective": "dpo", "dpo": config.dpo.model_dump(exclude={"max_prompt_length", "max_length"})}  # lengths: in dataset.key
     return sha256_hex("train", TRAIN_VERSION, dataset.key, lora.key, fields, env.metrics["device"], env.metrics["precision"])
+
+
+def ref_logps_key(dataset: StageRecord, base: StageRecord, lora: StageRecord, env: StageRecord) -> str:
+    # The pairs (their template and lengths are in dataset.key), the frozen weights, the starting adapter, the arithmetic.
+    return sha256_hex("ref-logps", REF_LOGPS_VERSION, dataset.key, base.key, lora.key, env.metrics["device"], env.metrics["precision"])
 
 
 def run_uri(store: ArtifactStore, config: FinetuneConfig, train_key_: str) -> str:
@@ -134,7 +147,11 @@ def prepare_data(config: FinetuneConfig, sources: StageRecord, log: Log = print)
     store = ArtifactStore(config.storage)
     key = dataset_key(config, sources)
     uri = store.uri(data_stage.STAGE, _short(key))
-    build = lambda out: data_stage.prepare_dataset(config.data, sources.metrics["model_path"], out, log)  # noqa: E731
+    def build(out: Path) -> dict:
+        if config.objective == "dpo":
+            return prepare_preference_dataset(config.data, config.dpo, sources.metrics["model_path"], out, log)
+        return data_stage.prepare_dataset(config.data, sources.metrics["model_path"], out, log)
+
     return reuse_or_build(store, data_stage.STAGE, key, uri, build, log)
 
 
@@ -152,6 +169,27 @@ def quantize_base(config: FinetuneConfig, env: StageRecord, sources: StageRecord
             config.model.double_quant, config.model.trust_remote_code)}
 
     return reuse_or_build(store, "quantized", key, store.uri("quantized", _short(key)), build, log)
+
+
+def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = print) -> StageRecord:
+    """DPO from an SFT run (`dpo.start_from`): that run's exported adapter as the starting point, in place of a fresh
+    LoRA init. Its key is the adapter's content (manifest sha256), so the runs and reference log-probs built on it
+    change when it does."""
+    store = ArtifactStore(config.storage)
+    start = config.dpo.start_from.rstrip("/")
+    uri = start if "/" in start else store.uri("runs", start, "adapter")
+    manifest = store.manifest(uri)
+    if manifest is None:
+        raise LoraflowError(f"dpo.start_from {start!r}: no committed adapter at {uri}; name an SFT run of this store "
+                            "(see `loraflow runs`) or its adapter folder")
+    adapter_config = json.loads((store.local_copy(uri, verify=True) / "adapter_config.json").read_text())
+    trained_on = adapter_config.get("base_model_name_or_path")
+    if trained_on and Path(trained_on).name != Path(config.model.base).name and trained_on != config.model.base:
+        raise LoraflowError(f"dpo.start_from {start!r}: that adapter was trained on {trained_on}, not on model.base {config.model.base}")
+    log(f"starting from the SFT adapter {uri} (LoRA r{adapter_config.get('r')} on {', '.join(sorted(adapter_config.get('target_modules') or []))}); "
+        "the lora section does not apply")
+    return StageRecord(stage="lora-init", key=sha256_hex("start-from", manifest["sha256"]), uri=uri,
+                       metrics={"start_from": uri, "r": adapter_config.get("r"), "target_modules": sorted(adapter_config.get("target_modules") or [])})
 
 
 def _base_dir(store: ArtifactStore, base: StageRecord) -> Path:
@@ -173,25 +211,99 @@ def inject_lora(config: FinetuneConfig, env: StageRecord, base: StageRecord, log
     return reuse_or_build(store, "lora-init", key, store.uri("lora-init", _short(key)), build, log)
 
 
-def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> tuple[str, str, dict]:
+def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,
+               ref_logps: StageRecord | None = None) -> tuple[str, str, RunSpec]:
     """(key, run URI, spec) for the training subprocess."""
     store = ArtifactStore(config.storage)
     key = train_key(config, dataset, lora, env)
     run = run_uri(store, config, key)
-    spec = {
-        "store": config.storage,
-        "run_uri": run,
-        "dataset_uri": dataset.uri,
-        "base_uri": base.uri,
-        "base_in_store": bool(base.metrics.get("in_store")),
-        "quantized": base.metrics.get("quantization") == "nf4",
-        "lora_init_uri": lora.uri,
-        "train": config.train.model_dump() | {"device": env.metrics["device"], "precision": env.metrics["precision"]},
-        "ddp_backend": distributed_backend(env.metrics["device"]) if Topology.from_train(config.train).world_size > 1 else None,
-        "deepspeed_config": deepspeed_config(config.train.deepspeed_zero, config.train.deepspeed_offload_optimizer),
+    spec = RunSpec(
+        objective=config.objective,
+        store=config.storage,
+        run_uri=run,
+        dataset_uri=dataset.uri,
+        base_uri=base.uri,
+        base_in_store=bool(base.metrics.get("in_store")),
+        quantized=base.metrics.get("quantization") == "nf4",
+        lora_init_uri=lora.uri,
+        train=config.train.model_copy(update={"device": env.metrics["device"], "precision": env.metrics["precision"]}),
+        dpo=config.dpo if config.objective == "dpo" else None,
+        ref_logps_uri=ref_logps.uri if ref_logps is not None else "",
+        ddp_backend=distributed_backend(env.metrics["device"]) if Topology.from_train(config.train).world_size > 1 else None,
+        deepspeed_config=deepspeed_config(config.train.deepspeed_zero, config.train.deepspeed_offload_optimizer),
         # No trust_remote_code here: the spec is a file in the shared store (see launch.build_command).
-    }
+    )
     return key, run, spec
+
+
+def reference_logps(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,
+                    log: Log = print) -> StageRecord:
+    """DPO's reference log-probs of every pair (the frozen base with the starting adapter), computed once and kept
+    in the store: training, its retries and every rerun that changes only beta, the loss or the schedule read them
+    instead of running the reference model."""
+    store = ArtifactStore(config.storage)
+    key = ref_logps_key(dataset, base, lora, env)
+
+    def build(out: Path) -> dict:
+        from loraflow.train import compute_reference_logps
+
+        _, _, spec = train_spec(config, env, dataset, base, lora)
+        metrics = compute_reference_logps(spec, out, config.model.trust_remote_code)
+        log(f"reference log-probs of {metrics['pairs']} pairs computed ({metrics['reference_forwards']} forward passes)")
+        return metrics
+
+    return reuse_or_build(store, "ref-logps", key, store.uri("ref-logps", _short(key)), build, log)
+
+
+def train(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,
+          ref_logps: StageRecord | None = None, log: Log = print, on_line: Log = print) -> StageRecord:
+    """The train stage: the committed adapter of this content if there is one, else write the run spec, launch
+    `python -m loraflow.train` (local/torchrun/deepspeed/mpirun) and stream its lines to on_line.
+
+    One trainer per run folder, even when a retry races a rerun of the same content: the other waits and reuses.
+    """
+    from loraflow import launch
+    from loraflow.train import USER_ERROR_EXIT
+
+    store = ArtifactStore(config.storage)
+    key, run, spec = train_spec(config, env, dataset, base, lora, ref_logps)
+    final = f"{run}/checkpoints/final"
+    with build_once(store, f"train-{key[:16]}", lambda: store.is_committed(final), log) as must_train:
+        if not must_train:
+            log(f"train: reusing committed adapter {final}")
+            return trained_record(store, key, run, reused=True)
+        spec_uri = f"{run}/spec.json"
+        store.write_json(spec_uri, spec.model_dump(mode="json"))
+        topology = launch.Topology.from_train(config.train)
+        errors: list[str] = []
+
+        def each_line(line: str) -> None:
+            if line.startswith("error: "):
+                errors.append(line.removeprefix("error: "))
+            on_line(line)
+
+        on_line(TRAINING_RUN_LINE.format(run=run.rsplit("/", 1)[-1], uri=run))
+        with tempfile.TemporaryDirectory(prefix="loraflow-launch-") as scratch:
+            command = launch.build_command(topology, spec_uri, hostfile=launch.write_hostfile(topology, Path(scratch)),
+                                           trust_remote_code=config.model.trust_remote_code)
+            log(f"launching: {' '.join(command.argv)}")
+            if topology.launcher == "torchrun" and topology.nnodes > 1:
+                trust = " --trust-remote-code" if config.model.trust_remote_code else ""
+                log(f"on each other host N of {topology.hosts}: python -m loraflow.launch {spec_uri} --node-rank N{trust}")
+            code = launch.run_streaming(command, each_line, timeout=config.train.timeout_s or None)
+        if code == USER_ERROR_EXIT and errors:
+            raise LoraflowError(errors[-1])  # a user error: not retried (tasks.common.retry_unless_user_error)
+        if code != 0:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            raise RuntimeError(f"the training process {how} (its log is above); a retry resumes from the newest checkpoint in {run}/checkpoints")
+        record = trained_record(store, key, run, reused=False)
+        if record is None:
+            raise LoraflowError(f"the training process exited cleanly but committed no adapter at {final}")
+        return record
+
+
+# The line that names a training run, first in its log: the progress display keys on it (tasks/train.py).
+TRAINING_RUN_LINE = "training run {run}: {uri}"
 
 
 def prepare_training(config: FinetuneConfig, log: Log = print) -> tuple[ArtifactStore, str, str, str]:
@@ -203,10 +315,11 @@ def prepare_training(config: FinetuneConfig, log: Log = print) -> tuple[Artifact
     sources = inspect_sources(config)
     dataset = prepare_data(config, sources, log)
     base = quantize_base(config, env, sources, log)
-    lora = inject_lora(config, env, base, log)
-    key, run, spec = train_spec(config, env, dataset, base, lora)
+    lora = starting_adapter(config, sources, log) if config.objective == "dpo" and config.dpo.start_from else inject_lora(config, env, base, log)
+    ref_logps = reference_logps(config, env, dataset, base, lora, log) if config.objective == "dpo" and config.dpo.reference == "precomputed" else None
+    key, run, spec = train_spec(config, env, dataset, base, lora, ref_logps)
     store = ArtifactStore(config.storage)
-    store.write_json(f"{run}/spec.json", spec)
+    store.write_json(f"{run}/spec.json", spec.model_dump(mode="json"))
     return store, key, run, f"{run}/spec.json"
 
 
@@ -242,7 +355,10 @@ def merge(config: FinetuneConfig, env: StageRecord, sources: StageRecord, datase
     def build(out: Path) -> dict:
         dataset_dir = store.local_copy(dataset.uri)
         split = dataset_dir / ("val.parquet" if (dataset_dir / "val.parquet").exists() else "train.parquet")
-        rows = pq.read_table(split, columns=["input_ids"]).slice(0, config.merge.check_rows).column("input_ids").to_pylist()
+        table = pq.read_table(split).slice(0, config.merge.check_rows)
+        # SFT rows are input_ids; DPO pairs are checked on prompt + chosen answer.
+        rows = table.column("input_ids").to_pylist() if "input_ids" in table.column_names else \
+            [p + c for p, c in zip(table.column("prompt_ids").to_pylist(), table.column("chosen_ids").to_pylist())]
         metrics = merge_stage.merge_adapter(Path(sources.metrics["model_path"]), store.local_copy(adapter.uri, verify=True), out, device, precision, rows, config.model.trust_remote_code)
         log(f"merged; max |logit difference| vs base+adapter {metrics['max_abs_logit_diff']:.3g} (allowed {metrics['tolerance']:.3g})")
         return metrics

@@ -20,13 +20,17 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loraflow.data.tokenize import load_tokenizer
 from loraflow.errors import LoraflowError
+from loraflow import objectives
 from loraflow.models import native
+from loraflow.objectives import OBJECTIVES, Dpo, load_split
+from loraflow.spec import RunSpec
 from loraflow.storage import ArtifactStore, open_url, sha256_hex
 
 FINAL = "final"
@@ -62,9 +66,9 @@ def export_torch_rank_env() -> dict:
     return ranks
 
 
-def read_spec(uri: str) -> dict:
+def read_spec(uri: str) -> RunSpec:
     with open_url(uri, "r") as stream:
-        return json.load(stream)
+        return RunSpec.parse(stream.read(), uri)
 
 
 def _memory_report(device: str) -> dict:
@@ -98,7 +102,7 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
             if not is_main or not logs:
                 return
             now = time.time()
-            tokens = state.num_input_tokens_seen
+            tokens = state.num_input_tokens_seen or int(logs.get("num_tokens", 0))  # TRL counts its own (DPO)
             record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
             if "loss" in logs and now > self.last_time:
                 record["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
@@ -168,139 +172,215 @@ def resumable_checkpoint(store: ArtifactStore, run_uri: str, work: Path) -> tupl
     return None, None
 
 
-def train(spec: dict, trust_remote_code: bool = False) -> dict:
-    """Train as the spec says. trust_remote_code comes from the command line (the flow's parameters),
-    never from the spec: the spec is a file in the shared store."""
-    from datasets import Dataset
-    from peft import PeftModel
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
+@dataclass
+class RunContext:
+    """What every phase shares: where this process is in the run, and where it writes."""
+
+    spec: RunSpec
+    ranks: dict
+    store: ArtifactStore
+    device: str
+    precision: str
+    work: Path
+    metrics_path: Path
+    trust_remote_code: bool = False  # from the command line, never from the spec
+
+    @property
+    def is_main(self) -> bool:
+        return self.ranks["rank"] == 0
+
+    def base_dir(self) -> Path:
+        """The base weights: the pre-quantized NF4 copy from the store (verified: the store is shared, a file may be
+        truncated or altered), or the full-precision base where it is."""
+        return self.store.local_copy(self.spec.base_uri, verify=True) if self.spec.base_in_store else Path(self.spec.base_uri)
+
+
+def setup_run(spec: RunSpec, trust_remote_code: bool = False) -> RunContext:
+    """Ranks, device, precision, seed, and this run's scratch folder on this host."""
+    from transformers import set_seed
 
     ranks = export_torch_rank_env()
-    if spec.get("ddp_backend") == "ccl":
+    if spec.ddp_backend == "ccl":
         import oneccl_bindings_for_pytorch  # noqa: F401  (registers the ccl backend with torch.distributed)
-    is_main = ranks["rank"] == 0
-    cfg = spec["train"]
-    store = ArtifactStore(spec["store"])
-    run_uri = spec["run_uri"]
-    device = native.resolve_device(cfg["device"])
-    precision = native.resolve_precision(cfg["precision"], device)
-    set_seed(cfg["seed"])
-
-    # verify: what is trained on is what was committed (the store is shared; a file may be truncated or altered).
-    dataset_dir = store.local_copy(spec["dataset_uri"], verify=True)
-    tokenizer = load_tokenizer(str(dataset_dir / "tokenizer"))
-    base_dir = store.local_copy(spec["base_uri"], verify=True) if spec["base_in_store"] else Path(spec["base_uri"])
-    model = native.load_causal_lm(base_dir, device, precision, None, trust_remote_code)
-    model = native.prepare_for_training(model, spec["quantized"], cfg["gradient_checkpointing"])
-    adapter_dir = store.local_copy(spec["lora_init_uri"], verify=True) / "adapter"
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
-
-    train_set = Dataset.from_parquet(str(dataset_dir / "train.parquet"))
-    val_path = dataset_dir / "val.parquet"
-    val_set = Dataset.from_parquet(str(val_path)) if val_path.exists() else None
-
+    device = native.resolve_device(spec.train.device)
+    set_seed(spec.train.seed)
     # One folder per run and host, shared by the ranks on it: the Trainer writes each rank's RNG state
     # into the checkpoint folder, and rank 0 commits that folder.
     # LORAFLOW_SCRATCH (the work pool's scratch_dir) moves it off a small /tmp.
-    work = Path(os.environ.get("LORAFLOW_SCRATCH") or tempfile.gettempdir()) / f"loraflow-train-{sha256_hex(run_uri)[:16]}"
+    work = Path(os.environ.get("LORAFLOW_SCRATCH") or tempfile.gettempdir()) / f"loraflow-train-{sha256_hex(spec.run_uri)[:16]}"
     metrics_path = work / "metrics" / METRICS
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    if is_main:
+    if ranks["rank"] == 0:
         metrics_path.write_text("")  # a previous attempt's lines; a resume restores the checkpoint's own
-    accumulation = max(1, cfg["batch_size"] // (cfg["micro_batch_size"] * ranks["world_size"]))
-    args = TrainingArguments(
-        output_dir=str(work / "checkpoints"),
-        per_device_train_batch_size=cfg["micro_batch_size"],
-        per_device_eval_batch_size=cfg["micro_batch_size"],
-        gradient_accumulation_steps=accumulation,
-        num_train_epochs=cfg["num_epochs"],
-        max_steps=cfg["max_steps"],
-        learning_rate=cfg["learning_rate"],
-        lr_scheduler_type=cfg["lr_scheduler"],
-        warmup_steps=cfg["warmup"],
-        max_grad_norm=cfg["max_grad_norm"],
-        weight_decay=cfg["weight_decay"],
-        optim=cfg["optim"],
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=device == "cpu",
-        logging_steps=cfg["logging_steps"],
+    return RunContext(spec, ranks, ArtifactStore(spec.store), device, native.resolve_precision(spec.train.precision, device),
+                      work, metrics_path, trust_remote_code)
+
+
+def setup_model(run: RunContext):
+    """The base with the starting adapter, trainable."""
+    from peft import PeftModel
+
+    spec = run.spec
+    model = native.load_causal_lm(run.base_dir(), run.device, run.precision, None, run.trust_remote_code)
+    model = native.prepare_for_training(model, spec.quantized, spec.train.gradient_checkpointing)
+    adapter_dir = starting_adapter_dir(run)
+    # (DPO: TRL adds a frozen copy of this starting adapter, named "ref", as the reference: the base plus a fresh
+    # adapter is the base itself; plus an SFT run's adapter, the model DPO starts from.)
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
+def starting_adapter_dir(run: RunContext) -> Path:
+    """The adapter training starts from: a LoRA init stage's `adapter/`, or an SFT run's exported adapter folder."""
+    folder = run.store.local_copy(run.spec.lora_init_uri, verify=True)
+    return folder / "adapter" if (folder / "adapter").is_dir() else folder
+
+
+def setup_data(run: RunContext):
+    """(tokenizer, train split, validation split or None) from the data stage's output (and the reference log-probs)."""
+    spec = run.spec
+    dataset_dir = run.store.local_copy(spec.dataset_uri, verify=True)
+    ref_logps = run.store.local_copy(spec.ref_logps_uri, verify=True) if spec.ref_logps_uri else None
+    tokenizer = load_tokenizer(str(dataset_dir / "tokenizer"))
+    return tokenizer, load_split(dataset_dir, "train", ref_logps), load_split(dataset_dir, "val", ref_logps)
+
+
+def training_arguments(run: RunContext, has_eval: bool) -> dict:
+    """The TrainingArguments every objective shares (an objective's own class adds its fields)."""
+    cfg, ranks = run.spec.train, run.ranks
+    return dict(
+        output_dir=str(run.work / "checkpoints"),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=max(1, cfg.batch_size // (cfg.micro_batch_size * ranks["world_size"])),
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup,
+        max_grad_norm=cfg.max_grad_norm,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        bf16=run.precision == "bf16",
+        fp16=run.precision == "fp16",
+        use_cpu=run.device == "cpu",
+        logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if val_set is not None else "no",
-        eval_steps=cfg["eval_steps"],
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps,
         save_strategy="steps",
-        save_steps=cfg["save_steps"],
+        save_steps=cfg.save_steps,
         save_total_limit=2,
-        seed=cfg["seed"],
-        data_seed=cfg["seed"],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
         report_to="none",
         disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
-        ddp_backend=spec.get("ddp_backend"),
-        deepspeed=spec.get("deepspeed_config"),
+        ddp_backend=run.spec.ddp_backend,
+        deepspeed=run.spec.deepspeed_config,
         ddp_find_unused_parameters=False if ranks["world_size"] > 1 else None,
     )
-    resume_uri, resume_dir = resumable_checkpoint(store, run_uri, work)
+
+
+def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
+    """Train as the spec says: setup run → model → data → trainer (the objective's) → train, resuming → save and commit.
+
+    trust_remote_code comes from the command line (the flow's parameters), never from the spec: the spec is a
+    file in the shared store.
+    """
+    from transformers import PrinterCallback
+
+    run = setup_run(spec, trust_remote_code)
+    objective = OBJECTIVES[spec.objective](spec)
+    model = setup_model(run)
+    tokenizer, train_set, val_set = setup_data(run)
+
+    args = objective.arguments(training_arguments(run, val_set is not None))
+    resume_uri, resume_dir = resumable_checkpoint(run.store, spec.run_uri, run.work)
     if resume_uri:
         print(f"resuming from {resume_uri}", flush=True)
         if (resume_dir / METRICS).exists():
-            shutil.copyfile(resume_dir / METRICS, metrics_path)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=val_set,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
-        callbacks=_callbacks(store, run_uri, metrics_path, device, is_main, resumed=resume_uri is not None),
-    )
+            shutil.copyfile(resume_dir / METRICS, run.metrics_path)
+    callbacks = _callbacks(run.store, spec.run_uri, run.metrics_path, run.device, run.is_main, resumed=resume_uri is not None)
+    trainer = objective.trainer(run, model, args, train_set, val_set, tokenizer, callbacks)
     trainer.remove_callback(PrinterCallback)  # our callback prints each log once, with step and memory
 
     print(
-        f"training on {device} ({precision}), rank {ranks['rank']}/{ranks['world_size']}, "
-        f"{len(train_set)} train rows, micro batch {cfg['micro_batch_size']} x accumulation {accumulation}",
+        f"training ({objective.name}) on {run.device} ({run.precision}), rank {run.ranks['rank']}/{run.ranks['world_size']}, "
+        f"{len(train_set)} train rows, micro batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps}",
         flush=True,
     )
+    summary = _train_and_summarize(run, objective, trainer, resume_uri, resume_dir, val_set is not None)
+    _save_and_commit(run, trainer, summary)
+    return summary
+
+
+def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume_dir, has_eval: bool) -> dict:
     tokens_before = json.loads((resume_dir / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume_dir else 0
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     elapsed = time.time() - started
-    tokens_now = trainer.state.num_input_tokens_seen - tokens_before  # this attempt's, not the resumed part's
+    tokens_seen = objective.tokens_seen(trainer)
+    tokens_now = tokens_seen - tokens_before  # this attempt's, not the resumed part's
     summary = {
+        "objective": objective.name,
         "train_loss": result.training_loss,
         "global_step": result.global_step,
         "train_runtime_s": round(elapsed, 2),
-        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_seen": tokens_seen,
         "tokens_per_s": round(tokens_now / elapsed, 1) if elapsed else None,
-        "device": device,
-        "precision": precision,
-        "world_size": ranks["world_size"],
+        "device": run.device,
+        "precision": run.precision,
+        "world_size": run.ranks["world_size"],
         "resumed_from": resume_uri,
-        **_memory_report(device),
+        **_memory_report(run.device),
     }
     # A number, or None and a note saying why there is none: never a bare nan in a summary.
     summary["eval_loss"], summary["eval_note"] = None, "no validation split (data.val_set_size is 0)"
-    if val_set is not None:
+    if has_eval:
         eval_loss = trainer.evaluate()["eval_loss"]
         if math.isfinite(eval_loss):
             summary["eval_loss"], summary["eval_note"] = eval_loss, None
         else:
             summary["eval_note"] = (f"the evaluation gave {eval_loss} (the model's outputs overflowed on the validation "
                                     f"rows); lower train.learning_rate, or use precision fp32")
-    logged = [row["loss"] for row in map(json.loads, metrics_path.read_text().splitlines()) if "loss" in row]
-    summary["first_loss"], summary["final_loss"] = (logged[0], logged[-1]) if logged else (None, None)
+    logged = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    losses = [row["loss"] for row in logged if "loss" in row]
+    summary["first_loss"], summary["final_loss"] = (losses[0], losses[-1]) if losses else (None, None)
+    summary.update(objective.summary(logged))
     if not math.isfinite(summary["train_loss"]):
         raise LoraflowError(f"training diverged: train loss is {summary['train_loss']}; lower train.learning_rate")
-    final = work / FINAL
+    return summary
+
+
+def _save_and_commit(run: RunContext, trainer, summary: dict) -> None:
+    final = run.work / FINAL
     # Every rank calls save_model: under ZeRO-3 it gathers the sharded LoRA weights (a collective);
     # only rank 0 writes files.
     trainer.save_model(str(final))
-    if is_main:
+    if run.is_main:
         (final / "training_args.bin").unlink(missing_ok=True)  # a pickle; the spec and summary say the same
         (final / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        store.commit(metrics_path.parent, f"{run_uri}/metrics", replace=True)
-        store.commit(final, f"{run_uri}/checkpoints/{FINAL}", {"global_step": result.global_step}, replace=True)
-        print(f"trained adapter committed to {run_uri}/checkpoints/{FINAL}", flush=True)
-    return summary
+        run.store.commit(run.metrics_path.parent, f"{run.spec.run_uri}/metrics", replace=True)
+        run.store.commit(final, f"{run.spec.run_uri}/checkpoints/{FINAL}", {"global_step": summary["global_step"]}, replace=True)
+        print(f"trained adapter committed to {run.spec.run_uri}/checkpoints/{FINAL}", flush=True)
+
+
+def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = False) -> dict:
+    """The ref-logps stage's build: TRL's own reference pass (the same concatenation and masks its loss uses) over
+    every pair, kept as train.parquet / val.parquet columns ref_chosen_logps, ref_rejected_logps in out."""
+    run = setup_run(spec, trust_remote_code)
+    objective = Dpo(spec)
+    model = setup_model(run)
+    tokenizer, train_set, val_set = setup_data(run)
+    args = objective.arguments(training_arguments(run, val_set is not None), precompute=True)
+    trainer = objective.trainer(run, model, args, train_set, val_set, tokenizer, [])  # TRL computes them on init
+    out.mkdir(parents=True, exist_ok=True)
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # a bar per parquet file written says nothing
+    for split, rows in (("train", trainer.train_dataset), ("val", trainer.eval_dataset)):
+        if rows is not None:
+            rows.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_parquet(str(out / f"{split}.parquet"))
+    return {"pairs": len(train_set) + (len(val_set) if val_set is not None else 0), "reference_forwards": objectives.REFERENCE_FORWARDS}
 
 
 def main(argv: list[str] | None = None) -> int:

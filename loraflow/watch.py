@@ -21,6 +21,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from loraflow.data.formats import SUFFIXES, format_alpaca, format_conversations, read_rows
+from loraflow.data.preference import PREFERENCE_FORMATS, detect_preference_format, to_pairs
 from loraflow.errors import LoraflowError
 from loraflow.storage import ArtifactStore, filesystem, hash_uri, sha256_hex
 
@@ -62,7 +63,9 @@ class Found:
             if line := re.search(r"\b(?:line|row) (\d+)", self.error):
                 labels["loraflow.line" if "line" in line.group(0) else "loraflow.row"] = line.group(1)
         else:
-            labels.update({"loraflow.format": str(self.format), "loraflow.rows": str(self.rows)})
+            # The objective lets each deployment's trigger take only its own files (SFT rows or preference pairs).
+            labels.update({"loraflow.format": str(self.format), "loraflow.rows": str(self.rows),
+                           "loraflow.objective": "dpo" if self.format in PREFERENCE_FORMATS else "sft"})
         return labels
 
     def related(self) -> list[dict[str, str]]:
@@ -75,9 +78,12 @@ class Found:
 
 
 def detect_format(uri: str, rows: list[dict]) -> str:
-    """alpaca, sharegpt or messages, from the first row's fields; every row is then checked by its formatter."""
+    """A preference shape (DPO), or alpaca, sharegpt or messages (SFT), from the first row's fields; every row is then
+    checked by its formatter."""
     if not rows:
         raise LoraflowError(f"{uri}: no rows")
+    if shape := detect_preference_format(rows[0]):
+        return shape
     fields = set(rows[0])
     if "conversations" in fields:
         return "sharegpt"
@@ -86,13 +92,16 @@ def detect_format(uri: str, rows: list[dict]) -> str:
     if {"instruction", "output"} <= fields:
         return "alpaca"
     raise LoraflowError(f"{uri}: row 0 has fields {', '.join(sorted(fields)) or 'none'}; expected alpaca "
-                        "(instruction, input, output), sharegpt (conversations) or messages (messages)")
+                        "(instruction, input, output), sharegpt (conversations) or messages (messages), or preference "
+                        "pairs (chosen and rejected with a prompt, question, conversations or hh-rlhf transcripts)")
 
 
 def validate_dataset(uri: str) -> tuple[str, int]:
     """(format, usable rows) of a dataset file, or a LoraflowError saying what is wrong and where."""
     rows = read_rows(uri)
     data_format = detect_format(uri, rows)
+    if data_format in PREFERENCE_FORMATS:
+        return data_format, len(to_pairs(uri, rows, data_format).turns)
     if data_format == "alpaca":
         formatted = format_alpaca(uri, rows, "alpaca", True)
     else:

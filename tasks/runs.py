@@ -9,6 +9,7 @@ STAGE_TASKS = {
     "dataset": "prepare-dataset",
     "quantized": "quantize-base",
     "lora": "inject-lora",
+    "ref_logps": "ref-logps",
     "train": "train",
     "adapter": "export-adapter",
     "merged": "merge-adapter",

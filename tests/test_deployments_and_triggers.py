@@ -46,19 +46,19 @@ def _runs_of(server, deployment_name: str) -> list:
     return sorted(runs, key=lambda run: run.created)
 
 
-def _wait_for_runs(server, expected: int, settle: float = 4.0, timeout: float = 60.0) -> list:
-    """The SFT runs once `expected` exist and no more arrive within `settle` seconds."""
+def _wait_for_runs(server, expected: int, settle: float = 4.0, timeout: float = 60.0, deployment: str = "loraflow-sft/sft-xpu") -> list:
+    """The deployment's runs once `expected` exist and no more arrive within `settle` seconds."""
     deadline = time.time() + timeout
-    while len(runs := _runs_of(server, "loraflow-sft/sft-xpu")) < expected and time.time() < deadline:
+    while len(runs := _runs_of(server, deployment)) < expected and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(settle)
-    runs = _runs_of(server, "loraflow-sft/sft-xpu")
+    runs = _runs_of(server, deployment)
     assert len(runs) == expected, [run.parameters.get("dataset") for run in runs]
     return runs
 
 
 def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
-    for name in ("loraflow-sft/sft-xpu", "loraflow-train/train-xpu", "loraflow-merge/merge-xpu", "loraflow-watch/watch-xpu"):
+    for name in ("loraflow-sft/sft-xpu", "loraflow-dpo/dpo-xpu", "loraflow-align/align-xpu", "loraflow-train/train-xpu", "loraflow-merge/merge-xpu", "loraflow-watch/watch-xpu"):
         deployment = _deployment(server, name)
         assert deployment.enforce_parameter_schema and deployment.work_pool_name == "xpu" and deployment.description
     sft = _deployment(server, "loraflow-sft/sft-xpu")
@@ -73,7 +73,12 @@ def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
 
     with server.client_settings(), get_client(sync_client=True) as client:
         automations = [automation.name for automation in client.read_automations()]
-    assert automations == ["fine-tune each new dataset upload"]  # named for what it does, not "xpu__automation_1"
+    # Named for what they do, not "xpu__automation_1".
+    assert sorted(automations) == ["fine-tune each new dataset upload", "preference-tune each new preference upload"]
+    dpo = _deployment(server, "loraflow-dpo/dpo-xpu")
+    assert dpo.parameters["config"]["objective"] == "dpo"
+    for field, schema in dpo.parameter_openapi_schema["definitions"]["DpoSettings"]["properties"].items():
+        assert schema.get("description") and schema.get("title"), f"dpo.{field} has no title or description for the UI form"
     assert set(sections["TrainSettings"]["properties"]["launcher"]["enum"]) == {"local", "torchrun", "deepspeed", "mpirun"}
 
 
@@ -152,6 +157,23 @@ def test_each_new_or_changed_dataset_starts_exactly_one_fine_tune(server, tmp_pa
     assert _wait_for_runs(server, 5)[-1].parameters["dataset"] == str(incoming / "late.json")
 
 
+def test_a_preference_file_starts_the_dpo_deployment_and_an_sft_file_the_sft_one_never_both(server, tmp_path):
+    incoming, store = tmp_path / "incoming", tmp_path / "store"
+    incoming.mkdir()
+    sft_before = len(_runs_of(server, "loraflow-sft/sft-xpu"))
+    (incoming / "instructions.json").write_text(json.dumps(SAMPLE_ROWS[100:120]))
+    shutil.copyfile(REPO / "loraflow/data/sample/orca_dpo_pairs_sample.jsonl", incoming / "pairs.jsonl")
+    output = _watch(server, incoming, store)
+    assert output.count("new dataset") == 2, output
+    [dpo_run] = _wait_for_runs(server, 1, deployment="loraflow-dpo/dpo-xpu")
+    assert dpo_run.parameters["dataset"] == str(incoming / "pairs.jsonl")
+    sft_runs = _wait_for_runs(server, sft_before + 1)
+    assert sft_runs[-1].parameters["dataset"] == str(incoming / "instructions.json")
+    labels = {event["resource"]["loraflow.uri"]: event["resource"] for event in _events(server, "loraflow.dataset.uploaded", expected=7)}
+    assert labels[str(incoming / "pairs.jsonl")]["loraflow.objective"] == "dpo" and labels[str(incoming / "pairs.jsonl")]["loraflow.format"] == "orca"
+    assert labels[str(incoming / "instructions.json")]["loraflow.objective"] == "sft"
+
+
 def test_loraflow_serve_registers_and_runs_the_deployments(tmp_path):
     """`loraflow serve` (no worker, no pool): its deployments appear with the config as defaults and its process runs them.
 
@@ -186,6 +208,11 @@ def _serve_and_run_the_watcher(server, tmp_path):
     assert watch.parameters["prefix"] == str(incoming)
     for name in ("loraflow-train/train-local", "loraflow-merge/merge-local"):
         _deployment(server, name)
+    align = _deployment(server, "loraflow-align/align-local")
+    assert align.parameters["config"]["name"] == "served" and align.parameters["preferences"]["objective"] == "dpo"
+    dpo = _deployment(server, "loraflow-dpo/dpo-local")  # its own preference data, the served model and store
+    assert dpo.parameters["config"]["objective"] == "dpo" and dpo.parameters["config"]["model"]["base"] == "some/model"
+    assert dpo.parameters["config"]["data"]["path"] == str(REPO / "loraflow/data/sample/orca_dpo_pairs_sample.jsonl")
 
     # --watch gave the watcher an interval schedule (its runs come every --interval s); run it now as well.
     started = server.run(str(BIN / "prefect"), "deployment", "run", "loraflow-watch/watch-local").stdout

@@ -52,6 +52,26 @@ def test_example_configs_validate(name):
         assert config.data.effective_train_on_inputs is False
 
 
+def test_the_dpo_example_and_the_dpo_recipe_defaults(tmp_path):
+    config = load_config(REPO / "examples" / "orca-dpo.yaml")
+    assert (config.objective, config.data.format, config.dpo.beta, config.dpo.max_length) == ("dpo", "orca", 0.1, 1536)
+    # A DPO config that says only what it must gets the recipe's data, LoRA and train defaults; SFT keeps its own.
+    (tmp_path / "dpo.yaml").write_text("objective: dpo\nmodel: {base: m}\ndata: {path: pairs.jsonl}\ntrain: {max_steps: 50}\n")
+    minimal = load_config(tmp_path / "dpo.yaml")
+    assert (minimal.data.format, minimal.data.template, minimal.data.val_set_size) == ("auto", "chatml", 0)
+    assert (minimal.lora.r, minimal.lora.alpha) == (16, 16)
+    assert (minimal.train.learning_rate, minimal.train.micro_batch_size, minimal.train.batch_size, minimal.train.max_steps) == (5e-5, 4, 16, 50)
+    assert load_config(REPO / "examples" / "alpaca-qlora.yaml").dpo.reference == "precomputed"  # present, unused by SFT
+    from loraflow.errors import LoraflowError
+
+    (tmp_path / "mixed.yaml").write_text("model: {base: m}\ndata: {path: pairs.jsonl, format: orca, template: chatml}\n")
+    with pytest.raises(LoraflowError, match="is a preference-pair shape; set objective: dpo"):
+        load_config(tmp_path / "mixed.yaml")
+    (tmp_path / "mixed2.yaml").write_text("objective: dpo\nmodel: {base: m}\ndata: {path: d.json, format: alpaca, template: alpaca}\n")
+    with pytest.raises(LoraflowError, match="objective dpo trains on preference pairs, but data.format is 'alpaca'"):
+        load_config(tmp_path / "mixed2.yaml")
+
+
 def test_metrics_table_has_one_rounded_row_per_step():
     from loraflow.report import metrics_table
 

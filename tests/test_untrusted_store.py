@@ -118,16 +118,25 @@ def test_a_pickle_planted_in_a_checkpoint_is_never_loaded(tiny_model, tmp_path):
     assert refused_pickles(saved) == [] and not (saved / "training_args.bin").exists()
 
 
-def test_trust_remote_code_comes_from_the_flow_never_from_the_spec_in_the_store(tmp_path, monkeypatch):
+def test_trust_remote_code_comes_from_the_flow_never_from_the_spec_in_the_store(tmp_path, monkeypatch, capsys):
+    from loraflow.config import TrainSettings
     import loraflow.train as trainer
     from loraflow.launch import Topology, build_command
 
+    from loraflow.spec import RunSpec
+
+    valid = RunSpec(store=str(tmp_path), run_uri=f"{tmp_path}/runs/r", dataset_uri="d", base_uri="b", base_in_store=False,
+                    quantized=False, lora_init_uri="l", train=TrainSettings()).model_dump(mode="json")
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"trust_remote_code": True, "train": {}}))  # what a writer of the store could plant
+    spec.write_text(json.dumps(valid))
     seen = []
     monkeypatch.setattr(trainer, "train", lambda spec, trust_remote_code=False: seen.append(trust_remote_code))
     assert trainer.main([str(spec)]) == 0 and trainer.main([str(spec), "--trust-remote-code"]) == 0
     assert seen == [False, True]
+    # What a writer of the store could plant: a spec with the switch in it is not a spec the trainer reads.
+    planted = tmp_path / "planted.json"
+    planted.write_text(json.dumps({**valid, "trust_remote_code": True}))
+    assert trainer.main([str(planted)]) == trainer.USER_ERROR_EXIT and seen == [False, True]
     assert build_command(Topology(), "/s.json", python="/py").argv == ["/py", "-m", "loraflow.train", "/s.json"]
     assert build_command(Topology(), "/s.json", python="/py", trust_remote_code=True).argv[-1] == "--trust-remote-code"
     assert build_command(Topology("deepspeed", 2), "/s.json", trust_remote_code=True).argv[-3:] == ["loraflow.train", "/s.json", "--trust-remote-code"]

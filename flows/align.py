@@ -1,0 +1,41 @@
+"""SFT then DPO in one flow run: sft → dpo (starting from the SFT adapter, the reference being base + that adapter).
+
+Both stages share the store, so the DPO half reuses the quantized base the SFT half built (its quantize stage
+comes back Cached). The DPO half gets the SFT adapter's URI as `dpo.start_from`, a plain string, never a
+subflow's result object (see docs/architecture.md on task inputs the UI cannot render).
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import finetune_run_name
+from flows.dpo import dpo as dpo_flow
+from flows.sft import sft as sft_flow
+from loraflow.config import FinetuneConfig
+from loraflow.errors import LoraflowError
+from loraflow.storage import StageRecord
+from tasks.common import hide_user_error_tracebacks
+
+hide_user_error_tracebacks()
+
+
+@flow(name="loraflow-align", flow_run_name=finetune_run_name,
+      description="SFT then DPO on its adapter, sharing the quantized base: instruction tuning, then preference tuning.")
+def align(config: FinetuneConfig, preferences: FinetuneConfig) -> dict[str, dict[str, StageRecord]]:
+    """Supervised fine-tune, then preference-tune the result.
+
+    Args:
+        config: The SFT half (objective sft): base model, instruction data, LoRA adapter, training, store.
+        preferences: The DPO half (objective dpo): preference data, the DPO section and its training. Its
+            model and store are the SFT half's; its starting adapter is the SFT half's adapter.
+    """
+    if config.objective != "sft" or preferences.objective != "dpo":
+        raise LoraflowError("align takes an SFT config (objective sft) and a DPO config (objective dpo), in that order")
+    supervised = sft_flow(config)
+    start = supervised["adapter"].uri
+    preferences = preferences.model_copy(update={
+        "storage": config.storage, "model": config.model,
+        "dpo": preferences.dpo.model_copy(update={"start_from": start})})
+    preferred = dpo_flow(preferences)
+    return {"sft": supervised, "dpo": preferred}

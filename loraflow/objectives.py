@@ -1,0 +1,139 @@
+"""What differs between training objectives: their data, collator and trainer class. Everything else (model
+setup, resume, checkpoint commits, metrics, ranks) is the shared path in loraflow/train.py.
+
+- `sft`: transformers' Trainer on the data stage's input_ids/labels (labels already masked).
+- `dpo`: TRL's DPOTrainer on pre-tokenized pairs (prompt_ids/chosen_ids/rejected_ids from the preference data
+  stage). The reference is the policy's own base with the adapter disabled (one base copy in memory), or the
+  log-probs precomputed by the ref-logps stage, in which case training runs no reference forward pass at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Reference forward passes this process ran (each over one batch): 0 when training reads precomputed log-probs.
+REFERENCE_FORWARDS = 0
+
+
+def load_split(dataset_dir: Path, split: str, extra_columns: Path | None = None):
+    """A split of a data stage's output as a datasets.Dataset (None if the stage wrote no such split), with the
+    columns of a second parquet of the same rows beside it (the precomputed reference log-probs)."""
+    from datasets import Dataset, concatenate_datasets
+
+    path = dataset_dir / f"{split}.parquet"
+    if not path.exists():
+        return None
+    rows = Dataset.from_parquet(str(path))
+    if extra_columns is not None and (extra_columns / f"{split}.parquet").exists():
+        extra = Dataset.from_parquet(str(extra_columns / f"{split}.parquet"))
+        if len(extra) != len(rows):
+            from loraflow.errors import LoraflowError
+
+            raise LoraflowError(f"{extra_columns}/{split}.parquet has {len(extra)} rows for {len(rows)} pairs; delete it to rebuild it")
+        rows = concatenate_datasets([rows, extra], axis=1)
+    return rows
+
+
+class Sft:
+    name = "sft"
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def arguments(self, common: dict):
+        from transformers import TrainingArguments
+
+        return TrainingArguments(**common, include_num_input_tokens_seen="non_padding")
+
+    def trainer(self, run, model, args, train_set, val_set, tokenizer, callbacks):
+        from transformers import DataCollatorForSeq2Seq, Trainer
+
+        return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set, callbacks=callbacks,
+                       data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True))
+
+    def tokens_seen(self, trainer) -> int:
+        return trainer.state.num_input_tokens_seen
+
+    def summary(self, logged: list[dict]) -> dict:
+        return {}
+
+
+def _dpo_trainer_class():
+    from trl import DPOTrainer
+
+    class LoraflowDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer, given what loraflow's stages already made: tokenized pairs (the preference data stage
+        truncates prompts and answers to the run's lengths, so TRL's own tokenization is skipped) and, when the
+        ref-logps stage ran, the reference log-probs as columns (TRL would otherwise recompute them)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            if "ref_chosen_logps" in dataset.column_names:
+                return dataset
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+        def compute_ref_log_probs(self, *args, **kwargs):
+            global REFERENCE_FORWARDS
+            REFERENCE_FORWARDS += 1
+            return super().compute_ref_log_probs(*args, **kwargs)
+
+        def _compute_loss(self, model, inputs, *args, **kwargs):
+            if not self.precompute_ref_logps:
+                global REFERENCE_FORWARDS
+                REFERENCE_FORWARDS += 1  # the adapter-disabled (or separate) reference runs inside this loss
+            return super()._compute_loss(model, inputs, *args, **kwargs)
+
+    return LoraflowDPOTrainer
+
+
+class Dpo:
+    name = "dpo"
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.dpo = spec.dpo
+
+    def arguments(self, common: dict, precompute: bool | None = None):
+        from trl import DPOConfig
+
+        precompute = bool(self.spec.ref_logps_uri) if precompute is None else precompute
+        return DPOConfig(**common, beta=self.dpo.beta, loss_type=[self.dpo.loss_type], max_length=self.dpo.max_length,
+                         precompute_ref_log_probs=precompute, remove_unused_columns=False)
+
+    def trainer(self, run, model, args, train_set, val_set, tokenizer, callbacks):
+        ref_model = None  # the policy with its adapter disabled (TRL's PEFT reference), unless:
+        if self.dpo.reference == "separate":
+            from loraflow.models import native  # the recipe's second, frozen copy of the base (twice the memory)
+
+            ref_model = native.load_causal_lm(run.base_dir(), run.device, run.precision, None, run.trust_remote_code).eval()
+            if self.dpo.start_from:  # the reference is the base with the SFT adapter training starts from
+                from peft import PeftModel
+
+                from loraflow.train import starting_adapter_dir
+
+                ref_model = PeftModel.from_pretrained(ref_model, str(starting_adapter_dir(run))).eval()
+        return _dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=train_set,
+                                    eval_dataset=val_set, processing_class=tokenizer, callbacks=callbacks)
+
+    def tokens_seen(self, trainer) -> int:
+        """Tokens of chosen and rejected sequences this run has trained on (TRL counts them as num_tokens)."""
+        counted = [row["num_tokens"] for row in trainer.state.log_history if "num_tokens" in row]
+        return int(counted[-1]) if counted else 0
+
+    def summary(self, logged: list[dict]) -> dict:
+        """The reward numbers of the first and last logged training steps (TRL logs them per step), and how many
+        reference forward passes this process ran (0 with precomputed reference log-probs)."""
+        steps = [row for row in logged if "rewards/margins" in row and "eval_loss" not in row]
+        found = {"reference_forwards": REFERENCE_FORWARDS}
+        for name in ("margins", "accuracies", "chosen", "rejected"):
+            if steps:
+                found[f"first_reward_{name}"] = steps[0][f"rewards/{name}"]
+                found[f"final_reward_{name}"] = steps[-1][f"rewards/{name}"]
+        return found
+
+
+OBJECTIVES = {"sft": Sft, "dpo": Dpo}

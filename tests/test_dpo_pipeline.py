@@ -1,0 +1,141 @@
+"""DPO end to end on the built model and real hh-rlhf pairs, under a Prefect test server: the rewards move the right
+way, the reference log-probs are a cached stage (no reference pass in training, a retry or a new beta), and a
+precomputed reference equals the recipe's separate reference copy."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraflow import stages
+from loraflow.config import build_config
+from loraflow.storage import ArtifactStore
+from tasks.runs import task_states
+
+pytestmark = pytest.mark.slow
+
+
+def dpo_config(model: Path, store: Path, data: Path, **dpo) -> dict:
+    return {
+        "name": "prefs", "objective": "dpo", "storage": str(store), "model": {"base": str(model)},
+        "data": {"path": str(data)},
+        "dpo": {"max_prompt_length": 64, "max_length": 128, **dpo},
+        # Raised learning rate and few pairs: the policy must learn to prefer every chosen answer within a few steps.
+        "train": {"learning_rate": 1e-2, "batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "save_steps": 4,
+                  "warmup": 0, "lr_scheduler": "constant", "gradient_checkpointing": False},
+        "merge": {"check_rows": 2},
+    }
+
+
+def run_dpo(config: dict):
+    from flows.dpo import dpo
+
+    state = dpo(build_config(config), return_state=True)
+    assert state.is_completed(), state.message
+    return state.result(), task_states(state.state_details.flow_run_id)
+
+
+@pytest.fixture(scope="module")
+def hh_pairs(shared_data, tmp_path_factory) -> Path:
+    lines = (shared_data / "hh_rlhf_harmless_base_test_1k.jsonl").read_text().splitlines()[:16]
+    path = tmp_path_factory.mktemp("prefs") / "hh16.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_dpo(prefect_server, tiny_model, hh_pairs, tmp_path_factory):
+    """The first attempt of training fails after checkpoint-4 (injected); the task's retry resumes from it."""
+    store = tmp_path_factory.mktemp("dpo") / "store"
+    config = dpo_config(tiny_model, store, hh_pairs)
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("LORAFLOW_TEST_FAIL_AT_STEP", "6")
+    try:
+        records, states = run_dpo(config)
+    finally:
+        monkeypatch.undo()
+    return {"config": config, "records": records, "states": states, "store": ArtifactStore(str(store))}
+
+
+def test_dpo_trains_the_policy_to_prefer_the_chosen_answers(first_dpo, tiny_model):
+    records, store = first_dpo["records"], first_dpo["store"]
+    assert {"dataset", "quantized", "lora", "ref_logps", "train", "adapter", "merged"} <= set(records)
+    stats = records["dataset"].metrics
+    assert stats["format"] == "pairs" and stats["rows_kept"] == 16 and stats["template"] == "chatml"
+    train = records["train"].metrics
+    assert train["objective"] == "dpo" and train["resumed_from"].endswith("/checkpoints/checkpoint-4")
+    assert train["reference_forwards"] == 0  # the reference log-probs came from the ref-logps stage
+    run = records["adapter"].uri.rsplit("/", 1)[0]
+    steps = [row for row in map(json.loads, store.read_text(f"{run}/metrics/metrics.jsonl").splitlines()) if "rewards/margins" in row]
+    assert [row["step"] for row in steps] == list(range(1, 9))
+    assert abs(steps[0]["rewards/margins"]) < 0.1  # the fresh adapter is the reference: no preference yet
+    last = steps[-3:]
+    assert sum(row["rewards/margins"] for row in last) / 3 > 1.0
+    assert sum(row["rewards/accuracies"] for row in last) / 3 >= 0.9
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model)), records["adapter"].uri)
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, tuned(ids).logits, atol=1e-3)  # it learned something
+    assert records["merged"].metrics["max_abs_logit_diff"] <= records["merged"].metrics["tolerance"]
+    summary = store.read_text(f"{run}/summary.md")
+    assert "DPO rewards: margin" in summary and "reference forward passes during training: 0" in summary
+    assert "pairs truncated to max prompt 64 / max length 128 tokens" in summary
+
+
+def test_a_new_beta_reuses_the_pairs_and_the_reference_log_probs(first_dpo):
+    config = {**first_dpo["config"], "dpo": {**first_dpo["config"]["dpo"], "beta": 0.3}}
+    records, states = run_dpo(config)
+    assert {states[name] for name in ("prepare-dataset", "quantize-base", "inject-lora", "ref-logps")} == {"Cached"}
+    assert states["train"] == "Completed"
+    assert records["ref_logps"].uri == first_dpo["records"]["ref_logps"].uri
+    assert records["train"].uri != first_dpo["records"]["train"].uri  # a new run: beta is part of its key
+    assert records["train"].metrics["reference_forwards"] == 0
+
+
+def test_precomputed_reference_equals_the_recipe_separate_reference_copy(first_dpo, tmp_path):
+    """The ref-logps stage computes the reference as the policy with its (fresh) adapter disabled; the recipe loads a
+    second copy of the base. Both must give the same log-probs."""
+    import pyarrow.parquet as pq
+
+    from loraflow.train import compute_reference_logps
+
+    records = first_dpo["records"]
+    config = build_config(first_dpo["config"]).for_run()
+    _, _, spec = stages.train_spec(config, records["env"], records["dataset"], records["quantized"], records["lora"])
+    separate = spec.model_copy(update={"dpo": spec.dpo.model_copy(update={"reference": "separate"})})
+    compute_reference_logps(separate, tmp_path / "separate")
+    stage = first_dpo["store"].local_copy(records["ref_logps"].uri)
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        precomputed = torch.tensor(pq.read_table(stage / "train.parquet").column(column).to_pylist())
+        copy = torch.tensor(pq.read_table(tmp_path / "separate" / "train.parquet").column(column).to_pylist())
+        assert precomputed.shape == (16,) and torch.allclose(precomputed, copy, atol=1e-3, rtol=1e-5), (precomputed - copy).abs().max()
+
+
+def test_align_runs_sft_then_dpo_from_the_sft_adapter_sharing_the_quantized_base(prefect_server, tiny_model, hh_pairs, tmp_path):
+    from flows.align import align
+    from test_sft_pipeline import sft_config
+
+    store = tmp_path / "store"
+    supervised = sft_config(tiny_model, store)
+    supervised = supervised.model_copy(update={"merge": supervised.merge.model_copy(update={"enabled": False}),
+                                               "train": supervised.train.model_copy(update={"max_steps": 4, "eval_steps": 4, "save_steps": 4})})
+    preferences = dpo_config(tiny_model, store, hh_pairs)
+    preferences["merge"] = {"enabled": False}
+    state = align(supervised, build_config(preferences), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    sft_adapter, dpo = result["sft"]["adapter"], result["dpo"]
+    assert dpo["quantized"].uri == result["sft"]["quantized"].uri  # one quantized base for both halves
+    manifest = ArtifactStore(str(store)).manifest(sft_adapter.uri)
+    assert dpo["lora"].uri == sft_adapter.uri and dpo["lora"].key == stages.sha256_hex("start-from", manifest["sha256"])
+    run = dpo["adapter"].uri.rsplit("/", 1)[0]
+    steps = [row for row in map(json.loads, Path(run, "metrics", "metrics.jsonl").read_text().splitlines()) if "rewards/margins" in row]
+    # The reference is base + the SFT adapter, which is also where the policy starts: no preference at step 1.
+    assert abs(steps[0]["rewards/margins"]) < 0.1 and abs(steps[0]["rewards/chosen"]) < 0.1
+    assert json.loads(Path(run, "spec.json").read_text())["dpo"]["start_from"] == sft_adapter.uri
