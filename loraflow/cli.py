@@ -334,16 +334,18 @@ def cmd_du(args) -> int:
     return 0
 
 
-def _deployment_defaults(store_url: str) -> dict[str, str]:
-    """Every path or URL inside the store that a deployment's default parameters name → which deployment.
-
-    From deployments/prefect.yaml and, when a Prefect server is configured, every deployment on it."""
+def _deployment_defaults(store_url: str) -> tuple[dict[str, str], dict[str, str]]:
+    """What deployments' default parameters use: (paths or URLs inside the store → which deployment, config names →
+    which deployment). From deployments/prefect.yaml and, when a Prefect server is configured, every deployment on it."""
     import yaml
 
     found: dict[str, str] = {}
+    names: dict[str, str] = {}
 
     def collect(value, owner: str) -> None:
         if isinstance(value, dict):
+            if isinstance(value.get("name"), str) and "model" in value:  # a fine-tune config: its runs are name-<key>
+                names[value["name"]] = f"deployment {owner}'s default config ({value['name']})"
             for item in value.values():
                 collect(item, owner)
         elif isinstance(value, list):
@@ -366,7 +368,7 @@ def _deployment_defaults(store_url: str) -> dict[str, str]:
         except Exception as error:  # httpx/network errors, of several types
             raise LoraflowError(f"cannot read the deployments from the Prefect server at {PREFECT_API_URL.value()} "
                                 f"({type(error).__name__}); gc would not know which outputs their defaults use") from None
-    return found
+    return found, names
 
 
 def cmd_gc(args) -> int:
@@ -374,7 +376,8 @@ def cmd_gc(args) -> int:
     from loraflow.storage import ArtifactStore
 
     store = ArtifactStore(args.storage)
-    removable, notes = plan(store, args.older_than, args.grace_hours, _deployment_defaults(store.url))
+    protected, pinned = _deployment_defaults(store.url)
+    removable, notes = plan(store, args.older_than, args.grace_hours, protected, pinned_names=pinned)
     total = sum(item.size for item in removable)
     if not removable:
         print(f"{store.url}: nothing to remove")
@@ -478,6 +481,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except LoraflowError as error:
         print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        # A command given --storage that cannot reach it (du, gc, artifacts, generate, watch): the same one-line
+        # message `loraflow run` gives, naming the store and what was read; anything else keeps its traceback.
+        from loraflow.storage import remote_failure
+
+        failure = remote_failure(error, args.storage, "--storage") if getattr(args, "storage", None) else None
+        if failure is None:
+            raise
+        print(f"\nerror: {failure}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -121,6 +121,12 @@ class LoraSettings(_Section):
         "Or an explicit list of module names.",
     )
 
+    @field_validator("target", mode="before")
+    @classmethod
+    def _one_name(cls, value):
+        # `--set lora.target=q_proj`: one module name, the same as a list of one.
+        return [value] if isinstance(value, str) and value not in ("all-linear", "attention-qv") else value
+
     @field_validator("target")
     @classmethod
     def _non_empty(cls, value):

@@ -114,12 +114,25 @@ def usage(store: ArtifactStore) -> tuple[list[tuple[str, int, int, int]], list[t
     return sorted(((k, *v) for k, v in parts.items()), key=lambda row: -row[1]), sorted(runs, key=lambda row: -row[1])
 
 
+def _age(seconds: float) -> str:
+    return f"{seconds / 86400:.0f} days" if seconds >= 2 * 86400 else f"{seconds / 3600:.1f} hours"
+
+
 def plan(store: ArtifactStore, older_than_days: float | None = None, grace_hours: float = 6.0,
-         protected: dict[str, str] | None = None, now: float | None = None) -> tuple[list[Removable], list[str]]:
-    """(what gc would remove, notes on what it kept and why)."""
+         protected: dict[str, str] | None = None, now: float | None = None,
+         pinned_names: dict[str, str] | None = None) -> tuple[list[Removable], list[str]]:
+    """(what gc would remove, notes on what it kept and why).
+
+    protected: URIs in the store → why they stay. pinned_names: config names (a deployment's default) → why: the
+    newest run of each stays, and with it the data, base and LoRA init it used (what that deployment reuses).
+    """
     index = StoreIndex(store)
     now = now or time.time()
-    protected = protected or {}
+    protected = dict(protected or {})
+    for name, why in (pinned_names or {}).items():
+        runs = [run for run in index.children("runs") if run.split("/", 1)[1].rsplit("-", 1)[0] == name]
+        if runs:
+            protected[store.uri(max(runs, key=lambda run: index.folder(run).newest))] = f"the newest run of {why}"
     live = index.live_leases()
     removable: list[Removable] = []
     notes: list[str] = []
@@ -161,7 +174,7 @@ def plan(store: ArtifactStore, older_than_days: float | None = None, grace_hours
         folder = index.folder(run)
         if older_than_days is not None and now - folder.newest > older_than_days * 86400:
             if (why := shields(run)) is None:
-                removable.append(Removable(store.uri(run), folder.size, f"run not written for {(now - folder.newest) / 86400:.0f} days"))
+                removable.append(Removable(store.uri(run), folder.size, f"run not written or used for {_age(now - folder.newest)}"))
                 continue
             notes.append(f"kept {store.uri(run)}: {why}")
         kept_runs.append(run)
@@ -196,7 +209,7 @@ def plan(store: ArtifactStore, older_than_days: float | None = None, grace_hours
                 if store.uri(relative) in in_use:
                     notes.append(f"kept {store.uri(relative)}: a kept run uses it")
                     continue
-                remove(relative, f"no kept run uses it; written {(now - folder.newest) / 86400:.0f} days ago", folder)
+                remove(relative, f"no kept run uses it; last written or used {_age(now - folder.newest)} ago", folder)
 
     # Prefect cache records whose output is gone (or is about to be): they would only cause a rebuild.
     going = [r.uri for r in removable]

@@ -49,8 +49,13 @@ class StoreLease:
     def _create(self, path: str) -> bool:
         """Create `path` with this holder's body unless it exists; True if this call created it."""
         if self.store.is_local:
-            os.makedirs(self.folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
+            while True:  # a releasing holder may remove the empty folder between these two calls
+                os.makedirs(self.folder, exist_ok=True)
+                try:
+                    fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
+                    break
+                except FileNotFoundError:
+                    continue
             with os.fdopen(fd, "wb") as stream:
                 stream.write(self._body())
             try:
@@ -131,6 +136,11 @@ class StoreLease:
                 self.store.fs.rm_file(self.path)
             except FileNotFoundError:
                 pass
+            if self.store.is_local:  # an object store has no folders to leave behind
+                try:
+                    os.rmdir(self.folder)
+                except OSError:
+                    pass  # another waiter's generation is there, or it was never created
         self.path = None
 
 

@@ -56,6 +56,7 @@ def reuse_or_build(store: ArtifactStore, stage: str, key: str, uri: str, build: 
             log(f"{stage}: committed {uri}")
             return StageRecord(stage=stage, key=key, uri=uri, metrics=metrics)
     log(f"{stage}: reusing committed output {uri}")
+    store.mark_used(uri)
     return StageRecord(stage=stage, key=key, uri=uri, metrics=store.manifest(uri).get("metrics", {}), reused=True)
 
 

@@ -31,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
 MANIFEST = "_manifest.json"
+LAST_USED = "_last_used"  # written on each reuse of a committed folder (loraflow gc reads its time)
 _CHUNK = 4 * 1024 * 1024
 
 # Bounded waits on S3: botocore's defaults (60 s to connect, 60 s per read, retried) under s3fs's own five
@@ -228,6 +229,15 @@ class ArtifactStore:
                 raise
             raise failure from None
 
+    def mark_used(self, uri: str) -> None:
+        """Note that a committed folder was just reused (a file beside the manifest, never part of the content), so
+        `loraflow gc --older-than` counts its age from its last use, not from when it was built. Best effort: a
+        read-only store still trains."""
+        try:
+            self._put_bytes(f"{self.path(uri)}/{LAST_USED}", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode())
+        except OSError:
+            pass
+
     def is_committed(self, uri: str) -> bool:
         return self.manifest(uri) is not None
 
@@ -348,7 +358,7 @@ class ArtifactStore:
         if replace and self.fs.exists(destination):
             self.fs.rm(destination, recursive=True)
         files = []
-        for file in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        for file in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name not in (MANIFEST, LAST_USED)):
             relative = file.relative_to(local_dir).as_posix()
             with file.open("rb") as stream:
                 digest = hash_stream(stream)

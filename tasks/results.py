@@ -47,8 +47,9 @@ def _classes(value: Any) -> set[str]:
     return found
 
 
-def check_result_file(path: str, content: bytes) -> bytes:
-    """content, if it is a result record Prefect may decode safely; else RefusedResult (and a warning)."""
+def check_result_file(path: str, content: bytes, store_url: str | None = None) -> bytes:
+    """content, if it is a result record Prefect may decode safely and that points into store_url (the store these
+    results belong to); else RefusedResult (and a warning)."""
     try:
         record = json.loads(content)
         serializer = record["metadata"]["serializer"]
@@ -57,12 +58,18 @@ def check_result_file(path: str, content: bytes) -> bytes:
             problem = f"names serializer {shown!r} with settings other than Prefect's plain JSON"
         elif classes := _classes(json.loads(record["result"])) - ALLOWED_CLASSES:
             problem = f"names types other than StageRecord ({', '.join(sorted(classes))})"
-        elif (output := cached_output(content)) and not ArtifactStore(output).is_committed(output):
+        elif (output := cached_output(content)) and store_url and not output.startswith(store_url.rstrip("/") + "/"):
+            # A store copied or moved elsewhere keeps records naming the old location: using one would send this run's
+            # stages (and their outputs) to another store. So is a record planted by a writer of this store.
+            problem = f"points to {output}, outside this store ({store_url}; a copied or moved store?)"
+        elif output and not (store := ArtifactStore(output)).is_committed(output):
             # Removed by `loraflow gc` or by hand (as a "delete it to rebuild it" message says): a miss, not a record
             # that would send the next stage to a folder that is gone.
             logger.warning(f"cached result {path} points to {output}, which is no longer committed; rebuilding it")
             raise RefusedResult(f"{output} is gone")
         else:
+            if output:
+                store.mark_used(output)  # a cache hit uses the output: `loraflow gc --older-than` sees it as recent
             return content
     except (ValueError, KeyError, TypeError) as error:
         problem = f"is not a JSON result record ({type(error).__name__})"
@@ -72,12 +79,16 @@ def check_result_file(path: str, content: bytes) -> bytes:
 
 
 class _JsonOnlyReads:
+    @property
+    def _store_url(self) -> str:
+        return str(self.basepath).rstrip("/").removesuffix("/prefect-results")
+
     async def aread_path(self, path: str) -> bytes:
-        return check_result_file(path, await super().aread_path(path))
+        return check_result_file(path, await super().aread_path(path), self._store_url)
 
     # Prefect calls read_path(path, _sync=True) from sync code and aread_path from async code.
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
-        return check_result_file(path, super().read_path(path, _sync=True))
+        return check_result_file(path, super().read_path(path, _sync=True), self._store_url)
 
 
 class JsonOnlyLocalResults(_JsonOnlyReads, LocalFileSystem):

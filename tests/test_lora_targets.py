@@ -69,3 +69,7 @@ def test_targets_resolve_from_the_config_alone_and_a_fused_projection_is_named_a
         targets_without_weights(tmp_path, ["nope"])
     assert describe_targets(["c_attn"]) == "c_attn (query, key and value in one fused projection, a Conv1D in GPT-2)"
     assert describe_targets(["q_proj", "v_proj"]) == "q_proj, v_proj"
+
+
+def test_one_module_name_is_a_list_of_one():  # `--set lora.target=q_proj`
+    assert LoraSettings(target="q_proj").target == ["q_proj"] and LoraSettings(target="attention-qv").target == "attention-qv"

@@ -190,7 +190,7 @@ def fresh_s3_clients():
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_remote_store_failures_name_the_setting_and_tell_network_from_missing(s3, monkeypatch, fresh_s3_clients, silent_endpoint):
+def test_remote_store_failures_name_the_setting_and_tell_network_from_missing(s3, monkeypatch, fresh_s3_clients, silent_endpoint, capsys):
     import time
 
     import s3fs
@@ -216,6 +216,11 @@ def test_remote_store_failures_name_the_setting_and_tell_network_from_missing(s3
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
     with pytest.raises(LoraflowError, match=rf"^storage s3://{BUCKET}/store: network: the S3 endpoint http://127\.0\.0\.1:{closed} could not be reached"):
         ArtifactStore(f"s3://{BUCKET}/store").probe()
+    from loraflow.cli import main
+
+    assert main(["du", "--storage", f"s3://{BUCKET}/store"]) == 1  # the commands that take --storage say the same, once
+    error = capsys.readouterr().err
+    assert error.strip().startswith(f"error: --storage s3://{BUCKET}/store: network: the S3 endpoint") and "Traceback" not in error
     s3fs.S3FileSystem.clear_instance_cache()
     monkeypatch.setenv("AWS_ENDPOINT_URL", silent_endpoint)
     started = time.monotonic()

@@ -101,14 +101,15 @@ def test_gc_removes_only_with_apply_and_the_cache_record_of_a_removed_output_bec
 
     record = json.dumps({"metadata": {"serializer": SAFE_SERIALIZER}, "result": json.dumps(
         {"__class__": "loraflow.storage.StageRecord", "data": {"stage": "datasets", "key": "k", "uri": store.shared["datasets"]}})}).encode()
-    assert check_result_file("datasets-k", record) == record  # its output is committed: a cache hit
+    assert check_result_file("datasets-k", record) == record  # its output is committed: a cache hit, which marks it used
+    _age(Path(store.path(store.shared["datasets"])), 40)  # (as if that hit was 40 days ago)
     results = Path(store.path(store.uri("prefect-results")))
     results.mkdir()
     (results / "datasets-k").write_bytes(record)
 
     assert main(["gc", "--storage", store.url, "--older-than", "30"]) == 0
     dry = capsys.readouterr().out
-    assert "would remove (a dry run: add --apply to remove)" in dry and f"{store.old} — run not written for 40 days" in dry
+    assert "would remove (a dry run: add --apply to remove)" in dry and f"{store.old} — run not written or used for 40 days" in dry
     assert Path(store.path(store.old)).exists()
 
     assert main(["gc", "--storage", store.url, "--older-than", "30", "--apply"]) == 0
@@ -130,3 +131,27 @@ def test_du_shows_each_part_and_the_largest_runs(store, capsys):
     for part in ("runs", "datasets", "quantized", "lora-init"):
         assert any(line.split()[:1] == [part] for line in out.splitlines()), out
     assert "recent-bbbbbbbbbbbb" in out and "old-aaaaaaaaaaaa" in out
+
+
+def test_a_deployments_config_keeps_its_newest_run_and_a_reused_output_counts_as_recent(store):
+    removable, notes = plan(store, older_than_days=30, pinned_names={"old": "deployment sft-xpu's default config (old)"})
+    going = {item.uri for item in removable}
+    assert store.old not in going and store.shared["datasets"] not in going  # what sft-xpu's defaults reuse
+    assert f"kept {store.old}: the newest run of deployment sft-xpu's default config (old)" in notes
+
+    store.mark_used(store.shared["datasets"])  # a fine-tune just reused it (a cache hit or a committed output)
+    going = {item.uri for item in plan(store, older_than_days=30)[0]}
+    assert store.old in going and store.shared["datasets"] not in going
+    store.verify(store.shared["datasets"], hashes=True)  # the mark is beside the content, not part of it
+
+
+def test_a_cache_record_pointing_outside_its_store_is_refused(store, tmp_path):
+    from tasks.results import RefusedResult, SAFE_SERIALIZER, check_result_file
+
+    elsewhere = ArtifactStore(str(tmp_path / "original"))
+    original = _commit(elsewhere, "datasets/abc")
+    record = json.dumps({"metadata": {"serializer": SAFE_SERIALIZER}, "result": json.dumps(
+        {"__class__": "loraflow.storage.StageRecord", "data": {"stage": "datasets", "key": "k", "uri": original}})}).encode()
+    assert check_result_file("datasets-k", record, elsewhere.url) == record
+    with pytest.raises(RefusedResult, match="outside this store"):  # the copy's records name the original store
+        check_result_file("datasets-k", record, store.url)
