@@ -249,6 +249,8 @@ def reference_logps(config: FinetuneConfig, env: StageRecord, dataset: StageReco
         from loraflow.train import compute_reference_logps
 
         _, _, spec = train_spec(config, env, dataset, base, lora)
+        # One process here, whatever the training's launcher: no process group, no DeepSpeed engine.
+        spec = spec.model_copy(update={"ddp_backend": None, "deepspeed_config": None})
         metrics = compute_reference_logps(spec, out, config.model.trust_remote_code)
         log(f"reference log-probs of {metrics['pairs']} pairs computed ({metrics['reference_forwards']} forward passes)")
         return metrics

@@ -164,6 +164,25 @@ def test_torchrun_two_processes_on_cpu(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_dpo_with_torchrun_two_processes_on_cpu(tiny_model, shared_data, tmp_path):
+    """DPO through the same launcher: the pairs split across two ranks, the precomputed reference log-probs with them."""
+    pairs = tmp_path / "hh16.jsonl"
+    pairs.write_text("\n".join((shared_data / "hh_rlhf_harmless_base_test_1k.jsonl").read_text().splitlines()[:16]) + "\n")
+    config = build_config({
+        "name": "ddp-dpo", "objective": "dpo", "storage": str(tmp_path / "store"), "model": {"base": str(tiny_model)},
+        "data": {"path": str(pairs)}, "dpo": {"max_prompt_length": 64, "max_length": 128},
+        "train": {"learning_rate": 1e-2, "batch_size": 8, "micro_batch_size": 2, "max_steps": 4, "save_steps": 2, "warmup": 0,
+                  "gradient_checkpointing": False, "launcher": "torchrun", "nproc_per_node": 2},
+    }).for_run()
+    store, key, run, spec_uri = stages.prepare_training(config, log=lambda _: None)
+    lines = []
+    assert run_streaming(build_command(Topology("torchrun", 2), spec_uri), lines.append, timeout=300) == 0, "\n".join(lines)[-5000:]
+    record = stages.trained_record(store, key, run, reused=False)
+    assert record.metrics["world_size"] == 2 and record.metrics["objective"] == "dpo" and record.metrics["reference_forwards"] == 0
+    assert "\n".join(lines).count("trained adapter committed") == 1  # rank 0 alone writes
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI (openmpi-bin) is not installed")
 def test_mpirun_two_processes_on_cpu(tiny_model, tmp_path):
     _train_with("mpirun", tiny_model, tmp_path)

@@ -253,6 +253,31 @@ def test_three_fine_tunes_of_one_base_started_at_once_build_it_once_and_all_comp
     assert not list((tmp_path / "store" / "leases").rglob("*.json"))
 
 
+def test_dpo_hands_training_to_the_pool_with_its_precomputed_reference(pool, tiny_model, tmp_path):
+    """The DPO deployment on the worker, its training a job of the xpu pool (train-xpu), reading the ref-logps stage."""
+    from prefect.client.orchestration import get_client
+
+    server = pool
+    config = {"name": "pooled-dpo", "objective": "dpo", "storage": str(tmp_path / "store"), "model": {"base": str(tiny_model)},
+              "data": {"path": str(REPO / "loraflow/data/sample/orca_dpo_pairs_sample.jsonl"), "val_set_size": 0},
+              "dpo": {"max_prompt_length": 96, "max_length": 160},
+              "train": {"learning_rate": 1e-3, "batch_size": 8, "micro_batch_size": 4, "max_steps": 2, "save_steps": 2,
+                        "gradient_checkpointing": False, "pool": "xpu"},
+              "merge": {"enabled": False}}
+    before = {run.id for run in _flow_runs(server, "loraflow-train")}
+    with server.client_settings(), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("loraflow-dpo/dpo-xpu")
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"config": config})
+    finished = _wait_final(server, run.id, timeout=400)
+    assert finished.state.is_completed(), server.worker_log.read_text()[-3000:]
+    [job] = [r for r in _flow_runs(server, "loraflow-train") if r.id not in before]
+    assert job.state.is_completed() and job.parameters["ref_logps"]["stage"] == "ref-logps"
+    messages = [log.message for log in _logs(server, run.id)]
+    assert any(m.startswith("[pool job] trained adapter committed") for m in messages), messages[-20:]
+    [summary] = (tmp_path / "store" / "runs").glob("pooled-dpo-*/checkpoints/final/train_summary.json")
+    assert json.loads(summary.read_text())["reference_forwards"] == 0
+
+
 def test_stopping_the_worker_ends_its_running_fine_tune_as_crashed_within_seconds(pool, tiny_model, tmp_path):
     """SIGTERM to infra/worker/start-worker (systemd's stop, kill) while it runs a fine-tune: the worker
     exits within 30 s, the run ends Crashed (so a Retry resumes it) instead of staying Running, and no
