@@ -13,8 +13,9 @@ projection, gradient checkpointing on (the recipe's settings). Data: real Anthro
   precomputed  one base copy; the ref-logps stage computes the reference once (reported separately: it is
                cached, so a retry or a new beta pays nothing) and training runs no reference pass
 
-Each mode trains in its own `python -m loraflow.train` process. Memory = that process's peak RSS minus the
-RSS of a process that only imported the same libraries; step time = training time / steps.
+Each mode trains in its own `python -m loraflow.train` process. Memory = that process's peak RSS minus its
+peak RSS after importing its libraries, before any model or data (the trainer records both); step time =
+training time / steps.
 """
 
 from __future__ import annotations
@@ -27,26 +28,18 @@ sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
 
 import argparse
 import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-IMPORTS = "import loraflow.train, loraflow.objectives, trl, peft, bitsandbytes, transformers, datasets; from trl import DPOTrainer"
-
-
-def imported_rss_mb() -> float:
-    code = f"import resource; {IMPORTS}; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout.split()[-1])
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--workdir", default=None, help="keeps the built model between runs (default: a temporary folder)")
@@ -71,8 +64,7 @@ def main() -> int:
         + 2 * shape.vocab_size * shape.hidden_size
     pairs = work / f"hh{args.pairs}.jsonl"
     pairs.write_text("\n".join((SHARED / "hh_rlhf_harmless_base_test_1k.jsonl").read_text().splitlines()[:args.pairs]) + "\n")
-    baseline = imported_rss_mb()
-    print(f"model: {parameters / 1e9:.2f}B parameters; RSS after imports: {baseline:.0f} MB", flush=True)
+    print(f"model: {parameters / 1e9:.2f}B parameters", flush=True)
 
     results = {}
     for mode, reference in (("separate", "separate"), ("peft", "adapter-disabled"), ("precomputed", "precomputed")):
@@ -93,10 +85,12 @@ def main() -> int:
             print("\n".join(lines[-40:]))
             return 1
         summary = json.loads((Path(store.path(run)) / "checkpoints/final/train_summary.json").read_text())
-        results[mode] = {"memory_mb": summary["peak_rss_mb"] - baseline, "peak_rss_mb": summary["peak_rss_mb"],
+        results[mode] = {"memory_mb": summary["peak_rss_mb"] - summary["imports_rss_mb"], "peak_rss_mb": summary["peak_rss_mb"],
+                         "imports_rss_mb": summary["imports_rss_mb"],
                          "step_s": summary["train_runtime_s"] / summary["global_step"], "reference_forwards": summary["reference_forwards"],
                          "prepare_s": prepared, "ref_stage": bool(ref_stage)}
-        print(f"{mode:>11}: memory {results[mode]['memory_mb']:.0f} MB (peak RSS {summary['peak_rss_mb']:.0f}), "
+        print(f"{mode:>11}: memory {results[mode]['memory_mb']:.0f} MB (peak RSS {summary['peak_rss_mb']:.0f}, "
+              f"after imports {summary['imports_rss_mb']:.0f}), "
               f"step {results[mode]['step_s']:.1f} s, reference passes in training {summary['reference_forwards']}, "
               f"stages before training {prepared:.0f} s", flush=True)
 
@@ -104,7 +98,7 @@ def main() -> int:
     print(f"\npeft vs separate, memory: {b['memory_mb'] / a['memory_mb']:.2f}x (target <= 0.6)")
     print(f"precomputed vs peft, step time: {c['step_s'] / b['step_s']:.2f}x (target <= 0.7)")
     print(f"precomputed vs separate, memory: {c['memory_mb'] / a['memory_mb']:.2f}x")
-    print(json.dumps({"parameters": parameters, "baseline_rss_mb": baseline, **results}, indent=2))
+    print(json.dumps({"parameters": parameters, **results}, indent=2))
     return 0
 
 

@@ -1,5 +1,5 @@
-"""What the fine-tune flows share beyond their stages: how a run is named, and how it tells the
-upload that started it."""
+"""What the fine-tune flows (SFT, DPO) share: how a run is named and tells the upload that started it, the
+stages before the adapter (env → sources → data → quantize) and after training (export → merge → report)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ import secrets
 from pathlib import PurePosixPath
 
 from loraflow.config import FinetuneConfig
+from loraflow.stages import check_token_ids
+from loraflow.storage import StageRecord
 from loraflow.watch import RESOURCE_PREFIX
-from tasks.common import event_url
+from tasks.common import event_url, stage_options
+from tasks.data import prepare_dataset
+from tasks.env import check_env, inspect_sources
+from tasks.export import export_adapter, merge_adapter
+from tasks.model import quantize_base
+from tasks.report import publish_report
 
 FINETUNE_STARTED = "loraflow.finetune.started"
 
@@ -52,3 +59,34 @@ def announce_upload(config: FinetuneConfig, upload_event: str) -> None:
         ],
         payload={"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name, "upload_event": upload_event},
     )
+
+
+def inputs(config: FinetuneConfig) -> dict[str, StageRecord]:
+    """env → sources → data → quantize: the records every objective trains from (data and base cached)."""
+    from prefect import get_run_logger
+
+    cached = stage_options(config.storage)
+    env = check_env(config)
+    sources = inspect_sources(config)
+    dataset = prepare_dataset.with_options(**cached)(config, sources)
+    check_token_ids(dataset, sources)  # a tokenizer that does not fit the model stops here, before quantizing
+    if dataset.metrics.get("train_rows", config.train.batch_size) < config.train.batch_size:
+        get_run_logger().warning(f"only {dataset.metrics['train_rows']} training rows, fewer than one batch "
+                                 f"(train.batch_size {config.train.batch_size}): each step sees them all")
+    base = quantize_base.with_options(**cached)(config, env, sources)
+    return {"env": env, "sources": sources, "dataset": dataset, "quantized": base}
+
+
+def outputs(config: FinetuneConfig, records: dict[str, StageRecord], upload_event: str) -> dict[str, StageRecord]:
+    """export → merge → report, after training; logs where each output is."""
+    from prefect import get_run_logger
+
+    records["adapter"] = export_adapter(config, records["dataset"], records["train"])
+    if config.merge.enabled:
+        records["merged"] = merge_adapter(config, records["env"], records["sources"], records["dataset"], records["adapter"])
+    publish_report(config, records, upload_event)
+    logger = get_run_logger()
+    for name, record in records.items():
+        if name not in ("env", "sources") and record.uri:
+            logger.info(f"{name:>9}: {record.uri}")
+    return records

@@ -7,20 +7,15 @@ only beta, the loss or the schedule) runs no reference forward pass and keeps on
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from flows.common import announce_upload, finetune_run_name
+from flows.common import announce_upload, finetune_run_name, inputs, outputs
 from flows.train import run_training
 from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
-from loraflow.stages import check_token_ids
 from loraflow.storage import StageRecord
 from tasks.common import hide_user_error_tracebacks, stage_options
-from tasks.data import prepare_dataset
-from tasks.env import check_env, inspect_sources
-from tasks.export import export_adapter, merge_adapter
-from tasks.model import inject_lora, quantize_base, reference_logps, starting_adapter
-from tasks.report import publish_report
+from tasks.model import inject_lora, reference_logps, starting_adapter
 
 hide_user_error_tracebacks()
 
@@ -44,24 +39,12 @@ def dpo(config: FinetuneConfig, dataset: str = "", upload_event: str = "") -> di
         announce_upload(config, upload_event)
     cached = stage_options(config.storage)
 
-    env = check_env(config)
-    sources = inspect_sources(config)
-    pairs = prepare_dataset.with_options(**cached)(config, sources)
-    check_token_ids(pairs, sources)  # a tokenizer that does not fit the model stops here, before quantizing
-    base = quantize_base.with_options(**cached)(config, env, sources)
-    lora = starting_adapter(config, sources) if config.dpo.start_from else inject_lora.with_options(**cached)(config, env, base)
-    reference = reference_logps.with_options(**cached)(config, env, pairs, base, lora) if config.dpo.reference == "precomputed" else None
-    trained = run_training(config, env, pairs, base, lora, reference)  # here, or a job on train.pool
-    adapter = export_adapter(config, pairs, trained)
-    records = {"env": env, "sources": sources, "dataset": pairs, "quantized": base, "lora": lora,
-               **({"ref_logps": reference} if reference is not None else {}), "train": trained, "adapter": adapter}
-    if config.merge.enabled:
-        records["merged"] = merge_adapter(config, env, sources, pairs, adapter)
-
-    publish_report(config, records, upload_event)
-
-    logger = get_run_logger()
-    for name in ("dataset", "quantized", "lora", "ref_logps", "train", "adapter", "merged"):
-        if name in records:
-            logger.info(f"{name:>9}: {records[name].uri}")
-    return records
+    records = inputs(config)  # env → sources → pairs → quantize
+    env, pairs, base = records["env"], records["dataset"], records["quantized"]
+    lora = records["lora"] = (starting_adapter(config, records["sources"]) if config.dpo.start_from
+                              else inject_lora.with_options(**cached)(config, env, base))
+    reference = None
+    if config.dpo.reference == "precomputed":
+        reference = records["ref_logps"] = reference_logps.with_options(**cached)(config, env, pairs, base, lora)
+    records["train"] = run_training(config, env, pairs, base, lora, reference)  # here, or a job on train.pool
+    return outputs(config, records, upload_event)  # export → merge → report

@@ -1,9 +1,13 @@
 """The training entrypoint a launcher runs: `python -m loraflow.train SPEC_URI`.
 
-Supports: QLoRA (pre-quantized NF4 base from the store) and plain LoRA (bf16/fp32 base); XPU, CUDA,
-CPU; one process or several (torchrun / deepspeed / mpirun set the rank variables); resuming from
-the newest checkpoint committed to the store; checkpoints, metrics and the trained adapter synced to
-the store by rank 0 after every save.
+Supports: objectives sft (transformers' Trainer) and dpo (TRL's DPOTrainer, with the reference log-probs
+precomputed by the ref-logps stage, a PEFT reference, or a separate base copy); QLoRA (pre-quantized NF4
+base from the store) and plain LoRA (bf16/fp32 base); a fresh LoRA init or an SFT run's adapter as the
+start; XPU, CUDA, CPU; one process or several (torchrun / deepspeed / mpirun set the rank variables);
+resuming from the newest committed checkpoint whose files all load as plain tensors; checkpoints,
+metrics and the trained adapter synced to the store by rank 0 after every save.
+
+Phases: setup_run → setup_model → setup_data → the objective's trainer → train (resuming) → save and commit.
 
 It reads everything from the run spec (JSON, any fsspec URL) and never imports Prefect: it may run
 on a worker host, under mpirun, in another Python environment.
@@ -25,9 +29,9 @@ from pathlib import Path
 
 import torch
 
+from loraflow import objectives
 from loraflow.data.tokenize import load_tokenizer
 from loraflow.errors import LoraflowError
-from loraflow import objectives
 from loraflow.models import native
 from loraflow.objectives import OBJECTIVES, Dpo, load_split
 from loraflow.spec import RunSpec
@@ -184,6 +188,7 @@ class RunContext:
     work: Path
     metrics_path: Path
     trust_remote_code: bool = False  # from the command line, never from the spec
+    imports_rss_mb: float = 0.0  # peak RSS before any model or data: the libraries alone
 
     @property
     def is_main(self) -> bool:
@@ -213,7 +218,7 @@ def setup_run(spec: RunSpec, trust_remote_code: bool = False) -> RunContext:
     if ranks["rank"] == 0:
         metrics_path.write_text("")  # a previous attempt's lines; a resume restores the checkpoint's own
     return RunContext(spec, ranks, ArtifactStore(spec.store), device, native.resolve_precision(spec.train.precision, device),
-                      work, metrics_path, trust_remote_code)
+                      work, metrics_path, trust_remote_code, _memory_report("cpu")["peak_rss_mb"])
 
 
 def setup_model(run: RunContext):
@@ -332,6 +337,7 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
         "world_size": run.ranks["world_size"],
         "resumed_from": resume_uri,
         **_memory_report(run.device),
+        "imports_rss_mb": run.imports_rss_mb,  # peak_rss_mb minus this: the memory the run itself needed
     }
     # A number, or None and a note saying why there is none: never a bare nan in a summary.
     summary["eval_loss"], summary["eval_note"] = None, "no validation split (data.val_set_size is 0)"
