@@ -296,7 +296,7 @@ def cmd_runs(args) -> int:
 
     rows = recent_runs(limit=args.limit)
     if not rows:
-        print("no loraflow-sft flow runs in this Prefect database (PREFECT_HOME)")
+        print("no fine-tune flow runs (loraflow-sft, loraflow-dpo) in this Prefect database (PREFECT_HOME)")
         return 0
     width = max(len("flow run"), *(len(row["flow_run"]) for row in rows))
     print(f"{'flow run':<{width}} {'state':<10} {'started':<17} {'run':<28} result")

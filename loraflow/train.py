@@ -315,6 +315,10 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
     )
     summary = _train_and_summarize(run, objective, trainer, resume_uri, resume_dir, val_set is not None)
     _save_and_commit(run, trainer, summary)
+    if run.ranks["world_size"] == 1:
+        # Everything is in the store now (a retry resumes from there). With several ranks on a host the folder
+        # is shared and another rank may still be leaving it, so it stays for the next run of this spec.
+        shutil.rmtree(run.work, ignore_errors=True)
     return summary
 
 
@@ -386,6 +390,7 @@ def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = 
     for split, rows in (("train", trainer.train_dataset), ("val", trainer.eval_dataset)):
         if rows is not None:
             rows.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_parquet(str(out / f"{split}.parquet"))
+    shutil.rmtree(run.work, ignore_errors=True)
     return {"pairs": len(train_set) + (len(val_set) if val_set is not None else 0), "reference_forwards": objectives.REFERENCE_FORWARDS}
 
 

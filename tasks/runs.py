@@ -50,8 +50,12 @@ def stage_outcomes(records: dict, states: dict[str, str]) -> dict[str, str]:
     return outcomes
 
 
+# The flows whose runs are fine-tunes (each publishes a summary artifact); align's halves are these too.
+FINETUNE_FLOWS = ("loraflow-sft", "loraflow-dpo")
+
+
 def recent_runs(limit: int = 20) -> list[dict]:
-    """The newest SFT flow runs: name, state, start, and from their summary artifact the run and its losses."""
+    """The newest fine-tune flow runs (SFT and DPO): name, state, start, and from their summary artifact the run and its losses."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType, FlowFilter, FlowFilterName,
@@ -59,7 +63,7 @@ def recent_runs(limit: int = 20) -> list[dict]:
     from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
-        flow_runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["loraflow-sft"])),
+        flow_runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=list(FINETUNE_FLOWS))),
                                           sort=FlowRunSort.START_TIME_DESC, limit=limit)
         summaries = {}
         if flow_runs:
