@@ -12,7 +12,7 @@ from prefect import flow
 from flows.common import finetune_run_name
 from flows.dpo import dpo as dpo_flow
 from flows.sft import sft as sft_flow
-from loraflow.config import FinetuneConfig
+from loraflow.config import DpoFinetuneConfig, FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import StageRecord
 from tasks.common import hide_user_error_tracebacks
@@ -22,7 +22,7 @@ hide_user_error_tracebacks()
 
 @flow(name="loraflow-align", flow_run_name=finetune_run_name,
       description="SFT then DPO on its adapter, sharing the quantized base: instruction tuning, then preference tuning.")
-def align(config: FinetuneConfig, preferences: FinetuneConfig) -> dict[str, dict[str, StageRecord]]:
+def align(config: FinetuneConfig, preferences: DpoFinetuneConfig) -> dict[str, dict[str, StageRecord]]:
     """Supervised fine-tune, then preference-tune the result.
 
     Args:

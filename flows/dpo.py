@@ -11,7 +11,7 @@ from prefect import flow
 
 from flows.common import announce_upload, finetune_run_name, inputs, outputs
 from flows.train import run_training
-from loraflow.config import FinetuneConfig
+from loraflow.config import DpoFinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import StageRecord
 from tasks.common import hide_user_error_tracebacks, stage_options
@@ -22,7 +22,7 @@ hide_user_error_tracebacks()
 
 @flow(name="loraflow-dpo", flow_run_name=finetune_run_name,
       description="DPO preference tuning: env → pairs → quantize → lora → reference log-probs → train → export → merge, every stage cached.")
-def dpo(config: FinetuneConfig, dataset: str = "", upload_event: str = "") -> dict[str, StageRecord]:
+def dpo(config: DpoFinetuneConfig, dataset: str = "", upload_event: str = "") -> dict[str, StageRecord]:
     """Tune a base model on chosen/rejected pairs with DPO and publish the run's report.
 
     Args:

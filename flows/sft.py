@@ -13,6 +13,7 @@ from prefect import flow
 from flows.common import announce_upload, finetune_run_name, inputs, outputs
 from flows.train import run_training
 from loraflow.config import FinetuneConfig
+from loraflow.errors import LoraflowError
 from loraflow.storage import StageRecord
 from tasks.common import hide_user_error_tracebacks, stage_options
 from tasks.model import inject_lora
@@ -33,6 +34,8 @@ def sft(config: FinetuneConfig, dataset: str = "", upload_event: str = "") -> di
         upload_event: The id of the upload event that started this run (set by the upload trigger;
             leave it empty).
     """
+    if config.objective != "sft":
+        raise LoraflowError(f"the loraflow-sft flow trains objective sft, not {config.objective}; run loraflow-dpo for preference pairs")
     config = config.for_run(dataset)
     if upload_event:
         announce_upload(config, upload_event)

@@ -78,9 +78,9 @@ class DataSettings(_Section):
     def _template_matches_format(self) -> DataSettings:
         if self.format in PREFERENCE_FORMATS:
             if self.template not in CONVERSATION_TEMPLATES:
-                raise ValueError(f"template {self.template!r} formats alpaca rows; preference pairs use a conversation "
-                                 f"template ({', '.join(CONVERSATION_TEMPLATES)}; chatml is the DPO default) when the "
-                                 "tokenizer has no chat template of its own")
+                raise ValueError(f"format {self.format!r} is for preference pairs (objective dpo), which use a conversation "
+                                 f"template ({', '.join(CONVERSATION_TEMPLATES)}; chatml by default), not {self.template!r}; "
+                                 "for SFT use format alpaca, sharegpt or messages")
             return self
         conversational = self.format in CONVERSATION_FORMATS
         if conversational and self.template not in CONVERSATION_TEMPLATES:
@@ -234,13 +234,6 @@ class DpoSettings(_Section):
         return self
 
 
-# The ipex-llm DPO recipe (and TRL's examples): what `objective: dpo` changes where the config is silent.
-DPO_DEFAULTS = {"data": {"format": "auto", "template": "chatml", "val_set_size": 0},
-                "lora": {"r": 16, "alpha": 16},
-                "train": {"learning_rate": 5e-5, "micro_batch_size": 4, "batch_size": 16, "max_steps": 200,
-                          "warmup": 0.1, "lr_scheduler": "linear", "max_grad_norm": 1.0}}
-
-
 class MergeSettings(_Section):
     """Merging the adapter into a full-precision copy of the base."""
 
@@ -264,19 +257,6 @@ class FinetuneConfig(_Section):
     dpo: DpoSettings = Field(DpoSettings(), title="DPO (objective dpo)")
     merge: MergeSettings = Field(MergeSettings(), title="Merge")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _objective_defaults(cls, values):
-        """With objective dpo, the DPO recipe's defaults for every data and train field the config leaves unset."""
-        if not isinstance(values, dict) or values.get("objective") != "dpo":
-            return values
-        values = dict(values)
-        for section, defaults in DPO_DEFAULTS.items():
-            given = values.get(section)
-            given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given or {})
-            values[section] = {**defaults, **given}
-        return values
-
     def for_run(self, dataset: str | None = None) -> FinetuneConfig:
         """This config as a flow runs it: `dataset` (when given) as data.path, and local paths absolute,
         so every URI a record or artifact carries still leads to its file from another folder."""
@@ -292,10 +272,14 @@ class FinetuneConfig(_Section):
                 "quantization: none with ZeRO-3."
             )
         if self.objective == "sft" and self.data.format in PREFERENCE_FORMATS:
-            raise ValueError(f"data.format {self.data.format!r} is a preference-pair shape; set objective: dpo to train on pairs")
+            raise ValueError(f"data.format {self.data.format!r} is for preference pairs (objective dpo); set objective: dpo to "
+                             "train on chosen/rejected pairs, or an SFT format (alpaca, sharegpt, messages)")
         if self.objective == "dpo" and self.data.format not in PREFERENCE_FORMATS:
             raise ValueError(f"objective dpo trains on preference pairs, but data.format is {self.data.format!r}; use auto "
                              f"(detected from the first row) or one of {', '.join(PREFERENCE_FORMATS[1:])}")
+        if self.objective == "dpo" and self.dpo.start_from and self.dpo.reference == "separate":
+            raise ValueError("dpo.reference separate loads the base alone as the reference; with dpo.start_from the reference "
+                             "is base + that adapter: use precomputed (the default) or adapter-disabled")
         if self.model.quantization == "nf4" and self.train.precision == "fp16":
             raise ValueError("precision fp16 with an NF4 base is unstable in the QLoRA recipe; use bf16 or fp32")
         return self
@@ -338,12 +322,63 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _same_field(section: type[BaseModel], name: str, default: Any) -> Any:
+    """The parent's field (title, description) with another default: the DPO recipe's, which the UI form shows."""
+    info = section.model_fields[name]
+    return Field(default, title=info.title, description=info.description)
+
+
+class DpoDataSettings(DataSettings):
+    """The preference pairs and how they become tokens (the DPO recipe's defaults)."""
+
+    format: Literal["alpaca", "sharegpt", "messages", "auto", "orca", "pairs", "trl", "openai", "sharegpt-preference", "hh-rlhf"] = \
+        _same_field(DataSettings, "format", "auto")
+    template: TemplateName = _same_field(DataSettings, "template", "chatml")
+    val_set_size: int = _same_field(DataSettings, "val_set_size", 0)
+
+
+class DpoLoraSettings(LoraSettings):
+    """The LoRA adapter (the DPO recipe's r16/alpha16 on every linear projection)."""
+
+    r: int = _same_field(LoraSettings, "r", 16)
+    alpha: int = _same_field(LoraSettings, "alpha", 16)
+
+
+class DpoTrainSettings(TrainSettings):
+    """The optimisation and where it runs (the ipex-llm DPO recipe and TRL's: lr 5e-5, micro batch 4 x
+    accumulation 4, 200 steps, linear schedule with 10% warmup, max_grad_norm 1.0)."""
+
+    learning_rate: float = _same_field(TrainSettings, "learning_rate", 5e-5)
+    batch_size: int = _same_field(TrainSettings, "batch_size", 16)
+    micro_batch_size: int = _same_field(TrainSettings, "micro_batch_size", 4)
+    max_steps: int = _same_field(TrainSettings, "max_steps", 200)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _same_field(TrainSettings, "lr_scheduler", "linear")
+    warmup: float = _same_field(TrainSettings, "warmup", 0.1)
+    max_grad_norm: float = _same_field(TrainSettings, "max_grad_norm", 1.0)
+
+
+class DpoFinetuneConfig(FinetuneConfig):
+    """One DPO preference tune: model, preference data, adapter, the DPO section, training, merge, store.
+
+    The same fields as an SFT config with the DPO recipe's defaults, so the DPO deployment's form shows them."""
+
+    objective: Literal["sft", "dpo"] = _same_field(FinetuneConfig, "objective", "dpo")
+    data: DpoDataSettings = Field(title="Data")
+    lora: DpoLoraSettings = _same_field(FinetuneConfig, "lora", DpoLoraSettings())
+    train: DpoTrainSettings = _same_field(FinetuneConfig, "train", DpoTrainSettings())
+
+
+def config_class(tree: dict) -> type[FinetuneConfig]:
+    return DpoFinetuneConfig if isinstance(tree, dict) and tree.get("objective") == "dpo" else FinetuneConfig
+
+
 def build_config(tree: dict, overrides: list[str] = (), source: str = "config") -> FinetuneConfig:
+    """A validated config; `objective: dpo` gets the DPO recipe's defaults where it is silent."""
     tree = dict(tree)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     try:
-        return FinetuneConfig.model_validate(tree)
+        return config_class(tree).model_validate(tree)
     except ValidationError as error:
         raise LoraflowError(format_validation_error(error, source)) from None
 

@@ -251,7 +251,7 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
         "",
         "## Adapter",
         "",
-        (f"- started from the SFT adapter {_link(lora['start_from'])}: LoRA r{lora.get('r')} on {', '.join(lora.get('target_modules', []))}"
+        (f"- started from the adapter {_link(lora['start_from'])}: LoRA r{lora.get('r')} on {', '.join(lora.get('target_modules', []))}"
          if lora.get("start_from") else
          f"- LoRA r{config['lora']['r']}/alpha{config['lora']['alpha']}/dropout {config['lora']['dropout']} on "
          f"{', '.join(lora.get('target_modules', []))}: {lora.get('trainable_params'):,} trainable of "

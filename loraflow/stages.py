@@ -179,6 +179,9 @@ def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = pr
     store = ArtifactStore(config.storage)
     start = config.dpo.start_from.rstrip("/")
     uri = start if "/" in start else store.uri("runs", start, "adapter")
+    if not uri.startswith(store.url + "/"):
+        raise LoraflowError(f"dpo.start_from {start!r} is outside this store ({store.url}); name a run of this store, or "
+                            "set storage to the store that run is in")
     manifest = store.manifest(uri)
     if manifest is None:
         raise LoraflowError(f"dpo.start_from {start!r}: no committed adapter at {uri}; name an SFT run of this store "
@@ -187,9 +190,15 @@ def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = pr
     trained_on = adapter_config.get("base_model_name_or_path")
     if trained_on and Path(trained_on).name != Path(config.model.base).name and trained_on != config.model.base:
         raise LoraflowError(f"dpo.start_from {start!r}: that adapter was trained on {trained_on}, not on model.base {config.model.base}")
-    log(f"starting from the SFT adapter {uri} (LoRA r{adapter_config.get('r')} on {', '.join(sorted(adapter_config.get('target_modules') or []))}); "
+    log(f"starting from the adapter {uri} (LoRA r{adapter_config.get('r')} on {', '.join(sorted(adapter_config.get('target_modules') or []))}); "
         "the lora section does not apply")
-    return StageRecord(stage="lora-init", key=sha256_hex("start-from", manifest["sha256"]), uri=uri,
+    trained_config = store.local_copy(uri) / "loraflow_config.json"
+    if trained_config.exists():
+        earlier = json.loads(trained_config.read_text()).get("data", {}).get("template")
+        if earlier and earlier != config.data.template:
+            log(f"warning: that adapter was trained with template {earlier!r}, this run formats pairs with {config.data.template!r} "
+                f"(unless the tokenizer has a chat template of its own); set data.template: {earlier} to keep the format it learned")
+    return StageRecord(stage="lora-init", key=sha256_hex("start-from", manifest["sha256"]), uri=uri, reused=True,
                        metrics={"start_from": uri, "r": adapter_config.get("r"), "target_modules": sorted(adapter_config.get("target_modules") or [])})
 
 

@@ -62,10 +62,19 @@ def test_the_dpo_example_and_the_dpo_recipe_defaults(tmp_path):
     assert (minimal.lora.r, minimal.lora.alpha) == (16, 16)
     assert (minimal.train.learning_rate, minimal.train.micro_batch_size, minimal.train.batch_size, minimal.train.max_steps) == (5e-5, 4, 16, 50)
     assert load_config(REPO / "examples" / "alpaca-qlora.yaml").dpo.reference == "precomputed"  # present, unused by SFT
+    # The DPO deployment's form shows the DPO recipe's values, not SFT's (its schema carries them).
+    from loraflow.config import DpoFinetuneConfig
+
+    schema = DpoFinetuneConfig.model_json_schema()
+    assert schema["properties"]["train"]["default"]["learning_rate"] == 5e-5 and schema["properties"]["lora"]["default"]["r"] == 16
+    assert schema["$defs"]["DpoDataSettings"]["properties"]["format"]["default"] == "auto"
+    (tmp_path / "both.yaml").write_text("objective: dpo\nmodel: {base: m}\ndata: {path: p.jsonl}\ndpo: {start_from: sft-1, reference: separate}\n")
     from loraflow.errors import LoraflowError
 
+    with pytest.raises(LoraflowError, match="dpo.reference separate loads the base alone"):
+        load_config(tmp_path / "both.yaml")
     (tmp_path / "mixed.yaml").write_text("model: {base: m}\ndata: {path: pairs.jsonl, format: orca, template: chatml}\n")
-    with pytest.raises(LoraflowError, match="is a preference-pair shape; set objective: dpo"):
+    with pytest.raises(LoraflowError, match=r"data.format 'orca' is for preference pairs \(objective dpo\); set objective: dpo"):
         load_config(tmp_path / "mixed.yaml")
     (tmp_path / "mixed2.yaml").write_text("objective: dpo\nmodel: {base: m}\ndata: {path: d.json, format: alpaca, template: alpaca}\n")
     with pytest.raises(LoraflowError, match="objective dpo trains on preference pairs, but data.format is 'alpaca'"):

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from loraflow.config import DataSettings
 from loraflow.data.formats import format_alpaca, format_conversations, read_rows
+from loraflow.data.preference import detect_preference_format
 from loraflow.data.templates import template_markers_not_in_vocabulary
 from loraflow.data.tokenize import load_tokenizer, to_table, tokenize
 from loraflow.errors import LoraflowError
@@ -24,6 +25,9 @@ def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=
     rows = read_rows(data.path)
     if not rows:
         raise LoraflowError(f"{data.path}: the dataset is empty")
+    if shape := detect_preference_format(rows[0]):
+        raise LoraflowError(f"{data.path}: its rows are preference pairs ({shape}: chosen and rejected answers), not SFT rows; "
+                            "set objective: dpo to preference-tune on them")
     tokenizer = load_tokenizer(tokenizer_path)
     train_on_inputs = data.effective_train_on_inputs
     if data.format == "alpaca":
