@@ -3,6 +3,7 @@
 The same stages as the SFT flow; the data stage makes tokenized preference pairs, and the reference
 model's log-probs are a cached stage of their own, so training (and every retry or rerun that changes
 only beta, the loss or the schedule) runs no reference forward pass and keeps one base copy in memory.
+With train.pool set, the pool's job runs that stage before training, on the pool's device.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def dpo(config: DpoFinetuneConfig, dataset: str = "", upload_event: str = "") ->
     lora = records["lora"] = (starting_adapter(config, records["sources"]) if config.dpo.start_from
                               else inject_lora.with_options(**cached)(config, env, base))
     reference = None
-    if config.dpo.reference == "precomputed":
+    if config.dpo.reference == "precomputed" and not config.train.pool:  # (on a pool, the job computes it on its device)
         reference = records["ref_logps"] = reference_logps.with_options(**cached)(config, env, pairs, base, lora)
     records["train"] = run_training(config, env, pairs, base, lora, reference)  # here, or a job on train.pool
     return outputs(config, records, upload_event)  # export → merge → report

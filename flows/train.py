@@ -18,6 +18,7 @@ from loraflow.config import FinetuneConfig
 from loraflow.storage import ArtifactStore, StageRecord, sha256_hex
 from tasks.common import retry_unless_user_error, stage_options
 from tasks.env import check_env
+from tasks.model import reference_logps
 from tasks.train import TrainingProgress, train_adapter
 
 TRAIN_FLOW = "loraflow-train"
@@ -33,8 +34,14 @@ def train_task(config: FinetuneConfig):
 @flow(name=TRAIN_FLOW, description="Train a LoRA/QLoRA adapter on this worker's host (started by a fine-tune whose train.pool names this pool).")
 def train_flow(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord,
                ref_logps: StageRecord | None = None) -> StageRecord:
-    """Check this host (its device decides precision and backend), then train with retries that resume."""
+    """Check this host (its device decides precision and backend), then train with retries that resume.
+
+    DPO with a precomputed reference: the reference pass (a forward over every pair) runs here too, on the pool's
+    device, not on the host that started the fine-tune; it is the same cached stage.
+    """
     env = check_env(config)
+    if ref_logps is None and config.objective == "dpo" and config.dpo.reference == "precomputed":
+        ref_logps = reference_logps.with_options(**stage_options(config.storage))(config, env, dataset, base, lora)
     record = train_task(config)(config, env, dataset, base, lora, ref_logps)
     # A caller on another host cannot read this flow's result from the worker's disk; it reads this.
     store = ArtifactStore(config.storage)

@@ -254,7 +254,8 @@ def test_three_fine_tunes_of_one_base_started_at_once_build_it_once_and_all_comp
 
 
 def test_dpo_hands_training_to_the_pool_with_its_precomputed_reference(pool, tiny_model, tmp_path):
-    """The DPO deployment on the worker, its training a job of the xpu pool (train-xpu), reading the ref-logps stage."""
+    """The DPO deployment on the worker, its training a job of the xpu pool (train-xpu), which computes the
+    reference log-probs on its own host before training and trains without a reference pass."""
     from prefect.client.orchestration import get_client
 
     server = pool
@@ -271,7 +272,12 @@ def test_dpo_hands_training_to_the_pool_with_its_precomputed_reference(pool, tin
     finished = _wait_final(server, run.id, timeout=400)
     assert finished.state.is_completed(), server.worker_log.read_text()[-3000:]
     [job] = [r for r in _flow_runs(server, "loraflow-train") if r.id not in before]
-    assert job.state.is_completed() and job.parameters["ref_logps"]["stage"] == "ref-logps"
+    assert job.state.is_completed() and "ref_logps" not in job.parameters  # the job computed it, on the pool's host
+    assert len(list((tmp_path / "store" / "ref-logps").glob("*/_manifest.json"))) == 1
+    from tasks.runs import task_states
+
+    with server.client_settings():
+        assert task_states(job.id)["ref-logps"] == "Completed"  # a task of the pool job, not of the fine-tune
     messages = [log.message for log in _logs(server, run.id)]
     assert any(m.startswith("[pool job] trained adapter committed") for m in messages), messages[-20:]
     [summary] = (tmp_path / "store" / "runs").glob("pooled-dpo-*/checkpoints/final/train_summary.json")
