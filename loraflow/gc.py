@@ -178,8 +178,9 @@ def plan(store: ArtifactStore, older_than_days: float | None = None, grace_hours
                 continue
             notes.append(f"kept {store.uri(run)}: {why}")
         kept_runs.append(run)
+        present = index.children(run)
         for output in RUN_OUTPUTS:
-            if f"{run}/{output}" in index.children(run):
+            if f"{run}/{output}" in present:
                 leftover(f"{run}/{output}", None)
         checkpoints = index.children(f"{run}/checkpoints")
         committed = {c: index.folder(c) for c in checkpoints}

@@ -25,11 +25,12 @@ from loraflow.config import FinetuneConfig
 from loraflow.data.preference import prepare_preference_dataset
 from loraflow.envcheck import check_environment
 from loraflow.errors import LoraflowError
-from loraflow.launch import Topology, deepspeed_config, distributed_backend
+from loraflow.launch import Topology, build_command, deepspeed_config, distributed_backend, run_streaming, write_hostfile
 from loraflow.lease import build_once
 from loraflow.models import native
 from loraflow.spec import RunSpec
 from loraflow.storage import ArtifactStore, StageRecord, hash_uri, remote_failure, sha256_hex
+from loraflow.train import USER_ERROR_EXIT, compute_reference_logps
 
 QUANTIZE_VERSION = 1
 LORA_VERSION = 1
@@ -255,8 +256,6 @@ def reference_logps(config: FinetuneConfig, env: StageRecord, dataset: StageReco
     key = ref_logps_key(dataset, base, lora, env)
 
     def build(out: Path) -> dict:
-        from loraflow.train import compute_reference_logps
-
         _, _, spec = train_spec(config, env, dataset, base, lora)
         # One process here, whatever the training's launcher: no process group, no DeepSpeed engine.
         spec = spec.model_copy(update={"ddp_backend": None, "deepspeed_config": None})
@@ -274,9 +273,6 @@ def train(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: 
 
     One trainer per run folder, even when a retry races a rerun of the same content: the other waits and reuses.
     """
-    from loraflow import launch
-    from loraflow.train import USER_ERROR_EXIT
-
     store = ArtifactStore(config.storage)
     key, run, spec = train_spec(config, env, dataset, base, lora, ref_logps)
     final = f"{run}/checkpoints/final"
@@ -286,7 +282,7 @@ def train(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: 
             return trained_record(store, key, run, reused=True)
         spec_uri = f"{run}/spec.json"
         store.write_json(spec_uri, spec.model_dump(mode="json"))
-        topology = launch.Topology.from_train(config.train)
+        topology = Topology.from_train(config.train)
         errors: list[str] = []
 
         def each_line(line: str) -> None:
@@ -296,13 +292,13 @@ def train(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: 
 
         on_line(TRAINING_RUN_LINE.format(run=run.rsplit("/", 1)[-1], uri=run))
         with tempfile.TemporaryDirectory(prefix="loraflow-launch-") as scratch:
-            command = launch.build_command(topology, spec_uri, hostfile=launch.write_hostfile(topology, Path(scratch)),
+            command = build_command(topology, spec_uri, hostfile=write_hostfile(topology, Path(scratch)),
                                            trust_remote_code=config.model.trust_remote_code)
             log(f"launching: {' '.join(command.argv)}")
             if topology.launcher == "torchrun" and topology.nnodes > 1:
                 trust = " --trust-remote-code" if config.model.trust_remote_code else ""
                 log(f"on each other host N of {topology.hosts}: python -m loraflow.launch {spec_uri} --node-rank N{trust}")
-            code = launch.run_streaming(command, each_line, timeout=config.train.timeout_s or None)
+            code = run_streaming(command, each_line, timeout=config.train.timeout_s or None)
         if code == USER_ERROR_EXIT and errors:
             raise LoraflowError(errors[-1])  # a user error: not retried (tasks.common.retry_unless_user_error)
         if code != 0:
