@@ -10,7 +10,7 @@ projection, gradient checkpointing on (the recipe's settings). Data: real Anthro
   separate     the recipe (ipex-llm's DPO example): a second NF4 copy of the base as TRL's ref_model
   peft         one base copy; the reference is the base with TRL's frozen copy of the starting adapter,
                run inside every training step
-  precomputed  one base copy; the ref-logps stage computes the reference once (reported separately: it is
+  precomputed  one base copy; the reference stage computes the reference once (reported separately: it is
                cached, so a retry or a new beta pays nothing) and training runs no reference pass
 
 Each mode trains in its own `python -m loraflow.train` process. Memory = that process's peak RSS minus its
@@ -78,7 +78,7 @@ def main() -> int:
         started = time.time()
         store, key, run, spec_uri = stages.prepare_training(config, log=lambda line: None)
         prepared = time.time() - started
-        ref_stage = next((f for f in (work / "store" / "ref-logps").glob("*/_manifest.json")), None)
+        ref_stage = next((f for f in (work / "store" / "reference").glob("*/_manifest.json")), None)
         lines: list[str] = []
         code = run_streaming(build_command(Topology(), spec_uri), lines.append, timeout=3600)
         if code != 0:

@@ -1,5 +1,5 @@
 """What the fine-tune flows (SFT, DPO) share: how a run is named and tells the upload that started it, the
-stages before the adapter (env → sources → data → quantize) and after training (export → merge → report)."""
+stages before training (env → sources → dataset → base → lora) and after training (export → merge → report)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import secrets
 from pathlib import PurePosixPath
 
 from loraflow.config import FinetuneConfig
+from loraflow.registry import ADAPTER, BASE, DATASET, ENV, LORA, MERGED, SOURCES, TRAIN
 from loraflow.stages import check_token_ids
 from loraflow.storage import StageRecord
 from loraflow.watch import RESOURCE_PREFIX
@@ -15,7 +16,7 @@ from tasks.common import event_url, stage_options
 from tasks.data import prepare_dataset
 from tasks.env import check_env, inspect_sources
 from tasks.export import export_adapter, merge_adapter
-from tasks.model import quantize_base
+from tasks.model import initial_adapter, quantize_base
 from tasks.report import publish_report
 
 FINETUNE_STARTED = "loraflow.finetune.started"
@@ -62,7 +63,7 @@ def announce_upload(config: FinetuneConfig, upload_event: str) -> None:
 
 
 def inputs(config: FinetuneConfig) -> dict[str, StageRecord]:
-    """env → sources → data → quantize: the records every objective trains from (data and base cached)."""
+    """env → sources → dataset → base → lora: the records every objective trains from (dataset, base and lora cached)."""
     from prefect import get_run_logger
 
     cached = stage_options(config.storage)
@@ -74,19 +75,20 @@ def inputs(config: FinetuneConfig) -> dict[str, StageRecord]:
         get_run_logger().warning(f"only {dataset.metrics['train_rows']} training rows, fewer than one batch "
                                  f"(train.batch_size {config.train.batch_size}): each step sees them all")
     base = quantize_base.with_options(**cached)(config, env, sources)
-    return {"env": env, "sources": sources, "dataset": dataset, "quantized": base}
+    lora = initial_adapter.with_options(**cached)(config, env, sources, base)  # fresh, or dpo.start_from's
+    return {ENV.name: env, SOURCES.name: sources, DATASET.name: dataset, BASE.name: base, LORA.name: lora}
 
 
 def outputs(config: FinetuneConfig, records: dict[str, StageRecord], upload_event: str) -> dict[str, StageRecord]:
     """export → merge → report, after training; logs where each output is."""
     from prefect import get_run_logger
 
-    records["adapter"] = export_adapter(config, records["dataset"], records["train"])
+    records[ADAPTER.name] = export_adapter(config, records[DATASET.name], records[TRAIN.name])
     if config.merge.enabled:
-        records["merged"] = merge_adapter(config, records["env"], records["sources"], records["dataset"], records["adapter"])
+        records[MERGED.name] = merge_adapter(config, records[ENV.name], records[SOURCES.name], records[DATASET.name], records[ADAPTER.name])
     publish_report(config, records, upload_event)
     logger = get_run_logger()
     for name, record in records.items():
-        if name not in ("env", "sources") and record.uri:
+        if name not in (ENV.name, SOURCES.name) and record.uri:
             logger.info(f"{name:>9}: {record.uri}")
     return records

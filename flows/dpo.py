@@ -1,6 +1,6 @@
-"""Preference tuning (DPO): env → sources → pairs → quantize → lora → ref-logps → train → export → merge.
+"""Preference tuning (DPO): env → sources → dataset → base → lora → reference → train → adapter → merged.
 
-The same stages as the SFT flow; the data stage makes tokenized preference pairs, and the reference
+The same stages as the SFT flow; the dataset stage makes tokenized preference pairs, and the reference
 model's log-probs are a cached stage of their own, so training (and every retry or rerun that changes
 only beta, the loss or the schedule) runs no reference forward pass and keeps one base copy in memory.
 With train.pool set, the pool's job runs that stage before training, on the pool's device.
@@ -15,14 +15,15 @@ from flows.train import run_training
 from loraflow.config import DpoFinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import StageRecord
+from loraflow.registry import BASE, DATASET, ENV, LORA, REFERENCE, TRAIN
 from tasks.common import hide_user_error_tracebacks, stage_options
-from tasks.model import inject_lora, reference_logps, starting_adapter
+from tasks.model import reference_logps
 
 hide_user_error_tracebacks()
 
 
 @flow(name="loraflow-dpo", flow_run_name=finetune_run_name,
-      description="DPO preference tuning: env → pairs → quantize → lora → reference log-probs → train → export → merge, every stage cached.")
+      description="DPO preference tuning: env → dataset → base → lora → reference log-probs → train → adapter → merged, every stage cached.")
 def dpo(config: DpoFinetuneConfig, dataset: str = "", upload_event: str = "") -> dict[str, StageRecord]:
     """Tune a base model on chosen/rejected pairs with DPO and publish the run's report.
 
@@ -38,14 +39,9 @@ def dpo(config: DpoFinetuneConfig, dataset: str = "", upload_event: str = "") ->
     config = config.for_run(dataset)
     if upload_event:
         announce_upload(config, upload_event)
-    cached = stage_options(config.storage)
-
-    records = inputs(config)  # env → sources → pairs → quantize
-    env, pairs, base = records["env"], records["dataset"], records["quantized"]
-    lora = records["lora"] = (starting_adapter(config, records["sources"]) if config.dpo.start_from
-                              else inject_lora.with_options(**cached)(config, env, base))
-    reference = None
+    records = inputs(config)  # env → sources → dataset (pairs) → base → lora (fresh, or dpo.start_from's)
     if config.dpo.reference == "precomputed" and not config.train.pool:  # (on a pool, the job computes it on its device)
-        reference = records["ref_logps"] = reference_logps.with_options(**cached)(config, env, pairs, base, lora)
-    records["train"] = run_training(config, env, pairs, base, lora, reference)  # here, or a job on train.pool
-    return outputs(config, records, upload_event)  # export → merge → report
+        records[REFERENCE.name] = reference_logps.with_options(**stage_options(config.storage))(
+            config, *(records[stage.name] for stage in (ENV, DATASET, BASE, LORA)))
+    records[TRAIN.name] = run_training(config, records)  # here, or a job on train.pool
+    return outputs(config, records, upload_event)  # adapter → merged → report

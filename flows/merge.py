@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from loraflow.config import FinetuneConfig
+from loraflow.config import AnyFinetuneConfig
 from loraflow.errors import LoraflowError
+from loraflow.registry import ADAPTER
 from loraflow.stages import check_token_ids
 from loraflow.storage import ArtifactStore, StageRecord
 from tasks.common import hide_user_error_tracebacks, stage_options
@@ -21,7 +22,7 @@ hide_user_error_tracebacks()
 
 
 @flow(name="loraflow-merge", description="Merge an exported adapter into its base and verify the merged model's logits.")
-def merge_only(config: FinetuneConfig, adapter_uri: str) -> StageRecord:
+def merge_only(config: AnyFinetuneConfig, adapter_uri: str) -> StageRecord:
     """Merge the adapter at adapter_uri into config.model.base.
 
     Args:
@@ -31,9 +32,9 @@ def merge_only(config: FinetuneConfig, adapter_uri: str) -> StageRecord:
     config = config.for_run()
     store = ArtifactStore(config.storage)
     manifest = store.manifest(adapter_uri.rstrip("/"))
-    if manifest is None or manifest.get("stage") != "adapter":
+    if manifest is None or manifest.get("stage") != ADAPTER.name:
         raise LoraflowError(f"{adapter_uri}: no committed adapter there; give the adapter/ folder of a run (see `loraflow runs`)")
-    adapter = StageRecord(stage="adapter", key=manifest["key"], uri=adapter_uri.rstrip("/"), metrics=manifest.get("metrics", {}), reused=True)
+    adapter = StageRecord(stage=ADAPTER.name, key=manifest["key"], uri=adapter_uri.rstrip("/"), metrics=manifest.get("metrics", {}), reused=True)
     env = check_env(config)
     sources = inspect_sources(config)
     dataset = prepare_dataset.with_options(**stage_options(config.storage))(config, sources)

@@ -1,4 +1,4 @@
-"""Supervised (Q)LoRA fine-tuning: env → sources → data → quantize → lora → train → export → merge.
+"""Supervised (Q)LoRA fine-tuning: env → sources → dataset → base → lora → train → adapter → merged.
 
 Training runs in this flow run (a task) or, with `train.pool` set, on that Prefect work pool.
 
@@ -15,14 +15,14 @@ from flows.train import run_training
 from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import StageRecord
-from tasks.common import hide_user_error_tracebacks, stage_options
-from tasks.model import inject_lora
+from loraflow.registry import TRAIN
+from tasks.common import hide_user_error_tracebacks
 
 hide_user_error_tracebacks()
 
 
 @flow(name="loraflow-sft", flow_run_name=finetune_run_name,
-      description="Supervised QLoRA/LoRA fine-tune: env → data → quantize → lora → train → export → merge, every stage cached.")
+      description="Supervised QLoRA/LoRA fine-tune: env → dataset → base → lora → train → adapter → merged, every stage cached.")
 def sft(config: FinetuneConfig, dataset: str = "", upload_event: str = "") -> dict[str, StageRecord]:
     """Fine-tune a base model on an instruction dataset and publish the run's report.
 
@@ -40,8 +40,6 @@ def sft(config: FinetuneConfig, dataset: str = "", upload_event: str = "") -> di
     if upload_event:
         announce_upload(config, upload_event)
 
-    records = inputs(config)  # env → sources → data → quantize
-    env, data, base = records["env"], records["dataset"], records["quantized"]
-    lora = records["lora"] = inject_lora.with_options(**stage_options(config.storage))(config, env, base)
-    records["train"] = run_training(config, env, data, base, lora)  # here, or a job on train.pool
-    return outputs(config, records, upload_event)  # export → merge → report
+    records = inputs(config)  # env → sources → dataset → base → lora
+    records[TRAIN.name] = run_training(config, records)  # here, or a job on train.pool
+    return outputs(config, records, upload_event)  # adapter → merged → report

@@ -14,7 +14,9 @@ import time
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
-from loraflow.config import FinetuneConfig
+from loraflow.config import AnyFinetuneConfig, FinetuneConfig
+from loraflow.registry import BASE, DATASET, ENV, LORA, REFERENCE
+from loraflow.stages import training_fields
 from loraflow.storage import ArtifactStore, StageRecord, sha256_hex
 from tasks.common import retry_unless_user_error, stage_options
 from tasks.env import check_env
@@ -32,17 +34,17 @@ def train_task(config: FinetuneConfig):
 
 
 @flow(name=TRAIN_FLOW, description="Train a LoRA/QLoRA adapter on this worker's host (started by a fine-tune whose train.pool names this pool).")
-def train_flow(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord,
-               ref_logps: StageRecord | None = None) -> StageRecord:
+def train_flow(config: AnyFinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord,
+               reference: StageRecord | None = None) -> StageRecord:
     """Check this host (its device decides precision and backend), then train with retries that resume.
 
     DPO with a precomputed reference: the reference pass (a forward over every pair) runs here too, on the pool's
     device, not on the host that started the fine-tune; it is the same cached stage.
     """
     env = check_env(config)
-    if ref_logps is None and config.objective == "dpo" and config.dpo.reference == "precomputed":
-        ref_logps = reference_logps.with_options(**stage_options(config.storage))(config, env, dataset, base, lora)
-    record = train_task(config)(config, env, dataset, base, lora, ref_logps)
+    if reference is None and config.objective == "dpo" and config.dpo.reference == "precomputed":
+        reference = reference_logps.with_options(**stage_options(config.storage))(config, env, dataset, base, lora)
+    record = train_task(config)(config, env, dataset, base, lora, reference)
     # A caller on another host cannot read this flow's result from the worker's disk; it reads this.
     store = ArtifactStore(config.storage)
     store.write_json(store.uri(RECORDS, f"{current_flow_run.id}.json"), record.model_dump(mode="json"))
@@ -53,15 +55,17 @@ def deployment_name(pool: str) -> str:
     return f"{TRAIN_FLOW}/train-{pool}"
 
 
-def run_training(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,
-                 ref_logps: StageRecord | None = None) -> StageRecord:
+def run_training(config: FinetuneConfig, records: dict[str, StageRecord]) -> StageRecord:
+    """The train stage on the fine-tune's inputs (env, dataset, base, lora and, for a precomputed DPO reference,
+    reference): here, or as a job on train.pool."""
+    env, dataset, base, lora, reference = (records.get(stage.name) for stage in (ENV, DATASET, BASE, LORA, REFERENCE))
     if not config.train.pool:
-        return train_task(config)(config, env, dataset, base, lora, ref_logps)
-    return _run_on_pool(config, dataset, base, lora, ref_logps)
+        return train_task(config)(config, env, dataset, base, lora, reference)
+    return _run_on_pool(config, dataset, base, lora, reference)
 
 
 def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord,
-                 ref_logps: StageRecord | None) -> StageRecord:
+                 reference: StageRecord | None) -> StageRecord:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
@@ -71,11 +75,10 @@ def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord
     name = deployment_name(config.train.pool)
     parameters = {"config": config.model_dump(mode="json"), "dataset": dataset.model_dump(mode="json"),
                   "base": base.model_dump(mode="json"), "lora": lora.model_dump(mode="json")}
-    if ref_logps is not None:
-        parameters["ref_logps"] = ref_logps.model_dump(mode="json")
+    if reference is not None:
+        parameters["reference"] = reference.model_dump(mode="json")
     # Content, not the caller's run id: any fine-tune asking for this training joins the same job.
-    job = sha256_hex(TRAIN_FLOW, config.storage, config.name, config.train.model_dump(exclude={"pool", "retries", "timeout_s"}),
-                     dataset.key, lora.key, *([config.objective, config.dpo.model_dump()] if config.objective == "dpo" else []))[:24]
+    job = sha256_hex(TRAIN_FLOW, config.storage, config.name, training_fields(config), dataset.key, lora.key)[:24]
     for attempt in range(1000):
         run = run_deployment(name, parameters=parameters, idempotency_key=f"{job}-{attempt}", timeout=0)
         finished_without_adapter = run.state.is_final() and _read_record(store, run.id) is None

@@ -56,18 +56,20 @@ def _quiet_libraries() -> None:
 
 
 def _print_records(records: dict, outcomes: dict[str, str]) -> None:
+    from loraflow.registry import DATASET, TRAIN
+
     print("\noutputs (built: computed in this run; cached: Prefect's cache; reused: found committed in the store):")
     for name, record in records.items():
         if record.uri:
             print(f"  {name:<10} {outcomes.get(name, ''):<7} {record.uri}")
-    data = records.get("dataset")
+    data = records.get(DATASET.name)
     if data:
         d = data.metrics
         dropped = ", ".join(f"{count} {reason}" for reason, count in (d.get("rows_dropped") or {}).items()) or "none"
         print(f"\ndata: {d.get('rows_read')} rows read, {d.get('rows_kept')} kept ({d.get('train_rows')} train / "
               f"{d.get('val_rows')} validation); dropped: {dropped}; {d.get('truncated_rows')} truncated "
               + (f"at cutoff {d['cutoff_len']}" if "cutoff_len" in d else f"to max prompt {d.get('max_prompt_length')} / max length {d.get('max_length')} tokens"))
-    train = records.get("train")
+    train = records.get(TRAIN.name)
     if train:
         m = train.metrics
         from loraflow.report import eval_text, loss_text, reward_text
@@ -464,7 +466,7 @@ def parser() -> argparse.ArgumentParser:
     gc = commands.add_parser("gc", help="remove leftovers, superseded checkpoints and (with --older-than) old runs; a dry run unless --apply")
     gc.add_argument("--storage", required=True, help="the artifact store (a folder or fsspec URL)")
     gc.add_argument("--older-than", type=float, metavar="DAYS", help="also remove runs not written for DAYS days, and the "
-                    "datasets, quantized bases and LoRA inits no remaining run uses")
+                    "datasets, quantized bases, LoRA inits and reference log-probs no remaining run uses")
     gc.add_argument("--grace-hours", type=float, default=6.0, help="uncommitted folders younger than this are kept (default 6)")
     gc.add_argument("--apply", action="store_true", help="remove what the dry run lists")
     gc.set_defaults(handler=cmd_gc)

@@ -9,7 +9,7 @@ bf16 where supported, adamw_torch, cutoff 256, LoRA r8/alpha16/dropout 0.05.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -218,7 +218,7 @@ class DpoSettings(_Section):
     max_length: int = Field(1536, title="Max length (tokens)", ge=16, description="Prompt plus answer; longer answers are cut at the end.")
     reference: Literal["precomputed", "adapter-disabled", "separate"] = Field(
         "precomputed", title="Reference model",
-        description="precomputed: the reference log-probs are a cached stage (ref-logps) and training runs no reference "
+        description="precomputed: the reference log-probs are a cached stage (reference) and training runs no reference "
         "pass. adapter-disabled: the policy's own base with the adapter switched off, during training (one base copy). "
         "separate: a second NF4 copy of the base, as the recipe does (twice the memory; for comparison).")
 
@@ -243,19 +243,28 @@ class MergeSettings(_Section):
 
 
 class FinetuneConfig(_Section):
-    """One supervised (Q)LoRA fine-tune: model, data, adapter, training, merge, and the artifact store."""
+    """One supervised (Q)LoRA fine-tune: model, data, adapter, training, merge, and the artifact store.
+
+    A DPO config (DpoFinetuneConfig) is this with `objective: dpo`, a `dpo` section and the DPO recipe's defaults;
+    build_config picks the class from `objective`. The SFT form therefore shows no DPO section."""
 
     name: str = Field("loraflow", title="Run name", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Run name prefix (lowercase, digits, dashes).")
-    objective: Literal["sft", "dpo"] = Field(
-        "sft", title="Objective", description="sft: supervised fine-tuning on instructions or conversations. dpo: preference "
-        "tuning on chosen/rejected pairs (the dpo section; data and train defaults follow the DPO recipe).")
+    objective: Literal["sft"] = Field(
+        "sft", title="Objective", description="sft: supervised fine-tuning on instructions or conversations (a config with "
+        "objective: dpo is a DPO preference tune on chosen/rejected pairs: the loraflow-dpo flow).")
     storage: str = Field("./loraflow-store", title="Artifact store", description="Artifact store: a local path or any fsspec URL (s3://bucket/prefix).")
     model: ModelSettings = Field(title="Model")
     data: DataSettings = Field(title="Data")
     lora: LoraSettings = Field(LoraSettings(), title="LoRA adapter")
     train: TrainSettings = Field(TrainSettings(), title="Train")
-    dpo: DpoSettings = Field(DpoSettings(), title="DPO (objective dpo)")
     merge: MergeSettings = Field(MergeSettings(), title="Merge")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dpo_section_needs_dpo(cls, tree: Any) -> Any:
+        if cls is FinetuneConfig and isinstance(tree, dict) and "dpo" in tree:
+            raise ValueError("the dpo section is for preference tuning: set objective: dpo (or remove the dpo section)")
+        return tree
 
     def for_run(self, dataset: str | None = None) -> FinetuneConfig:
         """This config as a flow runs it: `dataset` (when given) as data.path, and local paths absolute,
@@ -274,12 +283,6 @@ class FinetuneConfig(_Section):
         if self.objective == "sft" and self.data.format in PREFERENCE_FORMATS:
             raise ValueError(f"data.format {self.data.format!r} is for preference pairs (objective dpo); set objective: dpo to "
                              "train on chosen/rejected pairs, or an SFT format (alpaca, sharegpt, messages)")
-        if self.objective == "dpo" and self.data.format not in PREFERENCE_FORMATS:
-            raise ValueError(f"objective dpo trains on preference pairs, but data.format is {self.data.format!r}; use auto "
-                             f"(detected from the first row) or one of {', '.join(PREFERENCE_FORMATS[1:])}")
-        if self.objective == "dpo" and self.dpo.start_from and self.dpo.reference == "separate":
-            raise ValueError("dpo.reference separate loads the base alone as the reference; with dpo.start_from the reference "
-                             "is base + that adapter: use precomputed (the default) or adapter-disabled")
         if self.model.quantization == "nf4" and self.train.precision == "fp16":
             raise ValueError("precision fp16 with an NF4 base is unstable in the QLoRA recipe; use bf16 or fp32")
         return self
@@ -362,10 +365,25 @@ class DpoFinetuneConfig(FinetuneConfig):
 
     The same fields as an SFT config with the DPO recipe's defaults, so the DPO deployment's form shows them."""
 
-    objective: Literal["sft", "dpo"] = _same_field(FinetuneConfig, "objective", "dpo")
+    objective: Literal["dpo"] = Field("dpo", title="Objective", description="dpo: preference tuning on chosen/rejected pairs.")
     data: DpoDataSettings = Field(title="Data")
     lora: DpoLoraSettings = _same_field(FinetuneConfig, "lora", DpoLoraSettings())
     train: DpoTrainSettings = _same_field(FinetuneConfig, "train", DpoTrainSettings())
+    dpo: DpoSettings = Field(DpoSettings(), title="DPO")
+
+    @model_validator(mode="after")
+    def _supported_dpo_combination(self) -> DpoFinetuneConfig:
+        if self.data.format not in PREFERENCE_FORMATS:
+            raise ValueError(f"objective dpo trains on preference pairs, but data.format is {self.data.format!r}; use auto "
+                             f"(detected from the first row) or one of {', '.join(PREFERENCE_FORMATS[1:])}")
+        if self.dpo.start_from and self.dpo.reference == "separate":
+            raise ValueError("dpo.reference separate loads the base alone as the reference; with dpo.start_from the reference "
+                             "is base + that adapter: use precomputed (the default) or adapter-disabled")
+        return self
+
+
+# A flow parameter that takes either objective's config (the training job on a pool, merge): told apart by `objective`.
+AnyFinetuneConfig = Annotated[FinetuneConfig | DpoFinetuneConfig, Field(discriminator="objective")]
 
 
 def config_class(tree: dict) -> type[FinetuneConfig]:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from loraflow.errors import LoraflowError
 
-STAGE_VERSION = 1
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 

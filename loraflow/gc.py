@@ -1,6 +1,6 @@
 """What the store holds (`loraflow du`) and what can go (`loraflow gc`, a dry run unless told to apply).
 
-Store layout: shared stage outputs (`datasets/`, `quantized/`, `lora-init/`, one folder per content key),
+Store layout: shared stage outputs (`dataset/`, `base/`, `lora/`, `reference/`: one folder per content key),
 `runs/<run>/` (spec, checkpoints, adapter, merged model, metrics, summary), `prefect-results/` (Prefect's
 cache records, JSON), `leases/` (who is building what now), `train-records/` and `watch/` (small JSON).
 
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from loraflow.lease import StoreLease
+from loraflow.registry import ADAPTER, MERGED, RUNS_FOLDER, SHARED_FOLDERS, TRAIN
 from loraflow.storage import MANIFEST, ArtifactStore
 
-SHARED_STAGES = ("datasets", "quantized", "lora-init")
-RUN_OUTPUTS = ("adapter", "merged", "metrics")
+RUN_OUTPUTS = (ADAPTER.folder, MERGED.folder, "metrics")
 
 
 def cached_output(content: bytes) -> str | None:
@@ -108,7 +108,7 @@ def usage(store: ArtifactStore) -> tuple[list[tuple[str, int, int, int]], list[t
         parts[part][1] += 1
         parts[part][2] += relative.endswith("/" + MANIFEST)
     runs = []
-    for run in index.children("runs"):
+    for run in index.children(RUNS_FOLDER):
         whole, checkpoints = index.folder(run), index.folder(f"{run}/checkpoints")
         runs.append((run.split("/", 1)[1], whole.size, checkpoints.size, whole.newest))
     return sorted(((k, *v) for k, v in parts.items()), key=lambda row: -row[1]), sorted(runs, key=lambda row: -row[1])
@@ -130,7 +130,7 @@ def plan(store: ArtifactStore, older_than_days: float | None = None, grace_hours
     now = now or time.time()
     protected = dict(protected or {})
     for name, why in (pinned_names or {}).items():
-        runs = [run for run in index.children("runs") if run.split("/", 1)[1].rsplit("-", 1)[0] == name]
+        runs = [run for run in index.children(RUNS_FOLDER) if run.split("/", 1)[1].rsplit("-", 1)[0] == name]
         if runs:
             protected[store.uri(max(runs, key=lambda run: index.folder(run).newest))] = f"the newest run of {why}"
     live = index.live_leases()
@@ -160,12 +160,12 @@ def plan(store: ArtifactStore, older_than_days: float | None = None, grace_hours
             return
         remove(relative, "uncommitted leftover of an interrupted write", folder)
 
-    for stage in SHARED_STAGES:
+    for stage in SHARED_FOLDERS:
         for relative in index.children(stage):
             leftover(relative, f"{stage}-{relative.rsplit('/', 1)[-1]}")
 
     kept_runs = []
-    for run in index.children("runs"):
+    for run in index.children(RUNS_FOLDER):
         name = run.split("/", 1)[1]
         if any(lease.startswith("train-" + name.rsplit("-", 1)[-1]) for lease in live):
             notes.append(f"kept {store.uri(run)}: its training is running now")
@@ -189,7 +189,7 @@ def plan(store: ArtifactStore, older_than_days: float | None = None, grace_hours
                 leftover(checkpoint, None)
         numbered = sorted((c for c in checkpoints if c.rsplit("/", 1)[-1].startswith("checkpoint-") and committed[c].committed),
                           key=lambda c: int(c.rsplit("-", 1)[-1]))
-        final_committed = committed.get(f"{run}/checkpoints/final", Folder()).committed
+        final_committed = committed.get(f"{run}/{TRAIN.folder}", Folder()).committed
         superseded = numbered if final_committed else numbered[:-2]
         for checkpoint in superseded:
             why = "the run's final adapter is committed" if final_committed else "two newer checkpoints of the run are committed"
@@ -201,8 +201,8 @@ def plan(store: ArtifactStore, older_than_days: float | None = None, grace_hours
         for run in kept_runs:
             if f"{run}/spec.json" in index.files:
                 spec = json.loads(store.fs.cat_file(f"{store.root}/{run}/spec.json"))
-                in_use |= {spec.get(k, "") for k in ("dataset_uri", "base_uri", "lora_init_uri")}
-        for stage in SHARED_STAGES:
+                in_use |= {spec.get(k, "") for k in ("dataset_uri", "base_uri", "lora_uri", "reference_uri")}
+        for stage in SHARED_FOLDERS:
             for relative in index.children(stage):
                 folder = index.folder(relative)
                 if not folder.committed or now - folder.newest <= older_than_days * 86400:

@@ -16,7 +16,6 @@ import torch
 from loraflow.errors import LoraflowError
 from loraflow.models import native
 
-STAGE_VERSION = 1
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
 
 

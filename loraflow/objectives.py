@@ -4,7 +4,7 @@ setup, resume, checkpoint commits, metrics, ranks) is the shared path in loraflo
 - `sft`: transformers' Trainer on the data stage's input_ids/labels (labels already masked).
 - `dpo`: TRL's DPOTrainer on pre-tokenized pairs (prompt_ids/chosen_ids/rejected_ids from the preference data
   stage). The reference is the policy's own base with the adapter disabled (one base copy in memory), or the
-  log-probs precomputed by the ref-logps stage, in which case training runs no reference forward pass at all.
+  log-probs precomputed by the reference stage, in which case training runs no reference forward pass at all.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _dpo_trainer_class():
     class LoraflowDPOTrainer(DPOTrainer):
         """TRL's DPOTrainer, given what loraflow's stages already made: tokenized pairs (the preference data stage
         truncates prompts and answers to the run's lengths, so TRL's own tokenization is skipped) and, when the
-        ref-logps stage ran, the reference log-probs as columns (TRL would otherwise recompute them)."""
+        reference stage ran, the reference log-probs as columns (TRL would otherwise recompute them)."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if "prompt_ids" in dataset.column_names:
@@ -100,7 +100,7 @@ class Dpo:
     def arguments(self, common: dict, precompute: bool | None = None):
         from trl import DPOConfig
 
-        precompute = bool(self.spec.ref_logps_uri) if precompute is None else precompute
+        precompute = bool(self.spec.reference_uri) if precompute is None else precompute
         return DPOConfig(**common, beta=self.dpo.beta, loss_type=[self.dpo.loss_type], max_length=self.dpo.max_length,
                          precompute_ref_log_probs=precompute, remove_unused_columns=False)
 

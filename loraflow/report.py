@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from loraflow.storage import ArtifactStore, StageRecord, browser_url
+from loraflow.registry import ADAPTER, BASE, DATASET, LORA, MERGED, TRAIN
 
 METRIC_COLUMNS = ("step", "epoch", "loss", "eval_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "learning_rate", "grad_norm", "tokens_per_s", "peak_rss_mb", "peak_device_mb")
@@ -38,7 +39,7 @@ def redact(value: Any, name: str = "") -> Any:
 
 
 def run_uri_of(records: dict[str, StageRecord]) -> str:
-    return records["train"].uri.rsplit("/checkpoints/", 1)[0]
+    return records[TRAIN.name].uri.removesuffix("/" + TRAIN.folder)
 
 
 def read_metrics(store: ArtifactStore, run_uri: str) -> list[dict]:
@@ -158,8 +159,8 @@ def usage_snippet(config: dict, records: dict[str, StageRecord], example: str = 
     """Python that loads the adapter onto its base with PEFT (and the merged model), real paths filled in."""
     from loraflow.data.templates import generation_prompt
 
-    adapter = records["adapter"].uri
-    merged = records.get("merged")
+    adapter = records[ADAPTER.name].uri
+    merged = records.get(MERGED.name)
     prompt = generation_prompt(config["data"]["format"], config["data"]["template"], example)
     lines = ["import torch", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
     if "://" in adapter:  # a remote store: PEFT and transformers read local folders
@@ -206,10 +207,10 @@ def _data_lines(data: dict, percentiles: dict) -> list[str]:
 def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: list[dict], run_uri: str,
                      started_by: str | None = None) -> str:
     """stage_rows: [{stage, outcome, seconds}] in pipeline order; started_by: what started the run (markdown)."""
-    data = records["dataset"].metrics
-    lora = records["lora"].metrics
-    train = records["train"].metrics
-    merged = records.get("merged")
+    data = records[DATASET.name].metrics
+    lora = records[LORA.name].metrics
+    train = records[TRAIN.name].metrics
+    merged = records.get(MERGED.name)
     dropped = ", ".join(f"{count} {reason}" for reason, count in data.get("rows_dropped", {}).items()) or "none"
     percentiles = data.get("token_length_percentiles", {})
     resumed = _resume_note(train)
@@ -256,13 +257,13 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
          f"- LoRA r{config['lora']['r']}/alpha{config['lora']['alpha']}/dropout {config['lora']['dropout']} on "
          f"{', '.join(lora.get('target_modules', []))}: {lora.get('trainable_params'):,} trainable of "
          f"{lora.get('total_params'):,} parameters ({lora.get('trainable_percent')}%)"),
-        f"- base quantization: {records['quantized'].metrics.get('quantization')}",
+        f"- base quantization: {records[BASE.name].metrics.get('quantization')}",
     ]
     if merged is not None:
         lines.append(f"- merged model checked: max |logit difference| {_fmt(merged.metrics.get('max_abs_logit_diff'), 3)} "
                      f"(allowed {_fmt(merged.metrics.get('tolerance'), 3)}, {merged.metrics.get('dtype')})")
     lines += ["", "## Outputs", "",
-              f"- adapter: {_link(records['adapter'].uri)}",
+              f"- adapter: {_link(records[ADAPTER.name].uri)}",
               *([f"- merged model: {_link(merged.uri)}"] if merged is not None else []),
               f"- metrics: {_link(run_uri + '/metrics/metrics.jsonl')}, loss curve: {_link(run_uri + '/loss.png')}",
               "", "## Config", "", "```json", json.dumps(redact(config), indent=2), "```", ""]
@@ -278,7 +279,7 @@ def write_report(store: ArtifactStore, config: dict, records: dict[str, StageRec
     png = loss_curve_png(rows, run_uri.rsplit("/", 1)[-1])
     store.write_bytes(f"{run_uri}/summary.md", markdown.encode())
     store.write_bytes(f"{run_uri}/loss.png", png)
-    train = records["train"].metrics
+    train = records[TRAIN.name].metrics
     summary = {
         "run": run_uri.rsplit("/", 1)[-1], "run_uri": run_uri, "final_loss": train.get("final_loss"),
         "eval_loss": train.get("eval_loss"), "tokens_per_s": train.get("tokens_per_s"), "resumed_from": train.get("resumed_from"),

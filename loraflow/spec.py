@@ -25,10 +25,10 @@ class RunSpec(BaseModel):
     base_uri: str
     base_in_store: bool
     quantized: bool
-    lora_init_uri: str  # the adapter training starts from: a fresh LoRA init, or (DPO) an SFT run's adapter
+    lora_uri: str  # the adapter training starts from: a fresh LoRA init, or (DPO) an SFT run's adapter
     train: TrainSettings  # device and precision resolved on the host that checked the environment
     dpo: DpoSettings | None = None
-    ref_logps_uri: str = ""  # DPO: the ref-logps stage's output; empty: the reference runs during training
+    reference_uri: str = ""  # DPO: the reference stage's output; empty: the reference runs during training
     ddp_backend: str | None = None
     deepspeed_config: dict | None = None
 

@@ -28,14 +28,10 @@ from loraflow.errors import LoraflowError
 from loraflow.launch import Topology, build_command, deepspeed_config, distributed_backend, run_streaming, write_hostfile
 from loraflow.lease import build_once
 from loraflow.models import native
+from loraflow.registry import ADAPTER, BASE, DATASET, ENV, LORA, MERGED, REFERENCE, RUNS_FOLDER, SOURCES, TRAIN
 from loraflow.spec import RunSpec
 from loraflow.storage import ArtifactStore, StageRecord, hash_uri, remote_failure, sha256_hex
 from loraflow.train import USER_ERROR_EXIT, compute_reference_logps
-
-QUANTIZE_VERSION = 1
-LORA_VERSION = 1
-TRAIN_VERSION = 1
-REF_LOGPS_VERSION = 1
 
 Log = Callable[[str], None]
 
@@ -65,7 +61,7 @@ def reuse_or_build(store: ArtifactStore, stage: str, key: str, uri: str, build: 
 def env_check(config: FinetuneConfig) -> StageRecord:
     report = check_environment(config)
     ArtifactStore(config.storage).probe()  # unreachable or read-only: said now, naming `storage`
-    return StageRecord(stage="env", key=sha256_hex(report), metrics=report)
+    return StageRecord(stage=ENV.name, key=sha256_hex(report), metrics=report)
 
 
 def inspect_sources(config: FinetuneConfig) -> StageRecord:
@@ -91,7 +87,7 @@ def inspect_sources(config: FinetuneConfig) -> StageRecord:
     tokenizer = native.tokenizer_identity(model_path)
     metrics.update(tokenizer_key=sha256_hex(tokenizer), tokenizer_class=tokenizer["class"], tokenizer_size=tokenizer["size"],
                    model_vocab_size=native.config_vocab_size(model_path))
-    return StageRecord(stage="sources", key=sha256_hex(metrics["dataset_sha256"], metrics["model_key"], metrics["tokenizer_key"]), metrics=metrics)
+    return StageRecord(stage=SOURCES.name, key=sha256_hex(metrics["dataset_sha256"], metrics["model_key"], metrics["tokenizer_key"]), metrics=metrics)
 
 
 def check_token_ids(dataset: StageRecord, sources: StageRecord) -> None:
@@ -115,46 +111,50 @@ def dataset_key(config: FinetuneConfig, sources: StageRecord) -> str:
     fields = config.data.model_dump(exclude={"path"})
     if config.objective == "dpo":  # the same file as preference pairs: another output, cut to the DPO lengths
         fields |= {"objective": "dpo", **config.dpo.model_dump(include={"max_prompt_length", "max_length"})}
-    return sha256_hex(data_stage.STAGE, data_stage.STAGE_VERSION, sources.metrics["dataset_sha256"], sources.metrics["tokenizer_key"], fields)
+    return DATASET.key(sources.metrics["dataset_sha256"], sources.metrics["tokenizer_key"], fields)
 
 
 def quantize_key(config: FinetuneConfig, env: StageRecord, sources: StageRecord) -> str:
     fields = config.model.model_dump(include={"quantization", "double_quant"})
-    return sha256_hex("quantized", QUANTIZE_VERSION, sources.metrics["model_key"], fields, env.metrics["precision"])
+    return BASE.key(sources.metrics["model_key"], fields, env.metrics["precision"])
 
 
 def lora_key(config: FinetuneConfig, base: StageRecord) -> str:
-    return sha256_hex("lora-init", LORA_VERSION, base.key, config.lora.model_dump(), config.train.seed, config.train.gradient_checkpointing)
+    return LORA.key(base.key, config.lora.model_dump(), config.train.seed, config.train.gradient_checkpointing)
 
 
-def train_key(config: FinetuneConfig, dataset: StageRecord, lora: StageRecord, env: StageRecord) -> str:
-    # Where and how patiently it runs does not change what it computes.
+def training_fields(config: FinetuneConfig) -> dict:
+    """What training computes from, beyond its data and starting adapter: the one list of it (the train key and a
+    pool job's identity read it). Where and how patiently it runs does not change what it computes."""
     fields = config.train.model_dump(exclude={"pool", "device", "retries", "timeout_s", "master_port", "mpi"})
     if config.objective == "dpo":
         fields |= {"objective": "dpo", "dpo": config.dpo.model_dump(exclude={"max_prompt_length", "max_length"})}  # lengths: in dataset.key
-    return sha256_hex("train", TRAIN_VERSION, dataset.key, lora.key, fields, env.metrics["device"], env.metrics["precision"])
+    return fields
 
 
-def ref_logps_key(dataset: StageRecord, base: StageRecord, lora: StageRecord, env: StageRecord) -> str:
+def train_key(config: FinetuneConfig, dataset: StageRecord, lora: StageRecord, env: StageRecord) -> str:
+    return TRAIN.key(dataset.key, lora.key, training_fields(config), env.metrics["device"], env.metrics["precision"])
+
+
+def reference_key(dataset: StageRecord, base: StageRecord, lora: StageRecord, env: StageRecord) -> str:
     # The pairs (their template and lengths are in dataset.key), the frozen weights, the starting adapter, the arithmetic.
-    return sha256_hex("ref-logps", REF_LOGPS_VERSION, dataset.key, base.key, lora.key, env.metrics["device"], env.metrics["precision"])
+    return REFERENCE.key(dataset.key, base.key, lora.key, env.metrics["device"], env.metrics["precision"])
 
 
 def run_uri(store: ArtifactStore, config: FinetuneConfig, train_key_: str) -> str:
-    return store.uri("runs", f"{config.name}-{train_key_[:12]}")
+    return store.uri(RUNS_FOLDER, f"{config.name}-{train_key_[:12]}")
 
 
 # ---- stages -------------------------------------------------------------------------------------
 def prepare_data(config: FinetuneConfig, sources: StageRecord, log: Log = print) -> StageRecord:
     store = ArtifactStore(config.storage)
     key = dataset_key(config, sources)
-    uri = store.uri(data_stage.STAGE, _short(key))
     def build(out: Path) -> dict:
         if config.objective == "dpo":
             return prepare_preference_dataset(config.data, config.dpo, sources.metrics["model_path"], out, log)
         return data_stage.prepare_dataset(config.data, sources.metrics["model_path"], out, log)
 
-    return reuse_or_build(store, data_stage.STAGE, key, uri, build, log)
+    return reuse_or_build(store, DATASET.name, key, DATASET.uri(store, key), build, log)
 
 
 def quantize_base(config: FinetuneConfig, env: StageRecord, sources: StageRecord, log: Log = print) -> StageRecord:
@@ -162,7 +162,7 @@ def quantize_base(config: FinetuneConfig, env: StageRecord, sources: StageRecord
     key = quantize_key(config, env, sources)
     if config.model.quantization == "none":
         log("quantization none: training plain LoRA on the original base")
-        return StageRecord(stage="quantized", key=key, uri=sources.metrics["model_path"], metrics={"quantization": "none", "in_store": False})
+        return StageRecord(stage=BASE.name, key=key, uri=sources.metrics["model_path"], metrics={"quantization": "none", "in_store": False})
 
     def build(out: Path) -> dict:
         log(f"quantizing {sources.metrics['model_path']} to NF4 on {env.metrics['device']}")
@@ -170,7 +170,7 @@ def quantize_base(config: FinetuneConfig, env: StageRecord, sources: StageRecord
             Path(sources.metrics["model_path"]), out, env.metrics["device"], env.metrics["precision"],
             config.model.double_quant, config.model.trust_remote_code)}
 
-    return reuse_or_build(store, "quantized", key, store.uri("quantized", _short(key)), build, log)
+    return reuse_or_build(store, BASE.name, key, BASE.uri(store, key), build, log)
 
 
 def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = print) -> StageRecord:
@@ -179,7 +179,7 @@ def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = pr
     change when it does."""
     store = ArtifactStore(config.storage)
     start = config.dpo.start_from.rstrip("/")
-    uri = start if "/" in start else store.uri("runs", start, "adapter")
+    uri = start if "/" in start else store.uri(RUNS_FOLDER, start, ADAPTER.folder)
     if not uri.startswith(store.url + "/"):
         raise LoraflowError(f"dpo.start_from {start!r} is outside this store ({store.url}); name a run of this store, or "
                             "set storage to the store that run is in")
@@ -199,8 +199,23 @@ def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = pr
         if earlier and earlier != config.data.template:
             log(f"warning: that adapter was trained with template {earlier!r}, this run formats pairs with {config.data.template!r} "
                 f"(unless the tokenizer has a chat template of its own); set data.template: {earlier} to keep the format it learned")
-    return StageRecord(stage="lora-init", key=sha256_hex("start-from", manifest["sha256"]), uri=uri, reused=True,
+    return StageRecord(stage=LORA.name, key=LORA.key("start-from", manifest["sha256"]), uri=uri, reused=True,
                        metrics={"start_from": uri, "r": adapter_config.get("r"), "target_modules": sorted(adapter_config.get("target_modules") or [])})
+
+
+def initial_adapter(config: FinetuneConfig, env: StageRecord, sources: StageRecord, base: StageRecord, log: Log = print) -> StageRecord:
+    """The lora stage: the adapter training starts from, a fresh LoRA init or (DPO with start_from) an SFT run's."""
+    if config.objective == "dpo" and config.dpo.start_from:
+        return starting_adapter(config, sources, log)
+    return inject_lora(config, env, base, log)
+
+
+def lora_cache_key(config: FinetuneConfig, base: StageRecord) -> str | None:
+    """The lora stage's Prefect cache key; None (not cached by Prefect) for a start_from adapter, whose key is the
+    adapter's content and is only known by reading it."""
+    if config.objective == "dpo" and config.dpo.start_from:
+        return None
+    return LORA.cache_key(lora_key(config, base))
 
 
 def _base_dir(store: ArtifactStore, base: StageRecord) -> Path:
@@ -219,11 +234,11 @@ def inject_lora(config: FinetuneConfig, env: StageRecord, base: StageRecord, log
         log(f"LoRA on {native.describe_targets(report['target_modules'])}: {report['trainable_params']:,} trainable of {report['total_params']:,} parameters ({report['trainable_percent']}%)")
         return report
 
-    return reuse_or_build(store, "lora-init", key, store.uri("lora-init", _short(key)), build, log)
+    return reuse_or_build(store, LORA.name, key, LORA.uri(store, key), build, log)
 
 
 def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,
-               ref_logps: StageRecord | None = None) -> tuple[str, str, RunSpec]:
+               reference: StageRecord | None = None) -> tuple[str, str, RunSpec]:
     """(key, run URI, spec) for the training subprocess."""
     store = ArtifactStore(config.storage)
     key = train_key(config, dataset, lora, env)
@@ -236,10 +251,10 @@ def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, b
         base_uri=base.uri,
         base_in_store=bool(base.metrics.get("in_store")),
         quantized=base.metrics.get("quantization") == "nf4",
-        lora_init_uri=lora.uri,
+        lora_uri=lora.uri,
         train=config.train.model_copy(update={"device": env.metrics["device"], "precision": env.metrics["precision"]}),
         dpo=config.dpo if config.objective == "dpo" else None,
-        ref_logps_uri=ref_logps.uri if ref_logps is not None else "",
+        reference_uri=reference.uri if reference is not None else "",
         ddp_backend=distributed_backend(env.metrics["device"]) if Topology.from_train(config.train).world_size > 1 else None,
         deepspeed_config=deepspeed_config(config.train.deepspeed_zero, config.train.deepspeed_offload_optimizer),
         # No trust_remote_code here: the spec is a file in the shared store (see launch.build_command).
@@ -253,7 +268,7 @@ def reference_logps(config: FinetuneConfig, env: StageRecord, dataset: StageReco
     in the store: training, its retries and every rerun that changes only beta, the loss or the schedule read them
     instead of running the reference model."""
     store = ArtifactStore(config.storage)
-    key = ref_logps_key(dataset, base, lora, env)
+    key = reference_key(dataset, base, lora, env)
 
     def build(out: Path) -> dict:
         _, _, spec = train_spec(config, env, dataset, base, lora)
@@ -263,20 +278,20 @@ def reference_logps(config: FinetuneConfig, env: StageRecord, dataset: StageReco
         log(f"reference log-probs of {metrics['pairs']} pairs computed ({metrics['reference_forwards']} forward passes)")
         return metrics
 
-    return reuse_or_build(store, "ref-logps", key, store.uri("ref-logps", _short(key)), build, log)
+    return reuse_or_build(store, REFERENCE.name, key, REFERENCE.uri(store, key), build, log)
 
 
 def train(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,
-          ref_logps: StageRecord | None = None, log: Log = print, on_line: Log = print) -> StageRecord:
+          reference: StageRecord | None = None, log: Log = print, on_line: Log = print) -> StageRecord:
     """The train stage: the committed adapter of this content if there is one, else write the run spec, launch
     `python -m loraflow.train` (local/torchrun/deepspeed/mpirun) and stream its lines to on_line.
 
     One trainer per run folder, even when a retry races a rerun of the same content: the other waits and reuses.
     """
     store = ArtifactStore(config.storage)
-    key, run, spec = train_spec(config, env, dataset, base, lora, ref_logps)
-    final = f"{run}/checkpoints/final"
-    with build_once(store, f"train-{key[:16]}", lambda: store.is_committed(final), log) as must_train:
+    key, run, spec = train_spec(config, env, dataset, base, lora, reference)
+    final = f"{run}/{TRAIN.folder}"
+    with build_once(store, f"{TRAIN.name}-{_short(key)}", lambda: store.is_committed(final), log) as must_train:
         if not must_train:
             log(f"train: reusing committed adapter {final}")
             return trained_record(store, key, run, reused=True)
@@ -323,26 +338,26 @@ def prepare_training(config: FinetuneConfig, log: Log = print) -> tuple[Artifact
     sources = inspect_sources(config)
     dataset = prepare_data(config, sources, log)
     base = quantize_base(config, env, sources, log)
-    lora = starting_adapter(config, sources, log) if config.objective == "dpo" and config.dpo.start_from else inject_lora(config, env, base, log)
-    ref_logps = reference_logps(config, env, dataset, base, lora, log) if config.objective == "dpo" and config.dpo.reference == "precomputed" else None
-    key, run, spec = train_spec(config, env, dataset, base, lora, ref_logps)
+    lora = initial_adapter(config, env, sources, base, log)
+    reference = reference_logps(config, env, dataset, base, lora, log) if config.objective == "dpo" and config.dpo.reference == "precomputed" else None
+    key, run, spec = train_spec(config, env, dataset, base, lora, reference)
     store = ArtifactStore(config.storage)
     store.write_json(f"{run}/spec.json", spec.model_dump(mode="json"))
     return store, key, run, f"{run}/spec.json"
 
 
 def trained_record(store: ArtifactStore, key: str, run: str, reused: bool) -> StageRecord | None:
-    final = f"{run}/checkpoints/final"
+    final = f"{run}/{TRAIN.folder}"
     if not store.is_committed(final):
         return None
     summary = store.read_json(f"{final}/train_summary.json")
-    return StageRecord(stage="train", key=key, uri=final, metrics=summary, reused=reused)
+    return StageRecord(stage=TRAIN.name, key=key, uri=final, metrics=summary, reused=reused)
 
 
 def export(config: FinetuneConfig, dataset: StageRecord, trained: StageRecord, log: Log = print) -> StageRecord:
     store = ArtifactStore(config.storage)
-    key = sha256_hex("export", export_stage.STAGE_VERSION, trained.key, dataset.key, config.model.base)
-    run = trained.uri.rsplit("/checkpoints/", 1)[0]
+    key = ADAPTER.key(trained.key, dataset.key, config.model.base)
+    run = trained.uri.removesuffix("/" + TRAIN.folder)
 
     def build(out: Path) -> dict:
         return export_stage.export_adapter(
@@ -350,15 +365,15 @@ def export(config: FinetuneConfig, dataset: StageRecord, trained: StageRecord, l
             config.model_dump(mode="json"), out,
         )
 
-    return reuse_or_build(store, "adapter", key, f"{run}/adapter", build, log)
+    return reuse_or_build(store, ADAPTER.name, key, f"{run}/{ADAPTER.folder}", build, log)
 
 
 def merge(config: FinetuneConfig, env: StageRecord, sources: StageRecord, dataset: StageRecord, adapter: StageRecord, log: Log = print) -> StageRecord:
     store = ArtifactStore(config.storage)
     device = env.metrics["device"]
     precision = config.merge.dtype if config.merge.dtype != "auto" else ("bf16" if device in ("xpu", "cuda") else "fp32")
-    key = sha256_hex("merged", merge_stage.STAGE_VERSION, adapter.key, precision, config.merge.check_rows)
-    run = adapter.uri.rsplit("/adapter", 1)[0]
+    key = MERGED.key(adapter.key, precision, config.merge.check_rows)
+    run = adapter.uri.rsplit(f"/{ADAPTER.folder}", 1)[0]
 
     def build(out: Path) -> dict:
         dataset_dir = store.local_copy(dataset.uri)
@@ -371,4 +386,4 @@ def merge(config: FinetuneConfig, env: StageRecord, sources: StageRecord, datase
         log(f"merged; max |logit difference| vs base+adapter {metrics['max_abs_logit_diff']:.3g} (allowed {metrics['tolerance']:.3g})")
         return metrics
 
-    return reuse_or_build(store, "merged", key, f"{run}/merged", build, log)
+    return reuse_or_build(store, MERGED.name, key, f"{run}/{MERGED.folder}", build, log)

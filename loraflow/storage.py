@@ -2,9 +2,10 @@
 
 Layout (any fsspec URL: a local path, file://, s3://, memory://):
 
-    <store>/datasets/<key>/      train + val parquet, stats.json, tokenizer/
-    <store>/quantized/<key>/     pre-quantized base
-    <store>/lora-init/<key>/     initial adapter + trainable-parameter report
+    <store>/dataset/<key>/       train + val parquet, stats.json, tokenizer/
+    <store>/base/<key>/          pre-quantized base
+    <store>/lora/<key>/          initial adapter + trainable-parameter report
+    <store>/reference/<key>/     DPO: reference log-probs of every pair
     <store>/runs/<run>/          spec.json, checkpoints/, adapter/, merged/, metrics.jsonl
     <store>/prefect-results/     Prefect's persisted task results (JSON)
 

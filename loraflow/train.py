@@ -1,7 +1,7 @@
 """The training entrypoint a launcher runs: `python -m loraflow.train SPEC_URI`.
 
 Supports: objectives sft (transformers' Trainer) and dpo (TRL's DPOTrainer, with the reference log-probs
-precomputed by the ref-logps stage, a PEFT reference, or a separate base copy); QLoRA (pre-quantized NF4
+precomputed by the reference stage, a PEFT reference, or a separate base copy); QLoRA (pre-quantized NF4
 base from the store) and plain LoRA (bf16/fp32 base); a fresh LoRA init or an SFT run's adapter as the
 start; XPU, CUDA, CPU; one process or several (torchrun / deepspeed / mpirun set the rank variables);
 resuming from the newest committed checkpoint whose files all load as plain tensors; checkpoints,
@@ -236,7 +236,7 @@ def setup_model(run: RunContext):
 
 def starting_adapter_dir(run: RunContext) -> Path:
     """The adapter training starts from: a LoRA init stage's `adapter/`, or an SFT run's exported adapter folder."""
-    folder = run.store.local_copy(run.spec.lora_init_uri, verify=True)
+    folder = run.store.local_copy(run.spec.lora_uri, verify=True)
     return folder / "adapter" if (folder / "adapter").is_dir() else folder
 
 
@@ -244,7 +244,7 @@ def setup_data(run: RunContext):
     """(tokenizer, train split, validation split or None) from the data stage's output (and the reference log-probs)."""
     spec = run.spec
     dataset_dir = run.store.local_copy(spec.dataset_uri, verify=True)
-    ref_logps = run.store.local_copy(spec.ref_logps_uri, verify=True) if spec.ref_logps_uri else None
+    ref_logps = run.store.local_copy(spec.reference_uri, verify=True) if spec.reference_uri else None
     tokenizer = load_tokenizer(str(dataset_dir / "tokenizer"))
     return tokenizer, load_split(dataset_dir, "train", ref_logps), load_split(dataset_dir, "val", ref_logps)
 
@@ -375,7 +375,7 @@ def _save_and_commit(run: RunContext, trainer, summary: dict) -> None:
 
 
 def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = False) -> dict:
-    """The ref-logps stage's build: TRL's own reference pass (the same concatenation and masks its loss uses) over
+    """The reference stage's build: TRL's own reference pass (the same concatenation and masks its loss uses) over
     every pair, kept as train.parquet / val.parquet columns ref_chosen_logps, ref_rejected_logps in out."""
     run = setup_run(spec, trust_remote_code)
     objective = Dpo(spec)

@@ -2,16 +2,17 @@ from prefect import task
 
 from loraflow import stages
 from loraflow.config import FinetuneConfig
+from loraflow.registry import ENV, SOURCES
 from loraflow.storage import StageRecord
 
 
-@task(name="env-check")
+@task(name=ENV.task, description=ENV.summary)
 def check_env(config: FinetuneConfig) -> StageRecord:
     """Device, memory, library versions, distributed backend; fails early on what the machine lacks."""
     return stages.env_check(config)
 
 
-@task(name="inspect-sources")
+@task(name=SOURCES.task, description=SOURCES.summary)
 def inspect_sources(config: FinetuneConfig) -> StageRecord:
     """Content hashes of the dataset file, the base model's weights and its tokenizer."""
     return stages.inspect_sources(config)

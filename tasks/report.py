@@ -5,10 +5,11 @@ from prefect import runtime, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from loraflow.config import FinetuneConfig
+from loraflow.registry import ADAPTER, MERGED, REPORT, STAGES, TRAIN
 from loraflow.report import eval_text, loss_text, write_report
 from loraflow.storage import ArtifactStore, StageRecord, browser_url
 from tasks.common import event_url
-from tasks.runs import STAGE_TASKS, stage_outcomes, task_runs
+from tasks.runs import stage_outcomes, task_runs
 
 
 def artifact_key(run: str, what: str) -> str:
@@ -16,13 +17,13 @@ def artifact_key(run: str, what: str) -> str:
     return f"{run}-{what}".lower()
 
 
-@task(name="publish-report")
+@task(name=REPORT.task, description=REPORT.summary)
 def publish_report(config: FinetuneConfig, records: dict[str, StageRecord], upload_event: str | None = None) -> StageRecord:
     """Summary, metrics table, loss curve and output links: in the run folder and as UI artifacts."""
     runs = task_runs(runtime.flow_run.id)
     outcomes = stage_outcomes(records, {name: run["state"] for name, run in runs.items()})
-    stage_rows = [{"stage": stage, "outcome": outcomes.get(stage), "seconds": runs.get(task_name, {}).get("seconds")}
-                  for stage, task_name in STAGE_TASKS.items() if stage in records]
+    stage_rows = [{"stage": stage.name, "outcome": outcomes.get(stage.name), "seconds": runs.get(stage.task, {}).get("seconds")}
+                  for stage in STAGES if stage.name in records and stage.name in outcomes]
     store = ArtifactStore(config.storage)
     started_by = None
     if upload_event:
@@ -30,7 +31,7 @@ def publish_report(config: FinetuneConfig, records: dict[str, StageRecord], uplo
         started_by = f"the upload of `{config.data.path}` (event " + (f"[{upload_event}]({url})" if url else f"`{upload_event}`") + ")"
     report = write_report(store, config.model_dump(mode="json"), records, stage_rows, started_by)
     run = report["summary"]["run"]
-    train = records["train"].metrics
+    train = records[TRAIN.name].metrics
     headline = f"{loss_text(train, '{:.4f}'.format)}, {eval_text(train, '{:.4f}'.format)}" + (", resumed after a failure" if train.get("resumed_from") else "")
     create_markdown_artifact(report["markdown"], key=artifact_key(run, "summary"), description=headline)
     create_table_artifact(report["metrics"], key=artifact_key(run, "metrics"), description=f"logged metrics per step of {run}")
@@ -39,11 +40,11 @@ def publish_report(config: FinetuneConfig, records: dict[str, StageRecord], uplo
         f"![loss curve](data:image/png;base64,{image})\n\nPNG in the store: `{report['run_uri']}/loss.png`",
         key=artifact_key(run, "loss-curve"), description=f"train and eval loss vs step, {run}",
     )
-    for name, text, what in (("adapter", "adapter (PEFT, safetensors)", "the exported adapter: PeftModel.from_pretrained(base, this folder)"),
-                             ("merged", "merged model", "base + adapter merged, checked against base+adapter logits")):
+    for name, text, what in ((ADAPTER.name, "adapter (PEFT, safetensors)", "the exported adapter: PeftModel.from_pretrained(base, this folder)"),
+                             (MERGED.name, "merged model", "base + adapter merged, checked against base+adapter logits")):
         if name in records:
             uri = records[name].uri
             # The link opens where a browser can (file://, the S3 console); the description keeps the URI to copy.
             create_link_artifact(browser_url(uri) or uri, link_text=text, key=artifact_key(run, name),
                                  description=f"`{uri}` — {what} ({run})")
-    return StageRecord(stage="report", key=records["train"].key, uri=report["run_uri"], metrics={"run": run})
+    return StageRecord(stage=REPORT.name, key=records[TRAIN.name].key, uri=report["run_uri"], metrics={"run": run})

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from uuid import UUID
 
-# The stage records a flow returns, and the task that produced each.
-STAGE_TASKS = {
-    "dataset": "prepare-dataset",
-    "quantized": "quantize-base",
-    "lora": "inject-lora",
-    "ref_logps": "ref-logps",
-    "train": "train",
-    "adapter": "export-adapter",
-    "merged": "merge-adapter",
-}
+from loraflow.registry import BY_NAME
+
 
 
 def task_states(flow_run_id: UUID) -> dict[str, str]:
@@ -40,10 +32,13 @@ def task_runs(flow_run_id: UUID) -> dict[str, dict]:
 
 
 def stage_outcomes(records: dict, states: dict[str, str]) -> dict[str, str]:
-    """Per stage: 'cached' (Prefect cache), 'reused' (committed output found in the store) or 'built'."""
+    """Per stage that writes an output: 'cached' (Prefect cache), 'reused' (committed output found in the store) or
+    'built'. A record's key in a flow's result is its stage's name, which is also its task's (loraflow.registry)."""
     outcomes = {}
     for stage, record in records.items():
-        if states.get(STAGE_TASKS.get(stage, "")) == "Cached":
+        if stage not in BY_NAME or not BY_NAME[stage].folder:
+            continue
+        if states.get(BY_NAME[stage].task) == "Cached":
             outcomes[stage] = "cached"
         else:
             outcomes[stage] = "reused" if record.reused else "built"

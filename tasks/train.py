@@ -5,6 +5,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from loraflow import stages
 from loraflow.config import FinetuneConfig
+from loraflow.registry import TRAIN
 from loraflow.storage import StageRecord
 from tasks.common import log_info
 
@@ -38,12 +39,9 @@ class TrainingProgress:
                 update_progress_artifact(self.artifact_id, percent)
 
 
-def _train_cache_key(_, p) -> str:
-    return "train-" + stages.train_key(p["config"], p["dataset"], p["lora"], p["env"])
-
-
-@task(name="train", cache_key_fn=_train_cache_key)
+@task(name=TRAIN.task, description=TRAIN.summary,
+      cache_key_fn=lambda _, p: TRAIN.cache_key(stages.train_key(p["config"], p["dataset"], p["lora"], p["env"])))
 def train_adapter(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,
-                  ref_logps: StageRecord | None = None) -> StageRecord:
+                  reference: StageRecord | None = None) -> StageRecord:
     """Launch `python -m loraflow.train` (local/torchrun/deepspeed/mpirun) and stream its log and progress."""
-    return stages.train(config, env, dataset, base, lora, ref_logps, log_info, TrainingProgress().on_line)
+    return stages.train(config, env, dataset, base, lora, reference, log_info, TrainingProgress().on_line)

@@ -89,7 +89,7 @@ def test_deployment_form_and_finished_run_artifacts_in_chromium(browser, tiny_mo
         run_page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
         run_page.get_by_text("Completed", exact=False).first.wait_for(timeout=60_000)
         run_page.get_by_text("Task Runs", exact=True).first.click()
-        run_page.get_by_text("export-adapter", exact=False).first.wait_for(timeout=30_000)  # the task list has rows
+        run_page.get_by_text("adapter", exact=False).first.wait_for(timeout=30_000)  # the task list has rows
         _screenshot(run_page, "sft-run-task-runs")
         assert "No task runs" not in run_page.inner_text("body")
         assert not [line for line in console if "TaskInputResponse" in line], console

@@ -59,7 +59,7 @@ def _expect_error(tiny_model, tmp_path, data_file, match, **data_fields):
     config = build_config(config_tree(tiny_model, data_file, store, **data_fields))
     with pytest.raises(LoraflowError, match=match) as error:
         stages.prepare_data(config, stages.inspect_sources(config), log=lambda _: None)
-    assert ArtifactStore(str(store)).list_committed(ArtifactStore(str(store)).uri("datasets")) == []
+    assert ArtifactStore(str(store)).list_committed(ArtifactStore(str(store)).uri("dataset")) == []
     return str(error.value)
 
 
@@ -104,7 +104,7 @@ def test_cli_prints_the_problem_without_a_traceback(tiny_model, tmp_path, shared
     assert "bad.jsonl: malformed JSON on line 2" in result.stderr.strip().splitlines()[-2] + result.stderr
     assert output.count("malformed JSON on line 2") == 1, output  # once, not once per Prefect state change
     assert "Traceback" not in output
-    assert not list((tmp_path / "store").glob("datasets/*/_manifest.json"))
+    assert not list((tmp_path / "store").glob("dataset/*/_manifest.json"))
 
 
 # The contract for user-facing messages: each bad input, where it is given, and a fragment its one-line
@@ -136,7 +136,7 @@ def test_bad_input_is_reported_once_without_a_traceback(case, config, overrides,
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
     assert output.count(fragment) == 1, output[-3000:]
-    assert not (tmp_path / "store" / "quantized").exists()  # every check that needs no weights comes before quantizing
+    assert not (tmp_path / "store" / "base").exists()  # every check that needs no weights comes before quantizing
 
 
 def test_cli_reports_invalid_config_before_starting_anything(tmp_path):
@@ -176,8 +176,8 @@ def test_a_config_written_out_and_read_back_keeps_its_cache_keys(tmp_path):
     (tmp_path / "c.yaml").write_text(config.model_dump_json())
     again = load_config(tmp_path / "c.yaml")
     env = StageRecord(stage="env", key="e", metrics={"device": "cpu", "precision": "fp32"})
-    data = StageRecord(stage="datasets", key="d")
-    lora = StageRecord(stage="lora-init", key="l")
+    data = StageRecord(stage="dataset", key="d")
+    lora = StageRecord(stage="lora", key="l")
     assert stages.train_key(again, data, lora, env) == stages.train_key(config, data, lora, env)
     sources = StageRecord(stage="sources", key="s", metrics={"dataset_sha256": "x", "tokenizer_key": "t", "model_key": "m"})
     assert stages.dataset_key(again, sources) == stages.dataset_key(config, sources)

@@ -10,6 +10,7 @@ import torch
 
 from loraflow import stages
 from loraflow.config import build_config
+from loraflow.registry import LORA
 from loraflow.storage import ArtifactStore
 from tasks.runs import task_states
 
@@ -60,12 +61,12 @@ def first_dpo(prefect_server, tiny_model, hh_pairs, tmp_path_factory):
 
 def test_dpo_trains_the_policy_to_prefer_the_chosen_answers(first_dpo, tiny_model):
     records, store = first_dpo["records"], first_dpo["store"]
-    assert {"dataset", "quantized", "lora", "ref_logps", "train", "adapter", "merged"} <= set(records)
+    assert {"dataset", "base", "lora", "reference", "train", "adapter", "merged"} <= set(records)
     stats = records["dataset"].metrics
     assert stats["format"] == "pairs" and stats["rows_kept"] == 16 and stats["template"] == "chatml"
     train = records["train"].metrics
     assert train["objective"] == "dpo" and train["resumed_from"].endswith("/checkpoints/checkpoint-4")
-    assert train["reference_forwards"] == 0  # the reference log-probs came from the ref-logps stage
+    assert train["reference_forwards"] == 0  # the reference log-probs came from the reference stage
     run = records["adapter"].uri.rsplit("/", 1)[0]
     steps = [row for row in map(json.loads, store.read_text(f"{run}/metrics/metrics.jsonl").splitlines()) if "rewards/margins" in row]
     assert [row["step"] for row in steps] == list(range(1, 9))
@@ -91,15 +92,15 @@ def test_dpo_trains_the_policy_to_prefer_the_chosen_answers(first_dpo, tiny_mode
 def test_a_new_beta_reuses_the_pairs_and_the_reference_log_probs(first_dpo):
     config = {**first_dpo["config"], "dpo": {**first_dpo["config"]["dpo"], "beta": 0.3}}
     records, states = run_dpo(config)
-    assert {states[name] for name in ("prepare-dataset", "quantize-base", "inject-lora", "ref-logps")} == {"Cached"}
+    assert {states[name] for name in ("dataset", "base", "lora", "reference")} == {"Cached"}
     assert states["train"] == "Completed"
-    assert records["ref_logps"].uri == first_dpo["records"]["ref_logps"].uri
+    assert records["reference"].uri == first_dpo["records"]["reference"].uri
     assert records["train"].uri != first_dpo["records"]["train"].uri  # a new run: beta is part of its key
     assert records["train"].metrics["reference_forwards"] == 0
 
 
 def test_precomputed_reference_equals_the_recipe_separate_reference_copy(first_dpo, tmp_path):
-    """The ref-logps stage computes the reference as the policy with its (fresh) adapter disabled; the recipe loads a
+    """The reference stage computes the reference as the policy with its (fresh) adapter disabled; the recipe loads a
     second copy of the base. Both must give the same log-probs."""
     import pyarrow.parquet as pq
 
@@ -107,10 +108,10 @@ def test_precomputed_reference_equals_the_recipe_separate_reference_copy(first_d
 
     records = first_dpo["records"]
     config = build_config(first_dpo["config"]).for_run()
-    _, _, spec = stages.train_spec(config, records["env"], records["dataset"], records["quantized"], records["lora"])
+    _, _, spec = stages.train_spec(config, records["env"], records["dataset"], records["base"], records["lora"])
     separate = spec.model_copy(update={"dpo": spec.dpo.model_copy(update={"reference": "separate"})})
     compute_reference_logps(separate, tmp_path / "separate")
-    stage = first_dpo["store"].local_copy(records["ref_logps"].uri)
+    stage = first_dpo["store"].local_copy(records["reference"].uri)
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         precomputed = torch.tensor(pq.read_table(stage / "train.parquet").column(column).to_pylist())
         copy = torch.tensor(pq.read_table(tmp_path / "separate" / "train.parquet").column(column).to_pylist())
@@ -131,9 +132,9 @@ def test_align_runs_sft_then_dpo_from_the_sft_adapter_sharing_the_quantized_base
     assert state.is_completed(), state.message
     result = state.result()
     sft_adapter, dpo = result["sft"]["adapter"], result["dpo"]
-    assert dpo["quantized"].uri == result["sft"]["quantized"].uri  # one quantized base for both halves
+    assert dpo["base"].uri == result["sft"]["base"].uri  # one quantized base for both halves
     manifest = ArtifactStore(str(store)).manifest(sft_adapter.uri)
-    assert dpo["lora"].uri == sft_adapter.uri and dpo["lora"].key == stages.sha256_hex("start-from", manifest["sha256"])
+    assert dpo["lora"].uri == sft_adapter.uri and dpo["lora"].key == LORA.key("start-from", manifest["sha256"])
     run = dpo["adapter"].uri.rsplit("/", 1)[0]
     steps = [row for row in map(json.loads, Path(run, "metrics", "metrics.jsonl").read_text().splitlines()) if "rewards/margins" in row]
     # The reference is base + the SFT adapter, which is also where the policy starts: no preference at step 1.

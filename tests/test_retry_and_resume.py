@@ -40,14 +40,14 @@ def test_rerun_after_a_training_failure_reuses_data_quantization_and_lora(prefec
     monkeypatch.setenv("LORAFLOW_TEST_FAIL_AT_STEP", "8")
     state, states = run_flow(config)
     assert state.is_failed()
-    assert states["prepare-dataset"] == "Completed" and states["train"] == "Failed"
+    assert states["dataset"] == "Completed" and states["train"] == "Failed"
 
     monkeypatch.delenv("LORAFLOW_TEST_FAIL_AT_STEP")
     calls = tokenize_module.TOKENIZE_CALLS
     state, states = run_flow(config)
     assert state.is_completed()
     assert tokenize_module.TOKENIZE_CALLS == calls
-    assert [states[t] for t in ("prepare-dataset", "quantize-base", "inject-lora")] == ["Cached"] * 3
+    assert [states[t] for t in ("dataset", "base", "lora")] == ["Cached"] * 3
     trained = state.result()["train"]
     assert trained.metrics["resumed_from"].endswith("/checkpoints/checkpoint-6")
     assert trained.metrics["global_step"] == 12
@@ -68,7 +68,7 @@ def test_rerun_after_a_training_failure_reuses_data_quantization_and_lora(prefec
     result = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", str(tmp_path / "c.yaml")],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("dataset", "quantized", "lora", "train", "adapter", "merged"):
+    for stage in ("dataset", "base", "lora", "train", "adapter", "merged"):
         assert any(line.split()[:2] == [stage, "reused"] for line in result.stdout.splitlines()), (stage, result.stdout)
     assert (home / "prefect.db").exists()
     assert {name: store.manifest(record.uri)["committed_at"] for name, record in state.result().items() if record.uri} == committed_at

@@ -64,7 +64,7 @@ def test_the_sft_flow_runs_on_s3_and_leaks_no_credentials(s3, prefect_server, ti
     assert state.is_completed(), state.message
     records = state.result()
     store = ArtifactStore(config.storage)
-    for name in ("dataset", "quantized", "lora", "train", "adapter", "merged"):
+    for name in ("dataset", "base", "lora", "train", "adapter", "merged"):
         assert records[name].uri.startswith(f"s3://{BUCKET}/store/"), name
         assert store.is_committed(records[name].uri), name
     assert records["train"].metrics["final_loss"] < records["train"].metrics["first_loss"]
@@ -78,10 +78,10 @@ def test_the_sft_flow_runs_on_s3_and_leaks_no_credentials(s3, prefect_server, ti
 
     # Prefect's persisted results live in the same store, so a second run is served from them.
     objects = all_objects(s3)
-    assert any(key.startswith("store/prefect-results/datasets-") for key in objects)
+    assert any(key.startswith("store/prefect-results/dataset-") for key in objects)
     second = sft(config, return_state=True)
     states = task_states(second.state_details.flow_run_id)
-    assert [states[t] for t in ("prepare-dataset", "quantize-base", "inject-lora", "train")] == ["Cached"] * 4
+    assert [states[t] for t in ("dataset", "base", "lora", "train")] == ["Cached"] * 4
 
     # Nothing the runs produced carries the credentials: store objects, parameters, logs, artifacts.
     produced = [blob for blob in all_objects(s3).values()]
@@ -100,7 +100,7 @@ def test_the_sft_flow_runs_on_s3_and_leaks_no_credentials(s3, prefect_server, ti
 
 def test_a_writer_killed_between_files_leaves_an_untrusted_folder(s3, tmp_path):
     store_url = f"s3://{BUCKET}/crash"
-    uri = f"{store_url}/datasets/feedface"
+    uri = f"{store_url}/dataset/feedface"
     source = tmp_path / "out"
     source.mkdir()
     for name in ("a.parquet", "b.parquet", "c.json"):
@@ -119,9 +119,9 @@ def test_a_writer_killed_between_files_leaves_an_untrusted_folder(s3, tmp_path):
     result = subprocess.run([sys.executable, "-c", writer], env=os.environ.copy(), capture_output=True, timeout=120)
     assert result.returncode == 137, result.stderr
     store = ArtifactStore(store_url)
-    objects = [k for k in all_objects(s3) if k.startswith("crash/datasets/feedface/")]
-    assert objects == ["crash/datasets/feedface/a.parquet"]  # half written…
-    assert store.manifest(uri) is None and store.list_committed(f"{store_url}/datasets") == []  # …and not trusted
+    objects = [k for k in all_objects(s3) if k.startswith("crash/dataset/feedface/")]
+    assert objects == ["crash/dataset/feedface/a.parquet"]  # half written…
+    assert store.manifest(uri) is None and store.list_committed(f"{store_url}/dataset") == []  # …and not trusted
 
     built = []
 
@@ -130,12 +130,12 @@ def test_a_writer_killed_between_files_leaves_an_untrusted_folder(s3, tmp_path):
         (out / "train.parquet").write_text("fresh")
         return {"rows": 1}
 
-    record = stages.reuse_or_build(store, "datasets", "feedface", uri, build, log=lambda _: None)
+    record = stages.reuse_or_build(store, "dataset", "feedface", uri, build, log=lambda _: None)
     assert built and not record.reused
     # The dead writer's file stays (clearing it could delete a live concurrent writer's upload), outside the
     # manifest: it is never read, and what is committed verifies.
-    assert sorted(k for k in all_objects(s3) if k.startswith("crash/datasets/feedface/")) == [
-        f"crash/datasets/feedface/{MANIFEST}", "crash/datasets/feedface/a.parquet", "crash/datasets/feedface/train.parquet"]
+    assert sorted(k for k in all_objects(s3) if k.startswith("crash/dataset/feedface/")) == [
+        f"crash/dataset/feedface/{MANIFEST}", "crash/dataset/feedface/a.parquet", "crash/dataset/feedface/train.parquet"]
     assert [entry["path"] for entry in store.verify(uri, hashes=True)["files"]] == ["train.parquet"]
     assert sorted(p.name for p in store.local_copy(uri, tmp_path / "cache").iterdir()) == [MANIFEST, "train.parquet"]
 

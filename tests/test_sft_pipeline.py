@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 # The module, not the function of the same name that loraflow.data re-exports.
 tokenize_module = importlib.import_module("loraflow.data.tokenize")
 
-STAGE_TASKS = ("prepare-dataset", "quantize-base", "inject-lora", "train")
+STAGE_TASKS = ("dataset", "base", "lora", "train")
 
 
 def sft_config(model: Path, store: Path, **data):
@@ -67,26 +67,42 @@ def first_run(prefect_server, tiny_model, tmp_path_factory):
 def test_every_stage_output_is_committed_with_a_manifest(first_run):
     store = ArtifactStore(first_run["config"].storage)
     records = first_run["records"]
-    for name in ("dataset", "quantized", "lora", "train", "adapter", "merged"):
+    for name in ("dataset", "base", "lora", "train", "adapter", "merged"):
         manifest = store.manifest(records[name].uri)
         assert manifest is not None, name
         for entry in manifest["files"]:
             assert Path(records[name].uri, entry["path"]).stat().st_size == entry["size"]
-    assert records["dataset"].uri.startswith(store.uri("datasets"))
-    assert records["quantized"].uri.startswith(store.uri("quantized"))
-    assert records["lora"].uri.startswith(store.uri("lora-init"))
+    assert records["dataset"].uri.startswith(store.uri("dataset"))
+    assert records["base"].uri.startswith(store.uri("base"))
+    assert records["lora"].uri.startswith(store.uri("lora"))
     run = records["adapter"].uri.rsplit("/", 1)[0]
     assert run.startswith(store.uri("runs", "test-"))
     assert json.loads(Path(run, "spec.json").read_text())["quantized"] is True
     assert (Path(run) / "metrics" / "metrics.jsonl").exists()
-    assert first_run["states"]["prepare-dataset"] == "Completed"
+    assert first_run["states"]["dataset"] == "Completed"
+
+
+def test_each_stage_has_one_name_for_its_record_task_and_store_folder(first_run):
+    """loraflow.registry: the flow's record keys, its task names and the store's folders are the stages' names."""
+    from loraflow.registry import BY_NAME, RUNS_FOLDER, SHARED_FOLDERS
+
+    records, states = first_run["records"], first_run["states"]
+    assert set(records) <= set(BY_NAME) and set(states) <= set(BY_NAME), (set(records), set(states))
+    assert set(records) - {"report"} <= set(states)  # every record came from the task of its name
+    store = Path(first_run["config"].storage)
+    for name in ("dataset", "base", "lora"):
+        assert Path(records[name].uri).parent == store / BY_NAME[name].folder
+    assert Path(records["adapter"].uri).name == BY_NAME["adapter"].folder
+    assert Path(records["train"].uri).relative_to(Path(records["adapter"].uri).parent).as_posix() == BY_NAME["train"].folder
+    folders = {path.name for path in store.iterdir() if path.is_dir()}
+    assert folders - {RUNS_FOLDER, "prefect-results", "leases"} == set(SHARED_FOLDERS) - {"reference"}, folders
 
 
 def test_the_base_was_quantized_to_nf4_with_a_full_precision_head(first_run):
     from transformers import AutoModelForCausalLM
     import bitsandbytes as bnb
 
-    model = AutoModelForCausalLM.from_pretrained(first_run["records"]["quantized"].uri, device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(first_run["records"]["base"].uri, device_map={"": "cpu"})
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert model.model.layers[0].self_attn.q_proj.weight.quant_state.quant_type == "nf4"
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
@@ -148,10 +164,10 @@ def test_changed_template_reruns_data_but_not_quantization(first_run, tiny_model
     changed = sft_config(tiny_model, Path(first_run["config"].storage), template="alpaca_short")
     records, states = run_sft(changed)
     assert tokenize_module.TOKENIZE_CALLS == calls + 1
-    assert states["prepare-dataset"] == "Completed" and states["train"] == "Completed"
-    assert states["quantize-base"] == "Cached" and states["inject-lora"] == "Cached"
+    assert states["dataset"] == "Completed" and states["train"] == "Completed"
+    assert states["base"] == "Cached" and states["lora"] == "Cached"
     assert records["dataset"].uri != first_run["records"]["dataset"].uri
-    assert records["quantized"].uri == first_run["records"]["quantized"].uri
+    assert records["base"].uri == first_run["records"]["base"].uri
 
 
 def test_committed_outputs_are_reused_without_prefect(first_run):
@@ -178,7 +194,7 @@ def test_plain_lora_uses_the_original_base_without_quantizing(tiny_model, tmp_pa
 
     base = stages.quantize_base(config, env, StageRecord(stage="sources", key="s", metrics=sources_metrics), log=lambda _: None)
     assert base.uri == str(tiny_model) and base.metrics == {"quantization": "none", "in_store": False}
-    assert not (tmp_path / "quantized").exists()
+    assert not (tmp_path / "base").exists()
     lora = stages.inject_lora(config, env, base, log=lambda _: None)
     assert ArtifactStore(str(tmp_path)).is_committed(lora.uri)
     assert lora.metrics["trainable_params"] == 32768
@@ -317,7 +333,7 @@ def test_the_fine_tunes_own_run_shows_its_training_and_its_task_list(first_run):
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     assert any(log.message.startswith("trained adapter committed") for log in logs)
-    assert {run.name.rsplit("-", 1)[0] for run in task_runs} >= {"prepare-dataset", "train", "export-adapter", "publish-report"}
+    assert {run.name.rsplit("-", 1)[0] for run in task_runs} >= {"dataset", "train", "adapter", "report"}
     input_types = {i.input_type for run in task_runs for inputs in run.task_inputs.values() for i in inputs}
     assert input_types <= {"task_run", "parameter", "constant"}, input_types
 

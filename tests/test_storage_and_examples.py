@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import load_config
+from loraflow.errors import LoraflowError
 from loraflow.storage import MANIFEST, ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -12,11 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_a_folder_without_manifest_is_never_read_and_is_replaced_on_commit(tmp_path):
     store = ArtifactStore(str(tmp_path / "store"))
-    uri = store.uri("datasets", "abc")
+    uri = store.uri("dataset", "abc")
     partial = Path(store.path(uri))
     partial.mkdir(parents=True)
     (partial / "train.parquet").write_bytes(b"half a file")  # a writer died here
-    assert store.manifest(uri) is None and store.list_committed(store.uri("datasets")) == []
+    assert store.manifest(uri) is None and store.list_committed(store.uri("dataset")) == []
     with pytest.raises(FileNotFoundError, match="no committed output"):
         store.local_copy(uri)
 
@@ -28,9 +29,9 @@ def test_a_folder_without_manifest_is_never_read_and_is_replaced_on_commit(tmp_p
     assert [f["path"] for f in manifest["files"]] == ["tokenizer/tokenizer.json", "train.parquet"]
     assert (partial / "train.parquet").read_bytes() == b"complete"
     assert store.manifest(uri)["metrics"] == {"rows": 1}
-    assert store.list_committed(store.uri("datasets")) == [uri]
+    assert store.list_committed(store.uri("dataset")) == [uri]
     with pytest.raises(FileNotFoundError, match="nothing to commit"):
-        store.commit(tmp_path / "missing", store.uri("datasets", "other"))
+        store.commit(tmp_path / "missing", store.uri("dataset", "other"))
 
 
 def test_memory_store_round_trip(tmp_path):
@@ -61,15 +62,18 @@ def test_the_dpo_example_and_the_dpo_recipe_defaults(tmp_path):
     assert (minimal.data.format, minimal.data.template, minimal.data.val_set_size) == ("auto", "chatml", 0)
     assert (minimal.lora.r, minimal.lora.alpha) == (16, 16)
     assert (minimal.train.learning_rate, minimal.train.micro_batch_size, minimal.train.batch_size, minimal.train.max_steps) == (5e-5, 4, 16, 50)
-    assert load_config(REPO / "examples" / "alpaca-qlora.yaml").dpo.reference == "precomputed"  # present, unused by SFT
-    # The DPO deployment's form shows the DPO recipe's values, not SFT's (its schema carries them).
-    from loraflow.config import DpoFinetuneConfig
+    # The DPO deployment's form shows the DPO recipe's values, not SFT's (its schema carries them); the SFT form has
+    # no DPO section, and an SFT config with one is told to set the objective.
+    from loraflow.config import DpoFinetuneConfig, FinetuneConfig
 
+    assert "dpo" not in FinetuneConfig.model_json_schema()["properties"]
+    (tmp_path / "sft.yaml").write_text("model: {base: m}\ndata: {path: rows.json}\ndpo: {beta: 0.2}\n")
+    with pytest.raises(LoraflowError, match="the dpo section is for preference tuning: set objective: dpo"):
+        load_config(tmp_path / "sft.yaml")
     schema = DpoFinetuneConfig.model_json_schema()
     assert schema["properties"]["train"]["default"]["learning_rate"] == 5e-5 and schema["properties"]["lora"]["default"]["r"] == 16
     assert schema["$defs"]["DpoDataSettings"]["properties"]["format"]["default"] == "auto"
     (tmp_path / "both.yaml").write_text("objective: dpo\nmodel: {base: m}\ndata: {path: p.jsonl}\ndpo: {start_from: sft-1, reference: separate}\n")
-    from loraflow.errors import LoraflowError
 
     with pytest.raises(LoraflowError, match="dpo.reference separate loads the base alone"):
         load_config(tmp_path / "both.yaml")

@@ -36,7 +36,7 @@ def _run(store: ArtifactStore, name: str, dataset: str, base: str, lora: str, ch
         _commit(store, f"runs/{name}/checkpoints/checkpoint-{step}")
     if final:
         _commit(store, f"runs/{name}/checkpoints/final")
-    store.write_json(store.uri("runs", name, "spec.json"), {"dataset_uri": dataset, "base_uri": base, "lora_init_uri": lora})
+    store.write_json(store.uri("runs", name, "spec.json"), {"dataset_uri": dataset, "base_uri": base, "lora_uri": lora})
     _age(Path(store.path(store.uri("runs", name))), age_days)
     return store.uri("runs", name)
 
@@ -44,13 +44,13 @@ def _run(store: ArtifactStore, name: str, dataset: str, base: str, lora: str, ch
 @pytest.fixture
 def store(tmp_path):
     store = ArtifactStore(str(tmp_path / "store"))
-    shared = {name: _commit(store, f"{name}/{name[:4]}old", age_days=40) for name in ("datasets", "quantized", "lora-init")}
-    recent_data = _commit(store, "datasets/recentdata", age_days=40)  # old itself, but a recent run uses it
-    store.old = _run(store, "old-aaaaaaaaaaaa", shared["datasets"], shared["quantized"], shared["lora-init"], [2, 4], True, 40)
-    store.recent = _run(store, "recent-bbbbbbbbbbbb", recent_data, shared["quantized"], shared["lora-init"], [2, 4, 6, 8], False, 1)
+    shared = {name: _commit(store, f"{name}/{name[:4]}old", age_days=40) for name in ("dataset", "base", "lora")}
+    recent_data = _commit(store, "dataset/recentdata", age_days=40)  # old itself, but a recent run uses it
+    store.old = _run(store, "old-aaaaaaaaaaaa", shared["dataset"], shared["base"], shared["lora"], [2, 4], True, 40)
+    store.recent = _run(store, "recent-bbbbbbbbbbbb", recent_data, shared["base"], shared["lora"], [2, 4, 6, 8], False, 1)
     store.shared, store.recent_data = shared, recent_data
     # A write that died an hour ago (within the grace) and one that died two days ago.
-    for name, age in (("datasets/fresh-leftover", 1 / 24), ("quantized/stale-leftover", 2)):
+    for name, age in (("dataset/fresh-leftover", 1 / 24), ("base/stale-leftover", 2)):
         Path(store.path(store.uri(name))).mkdir(parents=True)
         Path(store.path(store.uri(name)), "model.safetensors").write_bytes(b"partial")
         _age(Path(store.path(store.uri(name))), age)
@@ -63,7 +63,7 @@ def test_a_dry_run_lists_leftovers_and_superseded_checkpoints_and_keeps_what_a_r
     removable, notes = plan(store)
     reasons = {item.uri.removeprefix(store.url + "/"): item.reason for item in removable}
     assert reasons == {
-        "quantized/stale-leftover": "uncommitted leftover of an interrupted write",
+        "base/stale-leftover": "uncommitted leftover of an interrupted write",
         f"runs/old-aaaaaaaaaaaa/checkpoints/checkpoint-2": "superseded checkpoint (the run's final adapter is committed)",
         f"runs/old-aaaaaaaaaaaa/checkpoints/checkpoint-4": "superseded checkpoint (the run's final adapter is committed)",
         # the unfinished run keeps its two newest checkpoints (6, 8) for a resume
@@ -74,14 +74,14 @@ def test_a_dry_run_lists_leftovers_and_superseded_checkpoints_and_keeps_what_a_r
 
 
 def test_old_runs_go_with_the_stage_outputs_only_they_used_but_never_what_a_deployment_or_kept_run_uses(store):
-    protected = {store.shared["datasets"]: "deployment sft-xpu's default parameters use it"}
+    protected = {store.shared["dataset"]: "deployment sft-xpu's default parameters use it"}
     removable, notes = plan(store, older_than_days=30, protected=protected)
     going = {item.uri for item in removable}
     assert store.old in going  # and with it its checkpoints, adapter and spec
     assert store.recent not in going and store.recent_data not in going  # the recent run's dataset
-    assert store.shared["quantized"] not in going and store.shared["lora-init"] not in going  # the recent run's base and init
-    assert store.shared["datasets"] not in going  # only the old run used it, but a deployment names it
-    assert f"kept {store.shared['datasets']}: deployment sft-xpu's default parameters use it" in notes
+    assert store.shared["base"] not in going and store.shared["lora"] not in going  # the recent run's base and init
+    assert store.shared["dataset"] not in going  # only the old run used it, but a deployment names it
+    assert f"kept {store.shared['dataset']}: deployment sft-xpu's default parameters use it" in notes
     assert f"kept {store.recent_data}: a kept run uses it" in notes
 
 
@@ -100,12 +100,12 @@ def test_gc_removes_only_with_apply_and_the_cache_record_of_a_removed_output_bec
     from tasks.results import RefusedResult, SAFE_SERIALIZER, check_result_file
 
     record = json.dumps({"metadata": {"serializer": SAFE_SERIALIZER}, "result": json.dumps(
-        {"__class__": "loraflow.storage.StageRecord", "data": {"stage": "datasets", "key": "k", "uri": store.shared["datasets"]}})}).encode()
-    assert check_result_file("datasets-k", record) == record  # its output is committed: a cache hit, which marks it used
-    _age(Path(store.path(store.shared["datasets"])), 40)  # (as if that hit was 40 days ago)
+        {"__class__": "loraflow.storage.StageRecord", "data": {"stage": "dataset", "key": "k", "uri": store.shared["dataset"]}})}).encode()
+    assert check_result_file("dataset-k", record) == record  # its output is committed: a cache hit, which marks it used
+    _age(Path(store.path(store.shared["dataset"])), 40)  # (as if that hit was 40 days ago)
     results = Path(store.path(store.uri("prefect-results")))
     results.mkdir()
-    (results / "datasets-k").write_bytes(record)
+    (results / "dataset-k").write_bytes(record)
 
     assert main(["gc", "--storage", store.url, "--older-than", "30"]) == 0
     dry = capsys.readouterr().out
@@ -115,11 +115,11 @@ def test_gc_removes_only_with_apply_and_the_cache_record_of_a_removed_output_bec
     assert main(["gc", "--storage", store.url, "--older-than", "30", "--apply"]) == 0
     applied = capsys.readouterr().out
     assert "freed" in applied and not Path(store.path(store.old)).exists()
-    assert not Path(store.path(store.shared["datasets"])).exists() and Path(store.path(store.recent)).exists()
-    assert not (results / "datasets-k").exists()
+    assert not Path(store.path(store.shared["dataset"])).exists() and Path(store.path(store.recent)).exists()
+    assert not (results / "dataset-k").exists()
     with pytest.raises(RefusedResult):  # a record left elsewhere (another store's copy, a race) is a miss, not a dangling hit
-        check_result_file("datasets-k", record)
-    for uri in (store.recent, store.recent_data, store.shared["quantized"]):
+        check_result_file("dataset-k", record)
+    for uri in (store.recent, store.recent_data, store.shared["base"]):
         for manifest in Path(store.path(uri)).rglob("manifest.json"):
             store.verify(str(manifest.parent), hashes=True)
 
@@ -128,7 +128,7 @@ def test_du_shows_each_part_and_the_largest_runs(store, capsys):
     assert main(["du", "--storage", store.url]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith(f"{store.url}: ") and " files" in out.splitlines()[0]
-    for part in ("runs", "datasets", "quantized", "lora-init"):
+    for part in ("runs", "dataset", "base", "lora"):
         assert any(line.split()[:1] == [part] for line in out.splitlines()), out
     assert "recent-bbbbbbbbbbbb" in out and "old-aaaaaaaaaaaa" in out
 
@@ -136,22 +136,22 @@ def test_du_shows_each_part_and_the_largest_runs(store, capsys):
 def test_a_deployments_config_keeps_its_newest_run_and_a_reused_output_counts_as_recent(store):
     removable, notes = plan(store, older_than_days=30, pinned_names={"old": "deployment sft-xpu's default config (old)"})
     going = {item.uri for item in removable}
-    assert store.old not in going and store.shared["datasets"] not in going  # what sft-xpu's defaults reuse
+    assert store.old not in going and store.shared["dataset"] not in going  # what sft-xpu's defaults reuse
     assert f"kept {store.old}: the newest run of deployment sft-xpu's default config (old)" in notes
 
-    store.mark_used(store.shared["datasets"])  # a fine-tune just reused it (a cache hit or a committed output)
+    store.mark_used(store.shared["dataset"])  # a fine-tune just reused it (a cache hit or a committed output)
     going = {item.uri for item in plan(store, older_than_days=30)[0]}
-    assert store.old in going and store.shared["datasets"] not in going
-    store.verify(store.shared["datasets"], hashes=True)  # the mark is beside the content, not part of it
+    assert store.old in going and store.shared["dataset"] not in going
+    store.verify(store.shared["dataset"], hashes=True)  # the mark is beside the content, not part of it
 
 
 def test_a_cache_record_pointing_outside_its_store_is_refused(store, tmp_path):
     from tasks.results import RefusedResult, SAFE_SERIALIZER, check_result_file
 
     elsewhere = ArtifactStore(str(tmp_path / "original"))
-    original = _commit(elsewhere, "datasets/abc")
+    original = _commit(elsewhere, "dataset/abc")
     record = json.dumps({"metadata": {"serializer": SAFE_SERIALIZER}, "result": json.dumps(
-        {"__class__": "loraflow.storage.StageRecord", "data": {"stage": "datasets", "key": "k", "uri": original}})}).encode()
-    assert check_result_file("datasets-k", record, elsewhere.url) == record
+        {"__class__": "loraflow.storage.StageRecord", "data": {"stage": "dataset", "key": "k", "uri": original}})}).encode()
+    assert check_result_file("dataset-k", record, elsewhere.url) == record
     with pytest.raises(RefusedResult, match="outside this store"):  # the copy's records name the original store
-        check_result_file("datasets-k", record, store.url)
+        check_result_file("dataset-k", record, store.url)

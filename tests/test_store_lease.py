@@ -21,7 +21,7 @@ def race(store: ArtifactStore, builders: int = 3) -> tuple[list[str], list]:
     waiting on it, so the test fails whenever a second builder gets in."""
     waiting = threading.Semaphore(0)
     built, records, errors = [], [], []
-    uri = store.uri("quantized", "same-key")
+    uri = store.uri("base", "same-key")
 
     def build(out: Path) -> dict:
         built.append(threading.current_thread().name)
@@ -36,7 +36,7 @@ def race(store: ArtifactStore, builders: int = 3) -> tuple[list[str], list]:
 
     def one_run() -> None:
         try:
-            records.append(stages.reuse_or_build(store, "quantized", "same-key" * 4, uri, build, log))
+            records.append(stages.reuse_or_build(store, "base", "same-key" * 4, uri, build, log))
         except Exception as error:  # reported below: an assertion in a thread would be lost
             errors.append(error)
 
@@ -63,7 +63,7 @@ HOLD_AND_DIE = """
 import sys, time
 from loraflow.lease import StoreLease
 from loraflow.storage import ArtifactStore
-lease = StoreLease(ArtifactStore(sys.argv[1]), "quantized-abc", ttl=float(sys.argv[2]))
+lease = StoreLease(ArtifactStore(sys.argv[1]), "base-abc", ttl=float(sys.argv[2]))
 assert lease.try_acquire() is None
 print("held", flush=True)
 time.sleep(600)
@@ -78,7 +78,7 @@ def test_a_killed_builders_lease_is_taken_over_after_its_ttl(tmp_path):
     started = time.monotonic()
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
-    with build_once(store, "quantized-abc", lambda: False, waiter_lines.append, ttl=2, poll=0.1) as must_build:
+    with build_once(store, "base-abc", lambda: False, waiter_lines.append, ttl=2, poll=0.1) as must_build:
         waited = time.monotonic() - started
     assert must_build
     assert any("is building it; waiting" in line and f"process {holder.pid}" in line for line in waiter_lines), waiter_lines

@@ -40,7 +40,7 @@ def data_stage(config):
 def _run(config):
     state = data_stage(config, return_state=True)
     assert state.is_completed(), state.message
-    return task_states(state.state_details.flow_run_id)["prepare-dataset"]
+    return task_states(state.state_details.flow_run_id)["dataset"]
 
 
 def test_a_pickled_result_planted_in_the_store_is_refused_and_recomputed(prefect_server, tiny_model, tmp_path, caplog):
@@ -49,7 +49,7 @@ def test_a_pickled_result_planted_in_the_store_is_refused_and_recomputed(prefect
 
     config = sft_config(tiny_model, tmp_path / "store").for_run()
     key = stages.dataset_key(config, stages.inspect_sources(config))
-    planted = tmp_path / "store" / "prefect-results" / f"datasets-{key}"
+    planted = tmp_path / "store" / "prefect-results" / f"dataset-{key}"
     planted.parent.mkdir(parents=True)
     marker = tmp_path / "pwned"
     record = ResultRecord(metadata=ResultRecordMetadata(storage_key=str(planted), serializer=PickleSerializer()),
@@ -77,7 +77,7 @@ def test_json_results_that_would_import_or_call_anything_but_a_stage_record_are_
                          "serializer": {"type": "json", "jsonlib": "json", "dumps_kwargs": {}, "loads_kwargs": {},
                                         "object_encoder": "prefect.serializers.prefect_json_object_encoder",
                                         "object_decoder": "prefect.serializers.prefect_json_object_decoder"}},
-            "result": json.dumps({"__class__": "loraflow.storage.StageRecord", "data": {"stage": "datasets", "key": "k"}})}
+            "result": json.dumps({"__class__": "loraflow.storage.StageRecord", "data": {"stage": "dataset", "key": "k"}})}
     assert check_result_file("k", json.dumps(safe).encode()) == json.dumps(safe).encode()
     change(safe)
     with pytest.raises(RefusedResult, match=reason.replace("(", r"\(").replace(")", r"\)")):
@@ -126,7 +126,7 @@ def test_trust_remote_code_comes_from_the_flow_never_from_the_spec_in_the_store(
     from loraflow.spec import RunSpec
 
     valid = RunSpec(store=str(tmp_path), run_uri=f"{tmp_path}/runs/r", dataset_uri="d", base_uri="b", base_in_store=False,
-                    quantized=False, lora_init_uri="l", train=TrainSettings()).model_dump(mode="json")
+                    quantized=False, lora_uri="l", train=TrainSettings()).model_dump(mode="json")
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(valid))
     seen = []
@@ -151,17 +151,17 @@ def test_a_committed_folder_is_never_rewritten_and_a_damaged_one_is_refused(tmp_
     for folder, text in ((first, "built first"), (second, "built again, differently")):
         folder.mkdir()
         (folder / "train.parquet").write_text(text)
-    uri = store.uri("datasets", "k")
+    uri = store.uri("dataset", "k")
     committed = store.commit(first, uri, {"key": "k"})
     # A second writer of the same key (two fine-tunes that raced) leaves the committed folder as it is.
     assert store.commit(second, uri, {"key": "k"}) == committed
-    assert (tmp_path / "store/datasets/k/train.parquet").read_text() == "built first"
-    assert store.verify(uri, hashes=True) == committed and store.local_copy(uri, verify=True) == tmp_path / "store/datasets/k"
+    assert (tmp_path / "store/dataset/k/train.parquet").read_text() == "built first"
+    assert store.verify(uri, hashes=True) == committed and store.local_copy(uri, verify=True) == tmp_path / "store/dataset/k"
 
-    (tmp_path / "store/datasets/k/train.parquet").write_text("built firs")  # truncated
-    with pytest.raises(LoraflowError, match=r"datasets/k/train.parquet: 10 bytes, the manifest says 11 \(truncated or rewritten\)"):
+    (tmp_path / "store/dataset/k/train.parquet").write_text("built firs")  # truncated
+    with pytest.raises(LoraflowError, match=r"dataset/k/train.parquet: 10 bytes, the manifest says 11 \(truncated or rewritten\)"):
         store.local_copy(uri, verify=True)
-    (tmp_path / "store/datasets/k/train.parquet").write_text("BUILT FIRST")  # same size, other bytes
-    with pytest.raises(LoraflowError, match=r"datasets/k/train.parquet: its sha256 differs from the manifest's"):
+    (tmp_path / "store/dataset/k/train.parquet").write_text("BUILT FIRST")  # same size, other bytes
+    with pytest.raises(LoraflowError, match=r"dataset/k/train.parquet: its sha256 differs from the manifest's"):
         store.local_copy(uri, verify=True)
-    assert store.local_copy(uri) == tmp_path / "store/datasets/k"  # reads that do not train check nothing more
+    assert store.local_copy(uri) == tmp_path / "store/dataset/k"  # reads that do not train check nothing more

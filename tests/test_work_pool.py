@@ -141,10 +141,10 @@ def test_prefect_flow_run_retry_of_a_failed_deployment_run_reuses_every_finished
     assert retried.state.is_completed(), server.worker_log.read_text()[-3000:]
     with server.client_settings():
         states = task_states(run.id)
-    assert {states[name] for name in ("prepare-dataset", "quantize-base", "inject-lora")} == {"Cached"}
+    assert {states[name] for name in ("dataset", "base", "lora")} == {"Cached"}
     assert states["train"] == "Completed"
     assert "resuming from" in server.worker_log.read_text() and "checkpoint-2" in server.worker_log.read_text()
-    [stats] = (tmp_path / "store" / "datasets").glob("*/stats.json")
+    [stats] = (tmp_path / "store" / "dataset").glob("*/stats.json")
     assert json.loads(stats.read_text())["source"] == str(subset) and json.loads(stats.read_text())["rows_read"] == 60
 
 
@@ -235,15 +235,15 @@ def test_three_fine_tunes_of_one_base_started_at_once_build_it_once_and_all_comp
     with server.client_settings(), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("loraflow-sft/sft-xpu")
         # Quantizing the tiny base takes a fraction of a second; a real base takes minutes, so the runs overlap.
-        slow = {"env": {"LORAFLOW_TEST_SLOW_STAGE": "quantized", "LORAFLOW_TEST_SLOW_SECONDS": "8"}}
+        slow = {"env": {"LORAFLOW_TEST_SLOW_STAGE": "base", "LORAFLOW_TEST_SLOW_SECONDS": "8"}}
         runs = [client.create_flow_run_from_deployment(deployment.id, parameters={"config": config, "dataset": str(upload)},
                                                        job_variables=slow) for upload in uploads]
     finished = [_wait_final(server, run.id, timeout=600) for run in runs]
     assert all(run.state.is_completed() for run in finished), [run.state for run in finished]
     logs = [[log.message for log in _logs(server, run.id)] for run in runs]
-    built = [n for n, messages in enumerate(logs) if any(m.startswith("quantized: committed") for m in messages)]
-    assert len(built) == 1, [[m for m in messages if m.startswith("quantized")] for messages in logs]
-    assert all(any(m.startswith("quantized-") and "waiting to reuse it" in m for m in messages)
+    built = [n for n, messages in enumerate(logs) if any(m.startswith("base: committed") for m in messages)]
+    assert len(built) == 1, [[m for m in messages if m.startswith("base")] for messages in logs]
+    assert all(any(m.startswith("base-") and "waiting to reuse it" in m for m in messages)
                for n, messages in enumerate(logs) if n not in built), "the three never overlapped: the test proved nothing"
     store = ArtifactStore(str(tmp_path / "store"))
     committed = [folder.parent for folder in (tmp_path / "store").rglob(MANIFEST)]
@@ -272,12 +272,12 @@ def test_dpo_hands_training_to_the_pool_with_its_precomputed_reference(pool, tin
     finished = _wait_final(server, run.id, timeout=400)
     assert finished.state.is_completed(), server.worker_log.read_text()[-3000:]
     [job] = [r for r in _flow_runs(server, "loraflow-train") if r.id not in before]
-    assert job.state.is_completed() and "ref_logps" not in job.parameters  # the job computed it, on the pool's host
-    assert len(list((tmp_path / "store" / "ref-logps").glob("*/_manifest.json"))) == 1
+    assert job.state.is_completed() and "reference" not in job.parameters  # the job computed it, on the pool's host
+    assert len(list((tmp_path / "store" / "reference").glob("*/_manifest.json"))) == 1
     from tasks.runs import task_states
 
     with server.client_settings():
-        assert task_states(job.id)["ref-logps"] == "Completed"  # a task of the pool job, not of the fine-tune
+        assert task_states(job.id)["reference"] == "Completed"  # a task of the pool job, not of the fine-tune
     messages = [log.message for log in _logs(server, run.id)]
     assert any(m.startswith("[pool job] trained adapter committed") for m in messages), messages[-20:]
     [summary] = (tmp_path / "store" / "runs").glob("pooled-dpo-*/checkpoints/final/train_summary.json")

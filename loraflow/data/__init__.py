@@ -15,9 +15,6 @@ from loraflow.data.templates import template_markers_not_in_vocabulary
 from loraflow.data.tokenize import load_tokenizer, to_table, tokenize
 from loraflow.errors import LoraflowError
 
-STAGE = "datasets"
-# Bump when the output of this stage changes for the same inputs (templates, masking, layout).
-STAGE_VERSION = 2  # 2: keyed on the tokenizer as built; stats carry token-id bounds
 
 
 def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=print) -> dict:

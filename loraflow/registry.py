@@ -1,0 +1,63 @@
+"""The pipeline's stages, each named by one word: the key of its record in a flow's result, its Prefect task's
+name and its folder in the store are all that word (the trained adapter's folder is the exception: a run
+folder holds its checkpoints, adapter and merged model together).
+
+Everything that names a stage reads it here: the stage logic (keys, output URIs), the tasks, the flows'
+records, the report's stage table, `loraflow du`/`gc`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loraflow.storage import sha256_hex
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    # Bump when the stage's output changes for the same inputs: its content keys change, so nothing old is reused.
+    version: int
+    # Where its output lives: `<store>/<folder>/<key>/` for a shared stage (any run may reuse it), `<run>/<folder>/`
+    # for a run's own; empty for a check that writes nothing.
+    folder: str = ""
+    shared: bool = False
+    # What it does, for the task's description and `loraflow du`.
+    summary: str = ""
+
+    @property
+    def task(self) -> str:
+        return self.name
+
+    def key(self, *parts) -> str:
+        """The content key: this stage's name and version, then what it reads (upstream keys, config fields)."""
+        return sha256_hex(self.name, self.version, *parts)
+
+    def cache_key(self, key: str) -> str:
+        """The Prefect cache key for a content key (prefixed, so two stages never share one)."""
+        return f"{self.name}-{key}"
+
+    def uri(self, store, key: str) -> str:
+        """A shared stage's output folder for a content key."""
+        assert self.shared, self.name
+        return store.uri(self.folder, key[:16])
+
+
+ENV = Stage("env", 1, summary="device, precision, memory, library versions, store reachable")
+SOURCES = Stage("sources", 1, summary="content hashes of the dataset, the base model's weights and its tokenizer")
+DATASET = Stage("dataset", 3, "dataset", shared=True,  # 2: keyed on the tokenizer as built; 3: folder datasets/ renamed
+                summary="formatted with the template, tokenized, labels masked, split: parquet + stats")
+BASE = Stage("base", 2, "base", shared=True, summary="the base model quantized to NF4 once, for every fine-tune of it")
+LORA = Stage("lora", 2, "lora", shared=True,
+             summary="the adapter training starts from: a fresh LoRA init, or with dpo.start_from an SFT run's adapter")
+REFERENCE = Stage("reference", 2, "reference", shared=True,
+                  summary="DPO: the frozen reference's log-probs of every chosen and rejected answer")
+TRAIN = Stage("train", 1, "checkpoints/final", summary="the training process; checkpoints and the trained adapter in runs/<run>/")
+ADAPTER = Stage("adapter", 1, "adapter", summary="the exported adapter: safetensors, config, tokenizer, resolved config")
+MERGED = Stage("merged", 1, "merged", summary="the adapter merged into a full-precision base, checked against base + adapter")
+REPORT = Stage("report", 1, summary="summary, metrics table and curves as Prefect artifacts")
+
+STAGES = (ENV, SOURCES, DATASET, BASE, LORA, REFERENCE, TRAIN, ADAPTER, MERGED, REPORT)
+BY_NAME = {stage.name: stage for stage in STAGES}
+SHARED_FOLDERS = tuple(stage.folder for stage in STAGES if stage.shared)
+RUNS_FOLDER = "runs"
