@@ -9,7 +9,7 @@ bf16 where supported, adamw_torch, cutoff 256, LoRA r8/alpha16/dropout 0.05.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -382,8 +382,10 @@ class DpoFinetuneConfig(FinetuneConfig):
         return self
 
 
-# A flow parameter that takes either objective's config (the training job on a pool, merge): told apart by `objective`.
-AnyFinetuneConfig = Annotated[FinetuneConfig | DpoFinetuneConfig, Field(discriminator="objective")]
+# A flow parameter that takes either objective's config (the training job on a pool, merge), told apart by
+# `objective`. Not a discriminated union: its JSON schema would be a oneOf that a config without `objective` (an
+# SFT one, as written by hand) matches twice, which the server refuses; as a plain union such a config is SFT's.
+AnyFinetuneConfig = FinetuneConfig | DpoFinetuneConfig
 
 
 def config_class(tree: dict) -> type[FinetuneConfig]:

@@ -57,6 +57,15 @@ def _config(tiny_model, tmp_path, **train) -> dict:
     }
 
 
+def _dpo_config(tiny_model, tmp_path, **train) -> dict:
+    return {"name": "pooled-dpo", "objective": "dpo", "storage": str(tmp_path / "store"), "model": {"base": str(tiny_model)},
+            "data": {"path": str(REPO / "loraflow/data/sample/orca_dpo_pairs_sample.jsonl"), "val_set_size": 0},
+            "dpo": {"max_prompt_length": 96, "max_length": 160},
+            "train": {"learning_rate": 1e-3, "batch_size": 8, "micro_batch_size": 4, "max_steps": 2, "save_steps": 2,
+                      "gradient_checkpointing": False, **train},
+            "merge": {"enabled": False}}
+
+
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     """A server, the xpu pool from its JSON, a worker started by infra/worker/start-worker, and the deployments."""
@@ -148,6 +157,34 @@ def test_prefect_flow_run_retry_of_a_failed_deployment_run_reuses_every_finished
     assert json.loads(stats.read_text())["source"] == str(subset) and json.loads(stats.read_text())["rows_read"] == 60
 
 
+def test_ui_retry_of_a_failed_dpo_run_reuses_pairs_base_lora_and_reference_and_resumes(pool, tiny_model, tmp_path):
+    """The UI's Retry on a dpo-xpu run whose training failed after its first checkpoint: the pairs, the base, the
+    LoRA init and the reference log-probs come back Cached, no reference forward pass runs, training resumes."""
+    from prefect.client.orchestration import get_client
+
+    from tasks.runs import task_states
+
+    server = pool
+    config = _dpo_config(tiny_model, tmp_path, max_steps=4, retries=0)
+    with server.client_settings(), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("loraflow-dpo/dpo-xpu")
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"config": config},
+                                                     job_variables={"env": {"LORAFLOW_TEST_FAIL_AT_STEP": "3"}})
+    failed = _wait_final(server, run.id)
+    assert failed.state.is_failed(), failed.state
+    server.run(str(BIN / "prefect"), "flow-run", "retry", str(run.id))
+    retried = _wait_final(server, run.id)
+    assert retried.state.is_completed(), server.worker_log.read_text()[-3000:]
+    with server.client_settings():
+        states = task_states(run.id)
+    assert {states[name] for name in ("dataset", "base", "lora", "reference")} == {"Cached"}, states
+    assert states["train"] == "Completed"
+    [summary] = (tmp_path / "store" / "runs").glob("pooled-dpo-*/checkpoints/final/train_summary.json")
+    summary = json.loads(summary.read_text())
+    assert summary["reference_forwards"] == 0 and summary["resumed_from"].endswith("checkpoint-2"), summary
+    assert len(list((tmp_path / "store" / "reference").glob("*/_manifest.json"))) == 1
+
+
 def test_stopping_the_fine_tune_cancels_its_training_job_and_leaves_no_trainer(pool, tiny_model, tmp_path):
     """Ctrl-C on `loraflow run` while its training runs on the pool: the training flow run is cancelled,
     the worker stops it, and no `loraflow.train` process survives."""
@@ -177,8 +214,8 @@ def test_stopping_the_fine_tune_cancels_its_training_job_and_leaves_no_trainer(p
     assert not alive, [p.pid for p in alive]
 
 
-def test_a_schedule_added_to_the_sft_deployment_starts_a_fine_tune_that_completes_on_the_worker(pool, tiny_model, tmp_path):
-    """What the UI's Schedules panel does: the server's scheduler creates the run, a worker of the pool runs it.
+def test_a_schedule_added_to_the_sft_and_dpo_deployments_starts_fine_tunes_that_complete_on_the_worker(pool, tiny_model, tmp_path):
+    """What the UI's Schedules panel does: the server's scheduler creates the runs, a worker of the pool runs them.
 
     Fails where the scheduler cannot create runs (Prefect 3.8 with SQLAlchemy 2.1: "Can't evaluate bulk DML statement").
     """
@@ -190,30 +227,39 @@ def test_a_schedule_added_to_the_sft_deployment_starts_a_fine_tune_that_complete
     from prefect.client.schemas.schedules import IntervalSchedule
 
     server = pool
-    config = _config(tiny_model, tmp_path)
-    config["name"] = "scheduled"
+    configs = {"loraflow-sft/sft-xpu": {**_config(tiny_model, tmp_path), "name": "scheduled"},
+               "loraflow-dpo/dpo-xpu": {**_dpo_config(tiny_model, tmp_path), "name": "scheduled-dpo"}}
+    # Hourly from 20 s from now: the first runs are due soon, the next not within the test. The scheduler (every
+    # 5 s here) must see a schedule before its anchor, or the first run is an hour later: 20 s leaves room for a
+    # loaded machine.
+    first = datetime.now(timezone.utc) + timedelta(seconds=20)
+    due = {}
     with server.client_settings(), get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("loraflow-sft/sft-xpu")
-        # Hourly from 20 s from now: the first run is due soon, the next not within the test. The scheduler
-        # (every 5 s here) must see the schedule before its anchor, or the first run is an hour later:
-        # 20 s leaves room for a loaded machine.
-        first = datetime.now(timezone.utc) + timedelta(seconds=20)
-        [schedule] = client.create_deployment_schedules(deployment.id, [DeploymentScheduleCreate(
-            schedule=IntervalSchedule(interval=timedelta(hours=1), anchor_date=first), active=True, parameters={"config": config})])
+        schedules = {}
+        for name, config in configs.items():
+            deployment = client.read_deployment_by_name(name)
+            [schedules[deployment.id]] = client.create_deployment_schedules(deployment.id, [DeploymentScheduleCreate(
+                schedule=IntervalSchedule(interval=timedelta(hours=1), anchor_date=first), active=True,
+                parameters={"config": config})])
         try:
             deadline = time.time() + 120
-            while not (runs := [run for run in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
-                                if run.auto_scheduled and run.parameters["config"]["name"] == "scheduled"]):
-                assert time.time() < deadline, f"the scheduler created no run in 120 s:\n{server.log.read_text()[-3000:]}"
-                time.sleep(1)
-            due = min(runs, key=lambda run: run.expected_start_time)
-            assert due.expected_start_time <= first + timedelta(seconds=1), f"the first run is due at {due.expected_start_time}, not {first}"
-            finished = _wait_final(server, due.id, timeout=400)
+            for (deployment_id, schedule), config in zip(schedules.items(), configs.values()):
+                while not (runs := [run for run in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+                                    if run.auto_scheduled and run.parameters["config"]["name"] == config["name"]]):
+                    assert time.time() < deadline, f"the scheduler created no run in 120 s:\n{server.log.read_text()[-3000:]}"
+                    time.sleep(1)
+                due[config["name"]] = min(runs, key=lambda run: run.expected_start_time)
+                assert due[config["name"]].expected_start_time <= first + timedelta(seconds=1), \
+                    f"the first run is due at {due[config['name']].expected_start_time}, not {first}"
+            finished = {name: _wait_final(server, run.id, timeout=400) for name, run in due.items()}
         finally:  # (deleting a schedule deletes its runs that have not started)
-            client.delete_deployment_schedule(deployment.id, schedule.id)
-    assert finished.state.is_completed(), server.worker_log.read_text()[-3000:]
-    assert finished.name.startswith("scheduled-alpaca-gpt4-sample-")  # named after its config and dataset
-    assert list((tmp_path / "store" / "runs").glob("scheduled-*/adapter/adapter_model.safetensors"))
+            for deployment_id, schedule in schedules.items():
+                client.delete_deployment_schedule(deployment_id, schedule.id)
+    assert all(run.state.is_completed() for run in finished.values()), server.worker_log.read_text()[-3000:]
+    assert finished["scheduled"].name.startswith("scheduled-alpaca-gpt4-sample-")  # named after its config and dataset
+    assert finished["scheduled-dpo"].name.startswith("scheduled-dpo-orca-dpo-pairs-sample-")
+    for run in ("scheduled-????????????", "scheduled-dpo-*"):
+        assert list((tmp_path / "store" / "runs").glob(f"{run}/adapter/adapter_model.safetensors")), run
 
 
 def test_three_fine_tunes_of_one_base_started_at_once_build_it_once_and_all_complete(pool, tiny_model, tmp_path):
@@ -259,12 +305,7 @@ def test_dpo_hands_training_to_the_pool_with_its_precomputed_reference(pool, tin
     from prefect.client.orchestration import get_client
 
     server = pool
-    config = {"name": "pooled-dpo", "objective": "dpo", "storage": str(tmp_path / "store"), "model": {"base": str(tiny_model)},
-              "data": {"path": str(REPO / "loraflow/data/sample/orca_dpo_pairs_sample.jsonl"), "val_set_size": 0},
-              "dpo": {"max_prompt_length": 96, "max_length": 160},
-              "train": {"learning_rate": 1e-3, "batch_size": 8, "micro_batch_size": 4, "max_steps": 2, "save_steps": 2,
-                        "gradient_checkpointing": False, "pool": "xpu"},
-              "merge": {"enabled": False}}
+    config = _dpo_config(tiny_model, tmp_path, pool="xpu")
     before = {run.id for run in _flow_runs(server, "loraflow-train")}
     with server.client_settings(), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("loraflow-dpo/dpo-xpu")
