@@ -209,13 +209,13 @@ def test_the_flow_parameter_schema_is_the_config_form():
 
     schema = parameter_schema(sft).model_dump()
     definitions = schema["definitions"]
-    assert set(definitions["FinetuneConfig"]["properties"]) == {"name", "objective", "storage", "model", "data", "lora", "train", "dpo", "merge"}
+    assert set(definitions["FinetuneConfig"]["properties"]) == {"name", "objective", "storage", "model", "data", "lora", "train", "merge"}  # no DPO section
     template = definitions["DataSettings"]["properties"]["template"]
     assert template["enum"] == ["alpaca", "alpaca_legacy", "alpaca_short", "vigogne", "vicuna_v1.1", "chatml"]
     assert all("description" in field for field in definitions["TrainSettings"]["properties"].values())
     # The form reads naturally: every field has a title written for people (not one generated from its
     # name, like "Lr Scheduler" or "R"), and no field is nullable (the UI shows a type switcher for those).
-    sections = [FinetuneConfig, *(FinetuneConfig.model_fields[name].annotation for name in ("model", "data", "lora", "train", "dpo", "merge"))]
+    sections = [FinetuneConfig, *(FinetuneConfig.model_fields[name].annotation for name in ("model", "data", "lora", "train", "merge"))]
     for section in sections:
         for name, field in section.model_fields.items():
             assert field.title, f"{section.__name__}.{name} has no title"

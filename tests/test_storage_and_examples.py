@@ -71,6 +71,7 @@ def test_the_dpo_example_and_the_dpo_recipe_defaults(tmp_path):
     with pytest.raises(LoraflowError, match="the dpo section is for preference tuning: set objective: dpo"):
         load_config(tmp_path / "sft.yaml")
     schema = DpoFinetuneConfig.model_json_schema()
+    assert all(field.get("title") for field in schema["$defs"]["DpoSettings"]["properties"].values())  # the DPO section reads naturally too
     assert schema["properties"]["train"]["default"]["learning_rate"] == 5e-5 and schema["properties"]["lora"]["default"]["r"] == 16
     assert schema["$defs"]["DpoDataSettings"]["properties"]["format"]["default"] == "auto"
     (tmp_path / "both.yaml").write_text("objective: dpo\nmodel: {base: m}\ndata: {path: p.jsonl}\ndpo: {start_from: sft-1, reference: separate}\n")
