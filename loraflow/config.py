@@ -113,7 +113,11 @@ class LoraSettings(_Section):
 
     r: int = Field(8, title="Rank (r)", ge=1, description="LoRA rank.")
     alpha: int = Field(16, title="Alpha", ge=1, description="LoRA alpha (scaling = alpha / r).")
-    dropout: float = Field(0.05, title="Dropout", ge=0, lt=1, description="Dropout on the LoRA input.")
+    # 0, not the alpaca-lora/QLoRA recipes' 0.05 (torchtune's LoRA recipes use 0 too): on a CPU, drawing the dropout
+    # mask of every LoRA input took a quarter of each training step (bench/train.py), for a regularisation short
+    # fine-tunes rarely need.
+    dropout: float = Field(0.0, title="Dropout", ge=0, lt=1, description="Dropout on the LoRA input (0: none; 0.05 is the "
+                           "QLoRA recipe's, which costs a quarter of a CPU training step).")
     target: Literal["all-linear", "attention-qv"] | list[str] = Field(
         "all-linear", title="Target modules",
         description="all-linear: every linear projection except the output head (QLoRA paper, "
@@ -140,7 +144,9 @@ class TrainSettings(_Section):
 
     learning_rate: float = Field(3e-5, title="Learning rate", gt=0, description="Peak learning rate.")
     batch_size: int = Field(128, title="Batch size (global)", ge=1, description="Global batch size; gradient accumulation makes up the rest.")
-    micro_batch_size: int = Field(2, title="Micro batch size", ge=1, description="Examples per device per forward pass.")
+    micro_batch_size: int = Field(
+        0, title="Micro batch size", ge=0, description="Examples per device per forward pass (gradient accumulation makes up "
+        "the batch). 0: auto, the most that fit the memory free on the training device.")
     num_epochs: float = Field(3, title="Epochs", gt=0, description="Passes over the training split.")
     max_steps: int = Field(-1, title="Max steps", description="Stop after this many optimizer steps (-1: run num_epochs).")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
@@ -153,9 +159,23 @@ class TrainSettings(_Section):
         "adamw_torch", title="Optimizer", description="Optimizer."
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", title="Precision", description="auto: bf16 on XPU and on CUDA that supports it, fp32 on CPU."
+        "auto", title="Precision", description="auto: bf16 where the device computes it fast (XPU, CUDA with bf16, a CPU with "
+        "AVX512-BF16 or AMX), else fp32."
     )
-    gradient_checkpointing: bool = Field(True, title="Gradient checkpointing", description="Trade compute for memory (QLoRA recipe).")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", title="Gradient checkpointing",
+        description="Recompute activations in the backward pass: less memory, about a third more compute. auto: on only "
+        "when a micro batch's activations would not fit in the memory free after loading the model.")
+    packing: bool = Field(
+        True, title="Packing (padding-free)",
+        description="SFT: pack each micro batch's examples into as few rows as fit (no attention across examples), "
+        "instead of padding them to the longest. Same loss and gradients, fewer tokens computed.")
+    compile: bool = Field(False, title="torch.compile", description="Compile the model (torch.compile) before training. "
+                          "Off by default: on the CPU, with NF4 and LoRA, compiling cost more than it saved (bench/train.py).")
+    sampling: Literal["random", "group_by_length"] = Field(
+        "random", title="Example order",
+        description="random: shuffled each epoch. group_by_length: shuffled, but each micro batch takes examples of "
+        "similar length (less padding without packing; steps then see a length-biased mix).")
     logging_steps: int = Field(1, title="Log every (steps)", ge=1, description="Log metrics every N optimizer steps.")
     eval_steps: int = Field(100, title="Evaluate every (steps)", ge=1, description="Evaluate every N steps when there is a validation split.")
     save_steps: int = Field(100, title="Checkpoint every (steps)", ge=1, description="Checkpoint (and sync to the store) every N steps.")
@@ -187,9 +207,15 @@ class TrainSettings(_Section):
         "", title="Work pool", description="Prefect work pool that runs training (e.g. xpu); empty: run in this flow's process."
     )
 
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _on_off(cls, value):
+        # YAML's `gradient_checkpointing: true` (configs written before auto) read as the form's choices.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainSettings:
-        if self.batch_size % self.micro_batch_size:
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
             )
@@ -358,6 +384,8 @@ class DpoTrainSettings(TrainSettings):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _same_field(TrainSettings, "lr_scheduler", "linear")
     warmup: float = _same_field(TrainSettings, "warmup", 0.1)
     max_grad_norm: float = _same_field(TrainSettings, "max_grad_norm", 1.0)
+    packing: bool = Field(False, title="Packing (padding-free)",
+                          description="Not for DPO: TRL's DPOTrainer pads its pairs (its padding_free is off in TRL 1.16).")
 
 
 class DpoFinetuneConfig(FinetuneConfig):
@@ -376,6 +404,9 @@ class DpoFinetuneConfig(FinetuneConfig):
         if self.data.format not in PREFERENCE_FORMATS:
             raise ValueError(f"objective dpo trains on preference pairs, but data.format is {self.data.format!r}; use auto "
                              f"(detected from the first row) or one of {', '.join(PREFERENCE_FORMATS[1:])}")
+        if self.train.packing:
+            raise ValueError("train.packing is for SFT: TRL's DPOTrainer pads its pairs (its padding_free is off in TRL 1.16); "
+                             "remove it or set it to false")
         if self.dpo.start_from and self.dpo.reference == "separate":
             raise ValueError("dpo.reference separate loads the base alone as the reference; with dpo.start_from the reference "
                              "is base + that adapter: use precomputed (the default) or adapter-disabled")

@@ -11,6 +11,7 @@ from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.launch import LAUNCHER_BINARIES, distributed_backend, launcher_available
 from loraflow.models import native
+from loraflow.plan import choose_precision
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed", "prefect")
 
@@ -51,7 +52,8 @@ def check_environment(config: FinetuneConfig) -> dict:
     device = native.resolve_device(config.train.device)
     report["device"] = device
     report["distributed_backend"] = distributed_backend(device)
-    report["precision"] = native.resolve_precision(config.train.precision, device)
+    report["precision"], report["precision_reason"] = choose_precision(config.train.precision, device, native.bf16_supported(device))
+    native.resolve_precision(report["precision"], device)  # a bf16 the device lacks: said here, before any stage
     problems = []
     if config.model.quantization == "nf4" and report["versions"]["bitsandbytes"] is None:
         problems.append("quantization nf4 needs bitsandbytes (pip install 'bitsandbytes>=0.48'), or set model.quantization: none")

@@ -34,11 +34,30 @@ def load_split(dataset_dir: Path, split: str, extra_columns: Path | None = None)
     return rows
 
 
+def _longest(dataset, *columns: str) -> int:
+    """The most tokens any row has in `columns` together (pyarrow's list lengths: no row is decoded)."""
+    import pyarrow.compute as pc
+
+    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+    lengths = [pc.list_value_length(table.column(column)) for column in columns]
+    total = lengths[0]
+    for more in lengths[1:]:
+        total = pc.add(total, more)
+    return int(pc.max(total).as_py() or 0)
+
+
 class Sft:
     name = "sft"
 
     def __init__(self, spec):
         self.spec = spec
+        self.packed = spec.train.packing
+        self.row_tokens = 0
+
+    def tokens_per_example(self, train_set) -> int:
+        """For the memory plan: the longest row (a padded micro batch is as wide; packed rows are no wider)."""
+        self.row_tokens = _longest(train_set, "input_ids")
+        return self.row_tokens
 
     def arguments(self, common: dict):
         from transformers import TrainingArguments
@@ -48,8 +67,14 @@ class Sft:
     def trainer(self, run, model, args, train_set, val_set, tokenizer, callbacks):
         from transformers import DataCollatorForSeq2Seq, Trainer
 
+        if self.packed:  # the same examples per micro batch, in fewer rows (loraflow/data/packing.py)
+            from loraflow.data.packing import PackedCollator
+
+            collator = PackedCollator(tokenizer.pad_token_id, row_tokens=self.row_tokens or _longest(train_set, "input_ids"))
+        else:
+            collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
         return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set, callbacks=callbacks,
-                       data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True))
+                       processing_class=tokenizer, data_collator=collator)
 
     def tokens_seen(self, trainer) -> int:
         return trainer.state.num_input_tokens_seen
@@ -93,9 +118,15 @@ def _dpo_trainer_class():
 class Dpo:
     name = "dpo"
 
+    packed = False  # TRL pads the pairs
+
     def __init__(self, spec):
         self.spec = spec
         self.dpo = spec.dpo
+
+    def tokens_per_example(self, train_set) -> int:
+        """For the memory plan: a pair's chosen and rejected sequences (prompt + answer), at the longest pair's lengths."""
+        return 2 * max(_longest(train_set, "prompt_ids", "chosen_ids"), _longest(train_set, "prompt_ids", "rejected_ids"))
 
     def arguments(self, common: dict, precompute: bool | None = None):
         from trl import DPOConfig

@@ -28,6 +28,7 @@ class RunSpec(BaseModel):
     lora_uri: str  # the adapter training starts from: a fresh LoRA init, or (DPO) an SFT run's adapter
     train: TrainSettings  # device and precision resolved on the host that checked the environment
     dpo: DpoSettings | None = None
+    precision_reason: str = ""  # why train.precision is what it is (the env stage's choice on auto)
     reference_uri: str = ""  # DPO: the reference stage's output; empty: the reference runs during training
     ddp_backend: str | None = None
     deepspeed_config: dict | None = None

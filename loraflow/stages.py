@@ -120,7 +120,7 @@ def quantize_key(config: FinetuneConfig, env: StageRecord, sources: StageRecord)
 
 
 def lora_key(config: FinetuneConfig, base: StageRecord) -> str:
-    return LORA.key(base.key, config.lora.model_dump(), config.train.seed, config.train.gradient_checkpointing)
+    return LORA.key(base.key, config.lora.model_dump(), config.train.seed)
 
 
 def training_fields(config: FinetuneConfig) -> dict:
@@ -228,7 +228,7 @@ def inject_lora(config: FinetuneConfig, env: StageRecord, base: StageRecord, log
 
     def build(out: Path) -> dict:
         model = native.load_causal_lm(_base_dir(store, base), env.metrics["device"], env.metrics["precision"], None, config.model.trust_remote_code)
-        model = native.prepare_for_training(model, base.metrics["in_store"], config.train.gradient_checkpointing)
+        model = native.prepare_for_training(model, base.metrics["in_store"], gradient_checkpointing=False)  # (init only)
         peft_model, report = native.inject_lora(model, config.lora, config.train.seed)
         peft_model.save_pretrained(str(out / "adapter"))
         log(f"LoRA on {native.describe_targets(report['target_modules'])}: {report['trainable_params']:,} trainable of {report['total_params']:,} parameters ({report['trainable_percent']}%)")
@@ -253,6 +253,7 @@ def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, b
         quantized=base.metrics.get("quantization") == "nf4",
         lora_uri=lora.uri,
         train=config.train.model_copy(update={"device": env.metrics["device"], "precision": env.metrics["precision"]}),
+        precision_reason=env.metrics.get("precision_reason", ""),
         dpo=config.dpo if config.objective == "dpo" else None,
         reference_uri=reference.uri if reference is not None else "",
         ddp_backend=distributed_backend(env.metrics["device"]) if Topology.from_train(config.train).world_size > 1 else None,

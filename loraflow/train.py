@@ -34,6 +34,7 @@ from loraflow.data.tokenize import load_tokenizer
 from loraflow.errors import LoraflowError
 from loraflow.models import native
 from loraflow.objectives import OBJECTIVES, Dpo, load_split
+from loraflow.plan import MemoryPlan, choose_precision, plan_memory
 from loraflow.spec import RunSpec
 from loraflow.storage import ArtifactStore, open_url, sha256_hex
 
@@ -189,6 +190,8 @@ class RunContext:
     metrics_path: Path
     trust_remote_code: bool = False  # from the command line, never from the spec
     imports_rss_mb: float = 0.0  # peak RSS before any model or data: the libraries alone
+    precision_reason: str = ""
+    plan: MemoryPlan | None = None  # micro batch and checkpointing, decided once the model is loaded (setup_model)
 
     @property
     def is_main(self) -> bool:
@@ -217,17 +220,25 @@ def setup_run(spec: RunSpec, trust_remote_code: bool = False) -> RunContext:
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     if ranks["rank"] == 0:
         metrics_path.write_text("")  # a previous attempt's lines; a resume restores the checkpoint's own
-    return RunContext(spec, ranks, ArtifactStore(spec.store), device, native.resolve_precision(spec.train.precision, device),
-                      work, metrics_path, trust_remote_code, _memory_report("cpu")["peak_rss_mb"])
+    # The env stage resolved train.precision on this host (a pool job runs its own) and said why; a spec written by
+    # hand with auto is resolved here.
+    precision, reason = choose_precision(spec.train.precision, device, native.bf16_supported(device))
+    return RunContext(spec, ranks, ArtifactStore(spec.store), device, native.resolve_precision(precision, device), work, metrics_path,
+                      trust_remote_code, _memory_report("cpu")["peak_rss_mb"], spec.precision_reason or reason)
 
 
-def setup_model(run: RunContext):
-    """The base with the starting adapter, trainable."""
+def setup_model(run: RunContext, tokens_per_example: int):
+    """The base with the starting adapter, trainable; micro batch and gradient checkpointing as the memory plan
+    decides (loraflow.plan) once the weights are loaded."""
     from peft import PeftModel
 
     spec = run.spec
     model = native.load_causal_lm(run.base_dir(), run.device, run.precision, None, run.trust_remote_code)
-    model = native.prepare_for_training(model, spec.quantized, spec.train.gradient_checkpointing)
+    run.plan = plan_memory(run.base_dir(), run.device, run.precision, spec.train.batch_size // run.ranks["world_size"] or 1,
+                           tokens_per_example, spec.train.micro_batch_size, spec.train.gradient_checkpointing)
+    model = native.prepare_for_training(model, spec.quantized, run.plan.gradient_checkpointing)
+    # No KV cache in training: it is never read, and with one transformers builds no block-diagonal mask for packed rows.
+    model.config.use_cache = False
     adapter_dir = starting_adapter_dir(run)
     # (DPO: TRL adds a frozen copy of this starting adapter, named "ref", as the reference: the base plus a fresh
     # adapter is the base itself; plus an SFT run's adapter, the model DPO starts from.)
@@ -254,9 +265,9 @@ def training_arguments(run: RunContext, has_eval: bool) -> dict:
     cfg, ranks = run.spec.train, run.ranks
     return dict(
         output_dir=str(run.work / "checkpoints"),
-        per_device_train_batch_size=cfg.micro_batch_size,
-        per_device_eval_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=max(1, cfg.batch_size // (cfg.micro_batch_size * ranks["world_size"])),
+        per_device_train_batch_size=run.plan.micro_batch_size,
+        per_device_eval_batch_size=run.plan.micro_batch_size,
+        gradient_accumulation_steps=max(1, cfg.batch_size // (run.plan.micro_batch_size * ranks["world_size"])),
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
@@ -277,6 +288,8 @@ def training_arguments(run: RunContext, has_eval: bool) -> dict:
         save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
+        train_sampling_strategy=cfg.sampling,
+        torch_compile=cfg.compile,
         report_to="none",
         disable_tqdm=True,
         ddp_backend=run.spec.ddp_backend,
@@ -295,8 +308,8 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
 
     run = setup_run(spec, trust_remote_code)
     objective = OBJECTIVES[spec.objective](spec)
-    model = setup_model(run)
     tokenizer, train_set, val_set = setup_data(run)
+    model = setup_model(run, objective.tokens_per_example(train_set))
 
     args = objective.arguments(training_arguments(run, val_set is not None))
     resume_uri, resume_dir = resumable_checkpoint(run.store, spec.run_uri, run.work)
@@ -310,9 +323,12 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
 
     print(
         f"training ({objective.name}) on {run.device} ({run.precision}), rank {run.ranks['rank']}/{run.ranks['world_size']}, "
-        f"{len(train_set)} train rows, micro batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps}",
+        f"{len(train_set)} train rows, micro batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps}"
+        + (", packed" if objective.packed else ""),
         flush=True,
     )
+    print(f"precision {run.precision}: {run.precision_reason}", flush=True)
+    print(f"memory plan: {run.plan.reason}", flush=True)
     summary = _train_and_summarize(run, objective, trainer, resume_uri, resume_dir, val_set is not None)
     _save_and_commit(run, trainer, summary)
     if run.ranks["world_size"] == 1:
@@ -338,6 +354,11 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
         "tokens_per_s": round(tokens_now / elapsed, 1) if elapsed else None,
         "device": run.device,
         "precision": run.precision,
+        "precision_reason": run.precision_reason,
+        "micro_batch_size": run.plan.micro_batch_size,
+        "gradient_checkpointing": run.plan.gradient_checkpointing,
+        "memory_plan": run.plan.reason,
+        "packed": objective.packed,
         "world_size": run.ranks["world_size"],
         "resumed_from": resume_uri,
         **_memory_report(run.device),
@@ -404,7 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code to run")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        train(read_spec(args.spec_uri), trust_remote_code=args.trust_remote_code)
+        spec = read_spec(args.spec_uri)
+        if spec.deepspeed_config is None:
+            # transformers and accelerate import DeepSpeed whenever it is installed (a third of a second, and a native
+            # build check that prints "cannot find -laio"); a run without it never uses it.
+            sys.modules.setdefault("deepspeed", None)
+        train(spec, trust_remote_code=args.trust_remote_code)
     except LoraflowError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT

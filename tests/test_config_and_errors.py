@@ -20,9 +20,12 @@ def config_tree(model, data, store, **data_fields):
 
 def test_defaults_follow_the_seed_recipes(tmp_path):
     config = build_config({"model": {"base": "m"}, "data": {"path": "d.json"}})
-    assert (config.train.learning_rate, config.train.max_grad_norm, config.train.micro_batch_size, config.train.batch_size) == (3e-5, 0.3, 2, 128)
+    assert (config.train.learning_rate, config.train.max_grad_norm, config.train.batch_size) == (3e-5, 0.3, 128)
+    # Chosen by measurement (bench/train.py), not the recipe's: the micro batch and checkpointing fit the device.
+    assert (config.train.micro_batch_size, config.train.gradient_checkpointing, config.train.packing) == (0, "auto", True)
     assert (config.train.lr_scheduler, config.train.optim, config.data.cutoff_len) == ("cosine", "adamw_torch", 256)
-    assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (8, 16, 0.05)
+    assert (config.lora.r, config.lora.alpha) == (8, 16)
+    assert config.lora.dropout == 0.0  # not the recipe's 0.05: a quarter of a CPU step, measured (bench/train.py)
     assert config.model.quantization == "nf4" and config.model.double_quant
 
 
@@ -51,7 +54,8 @@ def test_overrides_and_relative_paths(tmp_path):
     assert config.train.learning_rate == 1e-4 and config.lora.target == ["q_proj", "v_proj"] and config.train.max_steps == 5
     assert config.data.path == str(tmp_path / "data.json") and config.model.base == "org/model"
     with pytest.raises(LoraflowError, match="train: batch_size 7 is not a multiple of micro_batch_size 2"):
-        load_config(tmp_path / "c.yaml", ["train.batch_size=7"])
+        load_config(tmp_path / "c.yaml", ["train.batch_size=7", "train.micro_batch_size=2"])
+    assert load_config(tmp_path / "c.yaml", ["train.gradient_checkpointing=true"]).train.gradient_checkpointing == "on"  # YAML booleans
 
 
 def _expect_error(tiny_model, tmp_path, data_file, match, **data_fields):
@@ -165,7 +169,14 @@ def test_env_check_rejects_a_device_the_machine_lacks():
     with pytest.raises(LoraflowError, match="train.device is cuda, but torch.cuda finds no GPU"):
         check_environment(build_config({"model": {"base": "m"}, "data": {"path": "d.json"}, "train": {"device": "cuda"}}))
     report = check_environment(build_config({"model": {"base": "m"}, "data": {"path": "d.json"}}))
-    assert report["device"] == "cpu" and report["precision"] == "fp32" and report["distributed_backend"] == "gloo"
+    assert report["device"] == "cpu" and report["distributed_backend"] == "gloo"
+    # auto precision on a CPU: bf16 only where it has the instructions that make bf16 fast, and the report says so.
+    from loraflow.plan import cpu_has_fast_bf16
+
+    fast = cpu_has_fast_bf16()
+    assert report["precision"] == ("bf16" if fast else "fp32")
+    assert report["precision_reason"] == ("this CPU has AVX512-BF16/AMX instructions" if fast else
+                                          "this CPU has no AVX512-BF16/AMX instructions (bf16 would be emulated, slower than fp32)")
     assert report["versions"]["bitsandbytes"] and report["versions"]["transformers"].startswith("5.")
 
 

@@ -62,9 +62,11 @@ def bf16_supported(device: str) -> bool:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """auto → bf16 on accelerators that support it, else fp32 (CPU bf16 is emulated and slow on most CPUs)."""
+    """auto → bf16 where the device computes it fast, else fp32 (loraflow.plan.choose_precision says why)."""
     if precision == "auto":
-        return "bf16" if device in ("xpu", "cuda") and bf16_supported(device) else "fp32"
+        from loraflow.plan import choose_precision
+
+        return choose_precision(precision, device, bf16_supported(device))[0]
     if precision == "bf16" and not bf16_supported(device):
         raise LoraflowError(f"precision bf16 requested, but this {device} does not support bf16; use precision: fp16 or auto")
     return precision

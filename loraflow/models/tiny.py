@@ -43,6 +43,7 @@ def build_tiny_llama(
     heads: int = 4,
     initializer_range: float = 0.1,
     seed: int = 0,
+    intermediate_size: int | None = None,
 ) -> Path:
     """Write a tokenizer + randomly initialised LlamaForCausalLM to out_dir (about 3 MB)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -52,7 +53,7 @@ def build_tiny_llama(
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=intermediate_size or hidden_size * 2,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 2),

@@ -1,0 +1,120 @@
+"""The training plan: settings left on `auto` decided from the device and the memory a micro batch needs.
+
+- precision auto: bf16 where the device computes it fast (XPU, CUDA with bf16, a CPU with AVX512-BF16 or AMX),
+  else fp32 (bf16 on other CPUs is emulated: slower than fp32).
+- micro batch size auto (0) and gradient checkpointing auto: the largest micro batch whose activations fit
+  comfortably in the memory free after the model is loaded, without checkpointing; checkpointing only when not
+  even one example fits. Checkpointing recomputes every layer's forward pass in the backward pass (about a third
+  more compute); the QLoRA recipe turns it on because its models fill a GPU, which a small model or a large host
+  does not. Larger micro batches mean fewer, larger matrix products per step: faster, most of all on a CPU.
+
+Each decision comes with its reason, printed at the start of training and kept in the run summary.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# On a CPU, micro batches beyond this many tokens ran no faster (bench/train.py: 8 rows of 256 tokens ran as fast as
+# 16) and only took more memory; an accelerator's micro batch is bounded by its memory alone.
+CPU_MICRO_BATCH_TOKENS = 2048
+# Checkpointing turns on when the estimated activations exceed this share of the free memory: the rest is for the
+# optimizer state, the allocator's fragmentation and what the estimate misses.
+ACTIVATIONS_SHARE = 0.5
+
+
+def cpu_has_fast_bf16() -> bool:
+    # torch.cpu's capability checks are private but stable since torch 2.1; /proc/cpuinfo is Linux only.
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        probe = getattr(torch.cpu, check, None)
+        if probe is not None and probe():
+            return True
+    return False
+
+
+def choose_precision(requested: str, device: str, bf16_supported: bool) -> tuple[str, str]:
+    """(precision, why) for train.precision `requested` on `device`."""
+    if requested != "auto":
+        return requested, "set in the config"
+    if device in ("xpu", "cuda"):
+        return ("bf16", f"this {device} supports bf16") if bf16_supported else ("fp32", f"this {device} has no bf16")
+    if cpu_has_fast_bf16():
+        return "bf16", "this CPU has AVX512-BF16/AMX instructions"
+    return "fp32", "this CPU has no AVX512-BF16/AMX instructions (bf16 would be emulated, slower than fp32)"
+
+
+@dataclass
+class MemoryPlan:
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    reason: str
+    activations_mb: float
+    free_mb: float
+
+
+def free_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    if device == "xpu" and hasattr(torch.xpu, "mem_get_info"):
+        return torch.xpu.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def activation_bytes(model_config: dict, tokens: int, element_bytes: int, checkpointing: bool) -> int:
+    """What backpropagation keeps of a forward pass over `tokens` tokens: per layer about 18 hidden-size and 3
+    intermediate-size values per token (Korthikanti et al. 2022, with a fused attention that keeps no score matrix),
+    or with checkpointing each layer's input plus one layer recomputed; and the logits and their gradient in fp32."""
+    hidden = model_config.get("hidden_size") or model_config.get("n_embd") or 0
+    intermediate = model_config.get("intermediate_size") or model_config.get("n_inner") or 4 * hidden
+    layers = model_config.get("num_hidden_layers") or model_config.get("n_layer") or 0
+    vocab = model_config.get("vocab_size") or 0
+    one_layer = tokens * (18 * hidden + 3 * intermediate) * element_bytes
+    kept = layers * tokens * hidden * element_bytes + one_layer if checkpointing else layers * one_layer
+    return kept + tokens * vocab * 4 * 2
+
+
+def plan_memory(model_dir: Path, device: str, precision: str, per_device_batch: int, tokens_per_example: int,
+                micro_batch_size: int = 0, gradient_checkpointing: str = "auto") -> MemoryPlan:
+    """Micro batch size (0: auto) and gradient checkpointing (auto|on|off) for this device, with the reason.
+
+    Auto prefers no checkpointing with the largest micro batch (a divisor of the per-device batch) whose activations
+    fit in ACTIVATIONS_SHARE of the free memory: fewer, larger steps run faster, most of all on a CPU. Checkpointing
+    turns on only when not even a micro batch of one example fits without it. Call with the model loaded (its
+    weights are then no longer free memory)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)  # (multimodal configs nest the language model's)
+    element_bytes = 4 if precision == "fp32" else 2
+    free = free_memory_bytes(device)
+    budget = ACTIVATIONS_SHARE * free
+    sizes = [micro_batch_size] if micro_batch_size else [n for n in range(per_device_batch, 0, -1) if per_device_batch % n == 0]
+    if not micro_batch_size and device == "cpu":
+        sizes = [n for n in sizes if n * tokens_per_example <= CPU_MICRO_BATCH_TOKENS] or sizes[-1:]
+    modes = {"auto": (False, True), "off": (False,), "on": (True,)}[gradient_checkpointing]
+    mb = 1024 * 1024
+
+    def needed(size: int, checkpointing: bool) -> int:
+        return activation_bytes(config, size * tokens_per_example, element_bytes, checkpointing)
+
+    chosen = next(((size, checkpointing) for checkpointing in modes for size in sizes if needed(size, checkpointing) <= budget), None)
+    if chosen is None:  # nothing fits the estimate: the smallest step the settings allow, and say so
+        chosen = (sizes[-1], modes[-1])
+    size, checkpointing = chosen
+    need = needed(size, checkpointing)
+    fits = need <= budget
+    parts = []
+    if not micro_batch_size:
+        cap = f", at most {CPU_MICRO_BATCH_TOKENS} tokens on a CPU" if device == "cpu" else ""
+        parts.append(f"micro batch {size} (auto: the largest of the {per_device_batch} examples per device and step that fits{cap})")
+    if gradient_checkpointing == "auto":
+        parts.append("gradient checkpointing " + ("on (auto: a micro batch of one does not fit without it)" if checkpointing else "off (auto: not needed)"))
+    verdict = "fit" if fits else "do NOT fit (expect running out of memory: lower micro_batch_size or data lengths)"
+    reason = (", ".join(parts) + "; " if parts else "") + (
+        f"its activations ({size * tokens_per_example:,} tokens: about {need / mb:,.0f} MB) {verdict} in half the "
+        f"{free / mb:,.0f} MB free on this {device}")
+    return MemoryPlan(size, checkpointing, reason, need / mb, free / mb)
