@@ -33,18 +33,15 @@ data:
 lora:
   r: 8
   alpha: 16
-  dropout: 0.05
   target: all-linear
 train:
   # A randomly initialised toy model needs a far larger step than the seeds' 3e-5 (tuned for
   # pretrained 7B models) to show learning within a minute on a CPU.
   learning_rate: 1.0e-2
   batch_size: 16
-  micro_batch_size: 4
   num_epochs: 2
   eval_steps: 10
   save_steps: 10
-  gradient_checkpointing: false
 """
 
 

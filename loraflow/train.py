@@ -400,8 +400,8 @@ def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = 
     every pair, kept as train.parquet / val.parquet columns ref_chosen_logps, ref_rejected_logps in out."""
     run = setup_run(spec, trust_remote_code)
     objective = Dpo(spec)
-    model = setup_model(run)
     tokenizer, train_set, val_set = setup_data(run)
+    model = setup_model(run, objective.tokens_per_example(train_set))
     args = objective.arguments(training_arguments(run, val_set is not None), precompute=True)
     trainer = objective.trainer(run, model, args, train_set, val_set, tokenizer, [])  # TRL computes them on init
     out.mkdir(parents=True, exist_ok=True)

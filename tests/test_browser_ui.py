@@ -52,7 +52,7 @@ def test_deployment_form_and_finished_run_artifacts_in_chromium(browser, tiny_mo
         "name": "ui", "storage": str(tmp_path / "store"), "model": {"base": str(tiny_model)},
         "data": {"path": str(REPO / "loraflow/data/sample/alpaca_gpt4_sample.json"), "val_set_size": 8, "cutoff_len": 128},
         "train": {"learning_rate": 1e-2, "batch_size": 8, "micro_batch_size": 4, "max_steps": 3, "logging_steps": 1,
-                  "save_steps": 3, "eval_steps": 3, "gradient_checkpointing": False},
+                  "save_steps": 3, "eval_steps": 3, "gradient_checkpointing": "off"},
         "merge": {"enabled": False},
     }))
     with real_server(tmp_path / "prefect") as server:

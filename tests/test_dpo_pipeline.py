@@ -24,7 +24,7 @@ def dpo_config(model: Path, store: Path, data: Path, **dpo) -> dict:
         "dpo": {"max_prompt_length": 64, "max_length": 128, **dpo},
         # Raised learning rate and few pairs: the policy must learn to prefer every chosen answer within a few steps.
         "train": {"learning_rate": 1e-2, "batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "save_steps": 4,
-                  "warmup": 0, "lr_scheduler": "constant", "gradient_checkpointing": False},
+                  "warmup": 0, "lr_scheduler": "constant", "gradient_checkpointing": "off"},
         "merge": {"check_rows": 2},
     }
 

@@ -33,7 +33,7 @@ def sft_config(model: Path, store: Path, **data):
         "data": {"path": str(Path(__file__).parents[1] / "loraflow/data/sample/alpaca_gpt4_sample.json"),
                  "val_set_size": 16, "cutoff_len": 128, **data},
         "train": {"learning_rate": 1e-2, "batch_size": 16, "micro_batch_size": 4, "max_steps": 12,
-                  "eval_steps": 6, "save_steps": 6, "gradient_checkpointing": False},
+                  "eval_steps": 6, "save_steps": 6, "gradient_checkpointing": "off"},
         "merge": {"check_rows": 3},
     })
 
@@ -187,7 +187,7 @@ def test_plain_lora_uses_the_original_base_without_quantizing(tiny_model, tmp_pa
     from loraflow import stages
 
     config = build_config({"storage": str(tmp_path), "model": {"base": str(tiny_model), "quantization": "none"},
-                           "data": {"path": "unused.json"}, "train": {"gradient_checkpointing": False}})
+                           "data": {"path": "unused.json"}, "train": {"gradient_checkpointing": "off"}})
     env = stages.env_check(config)
     sources_metrics = {"model_path": str(tiny_model), "model_key": "k"}
     from loraflow.storage import StageRecord

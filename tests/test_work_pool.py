@@ -52,7 +52,7 @@ def _config(tiny_model, tmp_path, **train) -> dict:
         "model": {"base": str(tiny_model)},
         "data": {"path": str(SAMPLE), "val_set_size": 8, "cutoff_len": 128},
         "train": {"learning_rate": 1e-2, "batch_size": 8, "micro_batch_size": 4, "max_steps": 2,
-                  "save_steps": 2, "eval_steps": 2, "gradient_checkpointing": False, **train},
+                  "save_steps": 2, "eval_steps": 2, "gradient_checkpointing": "off", **train},
         "merge": {"enabled": False},
     }
 
@@ -62,7 +62,7 @@ def _dpo_config(tiny_model, tmp_path, **train) -> dict:
             "data": {"path": str(REPO / "loraflow/data/sample/orca_dpo_pairs_sample.jsonl"), "val_set_size": 0},
             "dpo": {"max_prompt_length": 96, "max_length": 160},
             "train": {"learning_rate": 1e-3, "batch_size": 8, "micro_batch_size": 4, "max_steps": 2, "save_steps": 2,
-                      "gradient_checkpointing": False, **train},
+                      "gradient_checkpointing": "off", **train},
             "merge": {"enabled": False}}
 
 
