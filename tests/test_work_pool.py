@@ -126,30 +126,33 @@ def _wait_final(server, flow_run_id, timeout: float = 300):
     return run
 
 
-def test_prefect_flow_run_retry_of_a_failed_deployment_run_reuses_every_finished_stage(pool, tiny_model, tmp_path):
-    """What the UI's Retry button does: the same flow run, rescheduled, picked up by the worker again."""
+def _fail_then_retry_in_the_ui(server, deployment_name: str, parameters: dict) -> dict[str, str]:
+    """A run of the deployment whose training fails after checkpoint-2 (first attempt only), then the UI's Retry
+    (`prefect flow-run retry`): the task states of the retried run, which must complete."""
     from prefect.client.orchestration import get_client
 
     from tasks.runs import task_states
 
-    server = pool
-    config = _config(tiny_model, tmp_path, max_steps=4, retries=0)
-    subset = tmp_path / "uploaded.json"  # given as `dataset`, as the upload trigger does: it replaces data.path
-    subset.write_text(json.dumps(json.loads(SAMPLE.read_text())[:60]))
     with server.client_settings(), get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("loraflow-sft/sft-xpu")
-        run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"config": config, "dataset": str(subset)},
-            job_variables={"env": {"LORAFLOW_TEST_FAIL_AT_STEP": "3"}},  # fails after checkpoint-2, first attempt only
-        )
+        deployment = client.read_deployment_by_name(deployment_name)
+        run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters,
+                                                     job_variables={"env": {"LORAFLOW_TEST_FAIL_AT_STEP": "3"}})
     failed = _wait_final(server, run.id)
     assert failed.state.is_failed(), failed.state
-
     server.run(str(BIN / "prefect"), "flow-run", "retry", str(run.id))
     retried = _wait_final(server, run.id)
     assert retried.state.is_completed(), server.worker_log.read_text()[-3000:]
     with server.client_settings():
-        states = task_states(run.id)
+        return task_states(run.id)
+
+
+def test_prefect_flow_run_retry_of_a_failed_deployment_run_reuses_every_finished_stage(pool, tiny_model, tmp_path):
+    """What the UI's Retry button does: the same flow run, rescheduled, picked up by the worker again."""
+    server = pool
+    config = _config(tiny_model, tmp_path, max_steps=4, retries=0)
+    subset = tmp_path / "uploaded.json"  # given as `dataset`, as the upload trigger does: it replaces data.path
+    subset.write_text(json.dumps(json.loads(SAMPLE.read_text())[:60]))
+    states = _fail_then_retry_in_the_ui(server, "loraflow-sft/sft-xpu", {"config": config, "dataset": str(subset)})
     assert {states[name] for name in ("dataset", "base", "lora")} == {"Cached"}
     assert states["train"] == "Completed"
     assert "resuming from" in server.worker_log.read_text() and "checkpoint-2" in server.worker_log.read_text()
@@ -160,23 +163,9 @@ def test_prefect_flow_run_retry_of_a_failed_deployment_run_reuses_every_finished
 def test_ui_retry_of_a_failed_dpo_run_reuses_pairs_base_lora_and_reference_and_resumes(pool, tiny_model, tmp_path):
     """The UI's Retry on a dpo-xpu run whose training failed after its first checkpoint: the pairs, the base, the
     LoRA init and the reference log-probs come back Cached, no reference forward pass runs, training resumes."""
-    from prefect.client.orchestration import get_client
-
-    from tasks.runs import task_states
-
     server = pool
     config = _dpo_config(tiny_model, tmp_path, max_steps=4, retries=0)
-    with server.client_settings(), get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("loraflow-dpo/dpo-xpu")
-        run = client.create_flow_run_from_deployment(deployment.id, parameters={"config": config},
-                                                     job_variables={"env": {"LORAFLOW_TEST_FAIL_AT_STEP": "3"}})
-    failed = _wait_final(server, run.id)
-    assert failed.state.is_failed(), failed.state
-    server.run(str(BIN / "prefect"), "flow-run", "retry", str(run.id))
-    retried = _wait_final(server, run.id)
-    assert retried.state.is_completed(), server.worker_log.read_text()[-3000:]
-    with server.client_settings():
-        states = task_states(run.id)
+    states = _fail_then_retry_in_the_ui(server, "loraflow-dpo/dpo-xpu", {"config": config})
     assert {states[name] for name in ("dataset", "base", "lora", "reference")} == {"Cached"}, states
     assert states["train"] == "Completed"
     [summary] = (tmp_path / "store" / "runs").glob("pooled-dpo-*/checkpoints/final/train_summary.json")
