@@ -403,7 +403,7 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="loraflow", description="QLoRA/LoRA fine-tuning as cached, retryable Prefect stages")
     commands = root.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the SFT flow for a config file")
+    run = commands.add_parser("run", help="run a fine-tune (the SFT flow, or the DPO flow for objective: dpo) for a config file")
     run.add_argument("config", help="YAML config (see examples/)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set train.learning_rate=1e-4")
     run.set_defaults(handler=cmd_run)
@@ -440,7 +440,7 @@ def parser() -> argparse.ArgumentParser:
     runs.add_argument("--limit", type=int, default=20)
     runs.set_defaults(handler=cmd_runs)
 
-    serve = commands.add_parser("serve", help="serve the SFT (with its upload trigger), training, merge and watcher deployments from this process")
+    serve = commands.add_parser("serve", help="serve the SFT and DPO (with their upload triggers), align, training, merge and watcher deployments from this process (needs a running Prefect server: PREFECT_API_URL)")
     serve.add_argument("--config", help="YAML config whose values become the deployments' defaults (default: the demo's)")
     serve.add_argument("--set", action="append", metavar="KEY=VALUE")
     serve.add_argument("--workdir", default="loraflow-demo", help="where the demo model and config live when --config is not given")

@@ -165,7 +165,7 @@ class TrainSettings(_Section):
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", title="Gradient checkpointing",
         description="Recompute activations in the backward pass: less memory, about a third more compute. auto: on only "
-        "when a micro batch's activations would not fit in the memory free after loading the model.")
+        "when a micro batch's activations would not fit in the memory free after loading the model (YAML true/false: on/off).")
     packing: bool = Field(
         True, title="Packing (padding-free)",
         description="SFT: pack each micro batch's examples into as few rows as fit (no attention across examples), "
@@ -211,7 +211,11 @@ class TrainSettings(_Section):
     @classmethod
     def _on_off(cls, value):
         # YAML's `gradient_checkpointing: true` (configs written before auto) read as the form's choices.
-        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if value not in ("auto", "on", "off"):
+            raise ValueError("must be auto, on or off (true and false also read as on and off)")
+        return value
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainSettings:

@@ -107,14 +107,15 @@ def plan_memory(model_dir: Path, device: str, precision: str, per_device_batch: 
     size, checkpointing = chosen
     need = needed(size, checkpointing)
     fits = need <= budget
-    parts = []
-    if not micro_batch_size:
-        cap = f", at most {CPU_MICRO_BATCH_TOKENS} tokens on a CPU" if device == "cpu" else ""
-        parts.append(f"micro batch {size} (auto: the largest of the {per_device_batch} examples per device and step that fits{cap})")
-    if gradient_checkpointing == "auto":
-        parts.append("gradient checkpointing " + ("on (auto: a micro batch of one does not fit without it)" if checkpointing else "off (auto: not needed)"))
+    cap = f", at most {CPU_MICRO_BATCH_TOKENS} tokens on a CPU" if device == "cpu" else ""
+    parts = [f"micro batch {size} x accumulation {per_device_batch // size} " + (
+        f"(auto: the largest of the {per_device_batch} examples per device and step that fits{cap})" if not micro_batch_size else "(set)")]
+    state = "on" if checkpointing else "off"
+    parts.append(f"gradient checkpointing {state} " + (
+        ("(auto: a micro batch of one does not fit without it)" if checkpointing else "(auto: not needed)")
+        if gradient_checkpointing == "auto" else "(set)"))
     verdict = "fit" if fits else "do NOT fit (expect running out of memory: lower micro_batch_size or data lengths)"
-    reason = (", ".join(parts) + "; " if parts else "") + (
+    reason = ", ".join(parts) + "; " + (
         f"its activations ({size * tokens_per_example:,} tokens: about {need / mb:,.0f} MB) {verdict} in half the "
         f"{free / mb:,.0f} MB free on this {device}")
     return MemoryPlan(size, checkpointing, reason, need / mb, free / mb)

@@ -38,6 +38,15 @@ def redact(value: Any, name: str = "") -> Any:
     return value
 
 
+def run_plan_lines(train: dict) -> list[str]:
+    """What the training decided where the config said auto (loraflow.plan), from the train summary."""
+    if "memory_plan" not in train:
+        return []
+    return [f"- {train.get('device')}, {train.get('precision')} ({train.get('precision_reason')}), "
+            f"{'packed' if train.get('packed') else 'padded'} micro batches, {train.get('world_size')} process(es)",
+            f"- memory plan: {train['memory_plan']}"]
+
+
 def run_uri_of(records: dict[str, StageRecord]) -> str:
     return records[TRAIN.name].uri.removesuffix("/" + TRAIN.folder)
 
@@ -236,6 +245,10 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
         "```bash",
         generate_command(config, records),
         "```",
+        "",
+        "## How it ran",
+        "",
+        *run_plan_lines(train),
         "",
         "## Stages",
         "",

@@ -257,6 +257,9 @@ def setup_data(run: RunContext):
     dataset_dir = run.store.local_copy(spec.dataset_uri, verify=True)
     ref_logps = run.store.local_copy(spec.reference_uri, verify=True) if spec.reference_uri else None
     tokenizer = load_tokenizer(str(dataset_dir / "tokenizer"))
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # "Generating train split" and TRL's map bars: carriage-return noise in a run's log
     return tokenizer, load_split(dataset_dir, "train", ref_logps), load_split(dataset_dir, "val", ref_logps)
 
 
@@ -324,7 +327,7 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
     print(
         f"training ({objective.name}) on {run.device} ({run.precision}), rank {run.ranks['rank']}/{run.ranks['world_size']}, "
         f"{len(train_set)} train rows, micro batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps}"
-        + (", packed" if objective.packed else ""),
+        + (", packed" if objective.packed else ", padded"),
         flush=True,
     )
     print(f"precision {run.precision}: {run.precision_reason}", flush=True)
@@ -398,6 +401,7 @@ def _save_and_commit(run: RunContext, trainer, summary: dict) -> None:
 def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = False) -> dict:
     """The reference stage's build: TRL's own reference pass (the same concatenation and masks its loss uses) over
     every pair, kept as train.parquet / val.parquet columns ref_chosen_logps, ref_rejected_logps in out."""
+    sys.modules.setdefault("deepspeed", None)  # (as in main(): this pass never uses DeepSpeed)
     run = setup_run(spec, trust_remote_code)
     objective = Dpo(spec)
     tokenizer, train_set, val_set = setup_data(run)
@@ -405,9 +409,6 @@ def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = 
     args = objective.arguments(training_arguments(run, val_set is not None), precompute=True)
     trainer = objective.trainer(run, model, args, train_set, val_set, tokenizer, [])  # TRL computes them on init
     out.mkdir(parents=True, exist_ok=True)
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()  # a bar per parquet file written says nothing
     for split, rows in (("train", trainer.train_dataset), ("val", trainer.eval_dataset)):
         if rows is not None:
             rows.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_parquet(str(out / f"{split}.parquet"))

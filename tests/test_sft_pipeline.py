@@ -244,7 +244,9 @@ def test_the_run_publishes_its_artifacts(first_run, capsys):
     # Keyed artifacts are versioned: the newest summary is from this run's first or second (cached) flow run.
     assert re.search(r"\| dataset \| (built|cached) \|", summary) and re.search(r"\| train \| (built|cached) \|", summary)
     for expected in ("rows truncated at cutoff 128", "token length p50",
-                     "trainable of", "train loss ", "eval loss ", "tokens/s", "peak RSS", first_run["records"]["merged"].uri, '"learning_rate": 0.01'):
+                     "trainable of", "train loss ", "eval loss ", "tokens/s", "peak RSS", first_run["records"]["merged"].uri, '"learning_rate": 0.01',
+                     # what ran, the settings given and what auto decided (loraflow.plan)
+                     "packed micro batches", "memory plan: micro batch 4 x accumulation 4 (set), gradient checkpointing off (set)"):
         assert expected in summary, expected
     assert float(artifacts[f"{run}-progress"].data) == 100.0
     table = artifacts[f"{run}-metrics"].data

@@ -32,6 +32,8 @@ QV_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("query_key_value",),
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # peft still calls transformers' renamed is_gradient_checkpointing; the warning says nothing to a user.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+# (and TRL's DPOTrainer still calls the deprecated gradient_checkpointing_enable spelling)
+warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*deprecated.*", category=FutureWarning)
 
 
 # ---- devices and precision ------------------------------------------------------------------
