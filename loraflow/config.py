@@ -51,13 +51,11 @@ class DataSettings(_Section):
     """The training data and how it becomes tokens."""
 
     path: str = Field(title="Dataset file", description="Dataset file (.json, .jsonl or .parquet): a local path or any fsspec URL (s3://…).")
-    format: Literal["alpaca", "sharegpt", "messages", "auto", "orca", "pairs", "trl", "openai", "sharegpt-preference", "hh-rlhf"] = Field(
+    # The SFT form offers SFT's formats only; DpoDataSettings offers the preference formats.
+    format: Literal["alpaca", "sharegpt", "messages"] = Field(
         "alpaca", title="Row format",
-        description="SFT: alpaca (instruction/input/output), sharegpt (conversations[{from, value}]), messages "
-        "(messages[{role, content}]). DPO: auto (detected from the first row; the DPO default), orca "
-        "(system/question/chosen/rejected), pairs (prompt/chosen/rejected), trl (message lists), openai "
-        "(input.messages/preferred_output/non_preferred_output), sharegpt-preference (conversations + chosen/rejected "
-        "turns), hh-rlhf (chosen/rejected transcripts).",
+        description="alpaca (instruction/input/output), sharegpt (conversations[{from, value}]), messages "
+        "(messages[{role, content}]). Preference pairs (chosen/rejected) are for objective dpo.",
     )
     template: TemplateName = Field(
         "alpaca", title="Prompt template",
@@ -73,6 +71,14 @@ class DataSettings(_Section):
     add_eos: bool = Field(True, title="Append EOS", description="Append the EOS token when the example fits in cutoff_len.")
     val_set_size: int = Field(2000, title="Validation rows", ge=0, description="Rows held out for evaluation (seeded split); 0 for none.")
     seed: int = Field(42, title="Split seed", description="Seed of the train/validation split.")
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _sft_format(cls, value):
+        if value in PREFERENCE_FORMATS:
+            raise ValueError(f"{value!r} is for preference pairs (objective dpo); set objective: dpo to train on "
+                             "chosen/rejected pairs, or use an SFT format (alpaca, sharegpt, messages)")
+        return value
 
     @model_validator(mode="after")
     def _template_matches_format(self) -> DataSettings:
@@ -310,9 +316,6 @@ class FinetuneConfig(_Section):
                 "partitionable parameters). Use deepspeed_zero: 2 with quantization: nf4, or "
                 "quantization: none with ZeRO-3."
             )
-        if self.objective == "sft" and self.data.format in PREFERENCE_FORMATS:
-            raise ValueError(f"data.format {self.data.format!r} is for preference pairs (objective dpo); set objective: dpo to "
-                             "train on chosen/rejected pairs, or an SFT format (alpaca, sharegpt, messages)")
         if self.model.quantization == "nf4" and self.train.precision == "fp16":
             raise ValueError("precision fp16 with an NF4 base is unstable in the QLoRA recipe; use bf16 or fp32")
         return self
@@ -364,8 +367,19 @@ def _same_field(section: type[BaseModel], name: str, default: Any) -> Any:
 class DpoDataSettings(DataSettings):
     """The preference pairs and how they become tokens (the DPO recipe's defaults)."""
 
-    format: Literal["alpaca", "sharegpt", "messages", "auto", "orca", "pairs", "trl", "openai", "sharegpt-preference", "hh-rlhf"] = \
-        _same_field(DataSettings, "format", "auto")
+    format: Literal["auto", "orca", "pairs", "trl", "openai", "sharegpt-preference", "hh-rlhf"] = Field(
+        "auto", title="Row format",
+        description="auto (detected from the first row), orca (system/question/chosen/rejected), pairs "
+        "(prompt/chosen/rejected), trl (message lists), openai (input.messages/preferred_output/non_preferred_output), "
+        "sharegpt-preference (conversations + chosen/rejected turns), hh-rlhf (chosen/rejected transcripts).")
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _sft_format(cls, value):  # (overrides DataSettings': here the preference formats are the valid ones)
+        if value not in PREFERENCE_FORMATS:
+            raise ValueError(f"objective dpo trains on preference pairs, but data.format is {value!r}; use auto (detected "
+                             f"from the first row) or one of {', '.join(PREFERENCE_FORMATS[1:])}")
+        return value
     template: TemplateName = _same_field(DataSettings, "template", "chatml")
     val_set_size: int = _same_field(DataSettings, "val_set_size", 0)
 
@@ -405,9 +419,6 @@ class DpoFinetuneConfig(FinetuneConfig):
 
     @model_validator(mode="after")
     def _supported_dpo_combination(self) -> DpoFinetuneConfig:
-        if self.data.format not in PREFERENCE_FORMATS:
-            raise ValueError(f"objective dpo trains on preference pairs, but data.format is {self.data.format!r}; use auto "
-                             f"(detected from the first row) or one of {', '.join(PREFERENCE_FORMATS[1:])}")
         if self.train.packing:
             raise ValueError("train.packing is for SFT: TRL's DPOTrainer pads its pairs (its padding_free is off in TRL 1.16); "
                              "remove it or set it to false")

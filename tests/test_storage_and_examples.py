@@ -67,6 +67,10 @@ def test_the_dpo_example_and_the_dpo_recipe_defaults(tmp_path):
     from loraflow.config import DpoFinetuneConfig, FinetuneConfig
 
     assert "dpo" not in FinetuneConfig.model_json_schema()["properties"]
+    # Each form's data-format choices are its objective's.
+    assert FinetuneConfig.model_json_schema()["$defs"]["DataSettings"]["properties"]["format"]["enum"] == ["alpaca", "sharegpt", "messages"]
+    assert DpoFinetuneConfig.model_json_schema()["$defs"]["DpoDataSettings"]["properties"]["format"]["enum"] == [
+        "auto", "orca", "pairs", "trl", "openai", "sharegpt-preference", "hh-rlhf"]
     (tmp_path / "sft.yaml").write_text("model: {base: m}\ndata: {path: rows.json}\ndpo: {beta: 0.2}\n")
     with pytest.raises(LoraflowError, match="the dpo section is for preference tuning: set objective: dpo"):
         load_config(tmp_path / "sft.yaml")
@@ -79,7 +83,7 @@ def test_the_dpo_example_and_the_dpo_recipe_defaults(tmp_path):
     with pytest.raises(LoraflowError, match="dpo.reference separate loads the base alone"):
         load_config(tmp_path / "both.yaml")
     (tmp_path / "mixed.yaml").write_text("model: {base: m}\ndata: {path: pairs.jsonl, format: orca, template: chatml}\n")
-    with pytest.raises(LoraflowError, match=r"data.format 'orca' is for preference pairs \(objective dpo\); set objective: dpo"):
+    with pytest.raises(LoraflowError, match=r"data.format: 'orca' is for preference pairs \(objective dpo\); set objective: dpo"):
         load_config(tmp_path / "mixed.yaml")
     (tmp_path / "mixed2.yaml").write_text("objective: dpo\nmodel: {base: m}\ndata: {path: d.json, format: alpaca, template: alpaca}\n")
     with pytest.raises(LoraflowError, match="objective dpo trains on preference pairs, but data.format is 'alpaca'"):
