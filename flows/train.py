@@ -42,7 +42,7 @@ def train_flow(config: AnyFinetuneConfig, dataset: StageRecord, base: StageRecor
     device, not on the host that started the fine-tune; it is the same cached stage.
     """
     env = check_env(config)
-    if reference is None and config.objective == "dpo" and config.dpo.reference == "precomputed":
+    if reference is None and config.precomputes_reference:
         reference = reference_logps.with_options(**stage_options(config.storage))(config, env, dataset, base, lora)
     record = train_task(config)(config, env, dataset, base, lora, reference)
     # A caller on another host cannot read this flow's result from the worker's disk; it reads this.

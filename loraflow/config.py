@@ -295,6 +295,15 @@ class FinetuneConfig(_Section):
     train: TrainSettings = Field(TrainSettings(), title="Train")
     merge: MergeSettings = Field(MergeSettings(), title="Merge")
 
+    # What DpoFinetuneConfig answers from its dpo section; an SFT run does neither.
+    @property
+    def starts_from_an_adapter(self) -> bool:
+        return False
+
+    @property
+    def precomputes_reference(self) -> bool:
+        return False
+
     @model_validator(mode="before")
     @classmethod
     def _dpo_section_needs_dpo(cls, tree: Any) -> Any:
@@ -416,6 +425,14 @@ class DpoFinetuneConfig(FinetuneConfig):
     lora: DpoLoraSettings = _same_field(FinetuneConfig, "lora", DpoLoraSettings())
     train: DpoTrainSettings = _same_field(FinetuneConfig, "train", DpoTrainSettings())
     dpo: DpoSettings = Field(DpoSettings(), title="DPO")
+
+    @property
+    def starts_from_an_adapter(self) -> bool:
+        return bool(self.dpo.start_from)
+
+    @property
+    def precomputes_reference(self) -> bool:
+        return self.dpo.reference == "precomputed"
 
     @model_validator(mode="after")
     def _supported_dpo_combination(self) -> DpoFinetuneConfig:

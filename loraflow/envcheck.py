@@ -52,8 +52,8 @@ def check_environment(config: FinetuneConfig) -> dict:
     device = native.resolve_device(config.train.device)
     report["device"] = device
     report["distributed_backend"] = distributed_backend(device)
+    # (a bf16 the device lacks is refused here, before any stage)
     report["precision"], report["precision_reason"] = choose_precision(config.train.precision, device, native.bf16_supported(device))
-    native.resolve_precision(report["precision"], device)  # a bf16 the device lacks: said here, before any stage
     problems = []
     if config.model.quantization == "nf4" and report["versions"]["bitsandbytes"] is None:
         problems.append("quantization nf4 needs bitsandbytes (pip install 'bitsandbytes>=0.48'), or set model.quantization: none")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from loraflow.errors import LoraflowError
+
 # On a CPU, micro batches beyond this many tokens ran no faster (bench/train.py: 8 rows of 256 tokens ran as fast as
 # 16) and only took more memory; an accelerator's micro batch is bounded by its memory alone.
 CPU_MICRO_BATCH_TOKENS = 2048
@@ -37,7 +39,9 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def choose_precision(requested: str, device: str, bf16_supported: bool) -> tuple[str, str]:
-    """(precision, why) for train.precision `requested` on `device`."""
+    """(precision, why) for train.precision `requested` on `device`; a bf16 the device lacks is refused here."""
+    if requested == "bf16" and not bf16_supported:
+        raise LoraflowError(f"precision bf16 requested, but this {device} does not support bf16; use precision: fp16 or auto")
     if requested != "auto":
         return requested, "set in the config"
     if device in ("xpu", "cuda"):

@@ -205,7 +205,7 @@ def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = pr
 
 def initial_adapter(config: FinetuneConfig, env: StageRecord, sources: StageRecord, base: StageRecord, log: Log = print) -> StageRecord:
     """The lora stage: the adapter training starts from, a fresh LoRA init or (DPO with start_from) an SFT run's."""
-    if config.objective == "dpo" and config.dpo.start_from:
+    if config.starts_from_an_adapter:
         return starting_adapter(config, sources, log)
     return inject_lora(config, env, base, log)
 
@@ -213,7 +213,7 @@ def initial_adapter(config: FinetuneConfig, env: StageRecord, sources: StageReco
 def lora_cache_key(config: FinetuneConfig, base: StageRecord) -> str | None:
     """The lora stage's Prefect cache key; None (not cached by Prefect) for a start_from adapter, whose key is the
     adapter's content and is only known by reading it."""
-    if config.objective == "dpo" and config.dpo.start_from:
+    if config.starts_from_an_adapter:
         return None
     return LORA.cache_key(lora_key(config, base))
 
@@ -340,7 +340,7 @@ def prepare_training(config: FinetuneConfig, log: Log = print) -> tuple[Artifact
     dataset = prepare_data(config, sources, log)
     base = quantize_base(config, env, sources, log)
     lora = initial_adapter(config, env, sources, base, log)
-    reference = reference_logps(config, env, dataset, base, lora, log) if config.objective == "dpo" and config.dpo.reference == "precomputed" else None
+    reference = reference_logps(config, env, dataset, base, lora, log) if config.precomputes_reference else None
     key, run, spec = train_spec(config, env, dataset, base, lora, reference)
     store = ArtifactStore(config.storage)
     store.write_json(f"{run}/spec.json", spec.model_dump(mode="json"))

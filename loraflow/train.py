@@ -223,7 +223,7 @@ def setup_run(spec: RunSpec, trust_remote_code: bool = False) -> RunContext:
     # The env stage resolved train.precision on this host (a pool job runs its own) and said why; a spec written by
     # hand with auto is resolved here.
     precision, reason = choose_precision(spec.train.precision, device, native.bf16_supported(device))
-    return RunContext(spec, ranks, ArtifactStore(spec.store), device, native.resolve_precision(precision, device), work, metrics_path,
+    return RunContext(spec, ranks, ArtifactStore(spec.store), device, precision, work, metrics_path,
                       trust_remote_code, _memory_report("cpu")["peak_rss_mb"], spec.precision_reason or reason)
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from loraflow import plan
+from loraflow.errors import LoraflowError
 
 # An 8B-class Llama config: activations, not weights, decide the plan.
 LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "vocab_size": 128256}
@@ -60,6 +61,8 @@ def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch):
     assert plan.choose_precision("fp32", "cpu", True) == ("fp32", "set in the config")
     assert plan.choose_precision("auto", "cuda", True) == ("bf16", "this cuda supports bf16")
     assert plan.choose_precision("auto", "cuda", False) == ("fp32", "this cuda has no bf16")
+    with pytest.raises(LoraflowError, match="precision bf16 requested, but this cuda does not support bf16; use precision: fp16 or auto"):
+        plan.choose_precision("bf16", "cuda", False)
     monkeypatch.setattr(plan, "cpu_has_fast_bf16", lambda: True)
     assert plan.choose_precision("auto", "cpu", True) == ("bf16", "this CPU has AVX512-BF16/AMX instructions")
     monkeypatch.setattr(plan, "cpu_has_fast_bf16", lambda: False)

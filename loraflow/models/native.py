@@ -64,14 +64,10 @@ def bf16_supported(device: str) -> bool:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """auto → bf16 where the device computes it fast, else fp32 (loraflow.plan.choose_precision says why)."""
-    if precision == "auto":
-        from loraflow.plan import choose_precision
+    """auto → bf16 where the device computes it fast, else fp32; bf16 the device lacks refused (loraflow.plan)."""
+    from loraflow.plan import choose_precision
 
-        return choose_precision(precision, device, bf16_supported(device))[0]
-    if precision == "bf16" and not bf16_supported(device):
-        raise LoraflowError(f"precision bf16 requested, but this {device} does not support bf16; use precision: fp16 or auto")
-    return precision
+    return choose_precision(precision, device, bf16_supported(device))[0]
 
 
 def torch_dtype(precision: str) -> torch.dtype:
