@@ -30,8 +30,9 @@ def rows(tiny_model, tmp_path_factory):
 
 def _loss_and_grads(model, batch, num_items):
     model.zero_grad()
-    # use_cache=False as in training: with a KV cache, transformers builds no block-diagonal mask from the positions.
-    loss = model(**batch, num_items_in_batch=num_items, use_cache=False).loss
+    # The model as loaded (use_cache on): a packed batch must switch the cache off itself, or transformers builds no
+    # block-diagonal mask from the positions and the examples attend to each other.
+    loss = model(**batch, num_items_in_batch=num_items).loss
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -41,6 +42,7 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(rows, tiny_model, token
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32, attn_implementation="sdpa")
+    assert model.config.use_cache
     features = [{"input_ids": row["input_ids"], "labels": row["labels"]} for row in rows]
     padded = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)(features)
     packed = PackedCollator(tokenizer.pad_token_id, row_tokens=256)(features)

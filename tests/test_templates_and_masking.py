@@ -10,6 +10,7 @@ from loraflow.data import prepare_dataset
 from loraflow.data.formats import format_alpaca, format_conversations, read_rows
 from loraflow.data.templates import VICUNA_SYSTEM, alpaca_template
 from loraflow.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize
+from loraflow.errors import LoraflowError
 
 
 def rows_of(ids, labels, starts, i):
@@ -120,6 +121,35 @@ def test_dataset_stage_writes_parquet_and_stats(tiny_model, tmp_path, shared_dat
     again = prepare_dataset(data, str(tiny_model), tmp_path / "again")
     assert again == stats  # the split is seeded
     assert pq.read_table(tmp_path / "again" / "val.parquet").equals(pq.read_table(tmp_path / "val.parquet"))
+
+
+def test_the_stage_tokenizes_in_chunks_with_the_same_output_and_row_numbers(tiny_model, tmp_path, shared_data, monkeypatch):
+    """Rows go through the tokenizer a chunk at a time (memory); the files and stats equal one pass over all rows, and a
+    bad row in a later chunk is named by its place in the file."""
+    import importlib
+
+    import pyarrow.parquet as pq
+
+    import loraflow.data as stage
+
+    tokenize_module = importlib.import_module("loraflow.data.tokenize")  # (the package's `tokenize` is the function)
+
+    data = DataSettings(path=str(shared_data / "alpaca_gpt4_en_demo_1k.json"), val_set_size=50, cutoff_len=128)
+    whole = prepare_dataset(data, str(tiny_model), tmp_path / "whole")
+    monkeypatch.setattr(stage, "CHUNK_ROWS", 97)
+    monkeypatch.setattr(tokenize_module, "ROWS_PER_GROUP", 300)
+    calls = tokenize_module.TOKENIZE_CALLS
+    assert prepare_dataset(data, str(tiny_model), tmp_path / "chunked") == whole
+    assert tokenize_module.TOKENIZE_CALLS - calls == 11  # 999 rows, 97 at a time
+    for split in ("train", "val"):
+        assert pq.read_table(tmp_path / "chunked" / f"{split}.parquet").equals(pq.read_table(tmp_path / "whole" / f"{split}.parquet"))
+    assert pq.ParquetFile(tmp_path / "chunked" / "train.parquet").num_row_groups == 4  # 949 rows, 300 a group
+
+    rows = read_rows(data.path)
+    rows[250]["output"] = 7
+    (tmp_path / "bad.json").write_text(json.dumps(rows))
+    with pytest.raises(LoraflowError, match=r"bad.json: row 250: field 'output' is a int"):
+        prepare_dataset(data.model_copy(update={"path": str(tmp_path / "bad.json")}), str(tiny_model), tmp_path / "bad")
 
 
 def test_sharegpt_reads_from_jsonl_and_parquet_alike(tiny_model, tmp_path, shared_data):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,24 @@ from loraflow.config import DataSettings
 from loraflow.data.formats import format_alpaca, format_conversations, read_rows
 from loraflow.data.preference import detect_preference_format
 from loraflow.data.templates import template_markers_not_in_vocabulary
-from loraflow.data.tokenize import load_tokenizer, to_table, tokenize
+from loraflow.data.tokenize import load_tokenizer, tokenize, write_parquet
 from loraflow.errors import LoraflowError
 
+# Rows formatted and tokenized at a time. The tokenizer's encodings take about 140 bytes a token (ids, offsets, token
+# strings), so all 200k Alpaca rows at once held 6.5 GB; a chunk's are freed once its ids and labels are kept as int32
+# arrays (8 bytes a token). 4,096 rows still keep encode_batch's threads busy.
+CHUNK_ROWS = 4096
+PROGRESS_ROWS = 50_000  # a progress line every this many rows, on files larger than that
+
+
+def _joined(chunks: list[tuple]) -> tuple:
+    """The chunks' (ids, labels, row lengths, full_lengths, truncated, label_counts) as (ids, labels, row_starts,
+    full_lengths, truncated, label_counts) over all rows."""
+    if not chunks:
+        return (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int64),
+                np.zeros(0, bool), np.zeros(0, np.int64))
+    ids, labels, lengths, full_lengths, truncated, label_counts = (np.concatenate(parts) for parts in zip(*chunks))
+    return ids, labels, np.concatenate([[0], np.cumsum(lengths)]), full_lengths, truncated, label_counts
 
 
 def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=print) -> dict:
@@ -27,32 +43,46 @@ def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=
                             "set objective: dpo to preference-tune on them")
     tokenizer = load_tokenizer(tokenizer_path)
     train_on_inputs = data.effective_train_on_inputs
-    if data.format == "alpaca":
-        formatted = format_alpaca(data.path, rows, data.template, train_on_inputs)
-    else:
-        formatted = format_conversations(
-            data.path, rows, data.format, data.template, train_on_inputs, tokenizer.eos_token
-        )
-    log(f"formatted {len(formatted.texts)} of {len(rows)} rows with template {data.template!r}")
     split_markers = template_markers_not_in_vocabulary(data.template, tokenizer)
     if split_markers:
         log(f"warning: the {data.template} template's markers {', '.join(split_markers)} are not tokens of this tokenizer "
             f"({type(tokenizer).__name__}): they are trained as plain multi-token text. Use a base whose tokenizer has them, "
             "or a template it knows (vicuna_v1.1 needs no special tokens).")
 
-    ids, labels, row_starts, full_lengths, truncated = tokenize(
-        formatted.texts, formatted.spans, tokenizer, data.cutoff_len, data.add_eos
-    )
-    label_counts = np.add.reduceat(labels != -100, row_starts[:-1]) if len(formatted.texts) else np.zeros(0, int)
+    rows_read = len(rows)
+    chunks, dropped, formatted_count = [], Counter(), 0
+    for first in range(0, rows_read, CHUNK_ROWS):
+        chunk = rows[first:first + CHUNK_ROWS]
+        rows[first:first + CHUNK_ROWS] = [None] * len(chunk)  # each row's objects are freed once its chunk is done
+        if data.format == "alpaca":
+            formatted = format_alpaca(data.path, chunk, data.template, train_on_inputs, first_index=first)
+        else:
+            formatted = format_conversations(data.path, chunk, data.format, data.template, train_on_inputs,
+                                             tokenizer.eos_token, first_index=first)
+        dropped.update(formatted.dropped)
+        formatted_count += len(formatted.texts)
+        if formatted.texts:
+            ids, labels, row_starts, full_lengths, truncated = tokenize(formatted.texts, formatted.spans, tokenizer,
+                                                                        data.cutoff_len, data.add_eos)
+            # (trained tokens per row counted here, on a chunk: on all rows at once numpy's reduceat copies every label)
+            label_counts = np.add.reduceat(labels != -100, row_starts[:-1])
+            chunks.append((ids.astype(np.int32), labels.astype(np.int32), np.diff(row_starts), full_lengths, truncated, label_counts))
+        done = min(first + CHUNK_ROWS, rows_read)
+        if rows_read > PROGRESS_ROWS and (done // PROGRESS_ROWS > first // PROGRESS_ROWS or done == rows_read):
+            log(f"tokenized {done:,} of {rows_read:,} rows")
+    del rows
+    log(f"formatted {formatted_count} of {rows_read} rows with template {data.template!r}")
+    ids, labels, row_starts, full_lengths, truncated, label_counts = _joined(chunks)
+    del chunks
     usable = np.flatnonzero(label_counts > 0)
-    dropped = dict(formatted.dropped)
-    no_labels = len(formatted.texts) - len(usable)
+    dropped = dict(dropped)
+    no_labels = formatted_count - len(usable)
     if no_labels:
         dropped["no trained tokens within cutoff_len"] = no_labels
     if len(usable) == 0:
         reasons = ", ".join(f"{count} {reason}" for reason, count in dropped.items()) or "none"
         raise LoraflowError(
-            f"{data.path}: no usable rows after filtering ({len(rows)} read; dropped: {reasons}); "
+            f"{data.path}: no usable rows after filtering ({rows_read} read; dropped: {reasons}); "
             "check data.format, data.template and data.cutoff_len"
         )
     if data.val_set_size >= len(usable):
@@ -64,16 +94,16 @@ def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=
     val_rows, train_rows = np.sort(order[: data.val_set_size]), np.sort(order[data.val_set_size :])
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(to_table(ids, labels, row_starts, train_rows), out_dir / "train.parquet")
+    write_parquet(out_dir / "train.parquet", ids, labels, row_starts, train_rows)
     if len(val_rows):
-        pq.write_table(to_table(ids, labels, row_starts, val_rows), out_dir / "val.parquet")
+        write_parquet(out_dir / "val.parquet", ids, labels, row_starts, val_rows)
     tokenizer.save_pretrained(str(out_dir / "tokenizer"))
 
     lengths = full_lengths[usable]
     kept_tokens = int((row_starts[1:] - row_starts[:-1])[usable].sum())
     stats = {
         "source": data.path,
-        "rows_read": len(rows),
+        "rows_read": rows_read,
         "rows_kept": int(len(usable)),
         "rows_dropped": dropped,
         "train_rows": int(len(train_rows)),

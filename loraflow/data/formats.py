@@ -57,6 +57,7 @@ def read_rows(uri: str) -> list[dict]:
             text = payload.decode("utf-8")
         except UnicodeDecodeError as error:
             raise LoraflowError(f"{uri}: not UTF-8 text (byte {error.start}); re-encode the file as UTF-8") from None
+        del payload  # the file once in memory while it is parsed, not twice
         rows = _parse_jsonl(uri, text) if suffix == ".jsonl" else _parse_json(uri, text)
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -126,10 +127,11 @@ def _require_string(uri: str, index: int, row: dict, name: str, optional: bool =
     return value
 
 
-def format_alpaca(uri: str, rows: list[dict], template_name: str, train_on_inputs: bool) -> FormattedRows:
+def format_alpaca(uri: str, rows: list[dict], template_name: str, train_on_inputs: bool, first_index: int = 0) -> FormattedRows:
+    """(first_index: the file's row number of rows[0], for errors when rows are a chunk of the file)"""
     template = alpaca_template(template_name)
     out = FormattedRows()
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows, start=first_index):
         instruction = _require_string(uri, index, row, "instruction")
         context = _require_string(uri, index, row, "input", optional=True)
         answer = _require_string(uri, index, row, "output")
@@ -171,10 +173,10 @@ def _turns(uri: str, index: int, row: dict, data_format: str) -> list[tuple[str,
 
 
 def format_conversations(
-    uri: str, rows: list[dict], data_format: str, template: str, train_on_inputs: bool, eos_token: str
+    uri: str, rows: list[dict], data_format: str, template: str, train_on_inputs: bool, eos_token: str, first_index: int = 0
 ) -> FormattedRows:
     out = FormattedRows()
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows, start=first_index):
         turns = _turns(uri, index, row, data_format)
         dialogue = [role for role, _ in turns if role != "system"]
         # FastChat skips a leading assistant turn and requires user/assistant alternation.

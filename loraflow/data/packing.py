@@ -39,7 +39,9 @@ def pack_into_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
 
 
 class PackedCollator:
-    """Collates tokenized examples (input_ids, labels) into packed rows: input_ids, labels, position_ids."""
+    """Collates tokenized examples (input_ids, labels) into packed rows: input_ids, labels, position_ids, and
+    use_cache=False: with a KV cache transformers builds no block-diagonal mask from the position ids, so a packed batch
+    says so itself rather than rely on every caller having switched the cache off."""
 
     def __init__(self, pad_token_id: int, row_tokens: int, pad_to_multiple_of: int = 8):
         self.pad_token_id = pad_token_id
@@ -64,4 +66,4 @@ class PackedCollator:
                 start += n
             # The padding is a segment of its own (positions restart), so it is masked off like another example.
             position_ids[r, start:] = torch.arange(width - start)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "use_cache": False}

@@ -114,8 +114,10 @@ def to_table(ids: np.ndarray, labels: np.ndarray, row_starts: np.ndarray, rows: 
     """The selected rows as a parquet-ready table (input_ids, labels as int32 lists), built without a Python loop."""
     lengths = (row_starts[1:] - row_starts[:-1])[rows]
     new_starts = np.cumsum(lengths) - lengths
-    within_row = np.arange(int(lengths.sum())) - np.repeat(new_starts, lengths)
-    token_index = np.repeat(row_starts[rows], lengths) + within_row
+    # Where each kept token is in ids: its row's old start, plus its place in the new layout minus the row's new start
+    # (built in place: one index array of the kept tokens, not four).
+    token_index = np.repeat(row_starts[rows] - new_starts, lengths)
+    token_index += np.arange(len(token_index))
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     return pa.table(
         {
@@ -123,6 +125,18 @@ def to_table(ids: np.ndarray, labels: np.ndarray, row_starts: np.ndarray, rows: 
             "labels": pa.ListArray.from_arrays(offsets, pa.array(labels[token_index].astype(np.int32))),
         }
     )
+
+
+ROWS_PER_GROUP = 20_000  # rows per parquet row group: to_table's index arrays stay small however many rows there are
+
+
+def write_parquet(path: Path, ids: np.ndarray, labels: np.ndarray, row_starts: np.ndarray, rows: np.ndarray) -> None:
+    """The selected rows as a parquet file, written a row group at a time."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetWriter(str(path), to_table(ids, labels, row_starts, rows[:0]).schema) as writer:
+        for first in range(0, len(rows), ROWS_PER_GROUP):
+            writer.write_table(to_table(ids, labels, row_starts, rows[first:first + ROWS_PER_GROUP]))
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
