@@ -11,7 +11,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.common import announce_upload, finetune_run_name, inputs, outputs
-from flows.train import run_training
+from flows.train import run_training, trainer_started_early
 from loraflow.config import DpoFinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import StageRecord
@@ -39,9 +39,10 @@ def dpo(config: DpoFinetuneConfig, dataset: str = "", upload_event: str = "") ->
     config = config.for_run(dataset)
     if upload_event:
         announce_upload(config, upload_event)
-    records = inputs(config)  # env → sources → dataset (pairs) → base → lora (fresh, or dpo.start_from's)
-    if config.precomputes_reference and not config.train.pool:  # (on a pool, the job computes it on its device)
-        records[REFERENCE.name] = reference_logps.with_options(**stage_options(config.storage))(
-            config, *(records[stage.name] for stage in (ENV, DATASET, BASE, LORA)))
-    records[TRAIN.name] = run_training(config, records)  # here, or a job on train.pool
+    with trainer_started_early(config, trains_here=not config.train.pool):  # its imports beside the stages before it
+        records = inputs(config)  # env → sources → dataset (pairs) → base → lora (fresh, or dpo.start_from's)
+        if config.precomputes_reference and not config.train.pool:  # (on a pool, the job computes it on its device)
+            records[REFERENCE.name] = reference_logps.with_options(**stage_options(config.storage))(
+                config, *(records[stage.name] for stage in (ENV, DATASET, BASE, LORA)))
+        records[TRAIN.name] = run_training(config, records)  # here, or a job on train.pool
     return outputs(config, records, upload_event)  # adapter → merged → report

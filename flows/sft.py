@@ -11,7 +11,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.common import announce_upload, finetune_run_name, inputs, outputs
-from flows.train import run_training
+from flows.train import run_training, trainer_started_early
 from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import StageRecord
@@ -40,6 +40,7 @@ def sft(config: FinetuneConfig, dataset: str = "", upload_event: str = "") -> di
     if upload_event:
         announce_upload(config, upload_event)
 
-    records = inputs(config)  # env → sources → dataset → base → lora
-    records[TRAIN.name] = run_training(config, records)  # here, or a job on train.pool
+    with trainer_started_early(config, trains_here=not config.train.pool):  # its imports beside the stages before it
+        records = inputs(config)  # env → sources → dataset → base → lora
+        records[TRAIN.name] = run_training(config, records)  # here, or a job on train.pool
     return outputs(config, records, upload_event)  # adapter → merged → report

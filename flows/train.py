@@ -10,11 +10,13 @@ a second one; while it waits it relays that job's log and progress into the fine
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
 from loraflow.config import AnyFinetuneConfig, FinetuneConfig
+from loraflow.launch import Topology, deepspeed_config, start_warm_trainer, stop_warm_trainer
 from loraflow.registry import BASE, DATASET, ENV, LORA, REFERENCE
 from loraflow.stages import training_fields
 from loraflow.storage import ArtifactStore, StageRecord, sha256_hex
@@ -33,6 +35,22 @@ def train_task(config: FinetuneConfig):
                                       retry_condition_fn=retry_unless_user_error)
 
 
+@contextmanager
+def trainer_started_early(config: FinetuneConfig, trains_here: bool):
+    """A one-process trainer started now, so that its imports (about 4 s) run beside the stages before training; the
+    train task hands it the run spec (loraflow.launch), and it is ended with the block if nothing did. Only where
+    this process launches the trainer itself: the local launcher, no DeepSpeed."""
+    train = config.train
+    if not trains_here or Topology.from_train(train).launcher != "local" or deepspeed_config(train.deepspeed_zero) is not None:
+        yield
+        return
+    process = start_warm_trainer(config.model.trust_remote_code)
+    try:
+        yield
+    finally:
+        stop_warm_trainer(process)
+
+
 @flow(name=TRAIN_FLOW, description="Train a LoRA/QLoRA adapter on this worker's host (started by a fine-tune whose train.pool names this pool).")
 def train_flow(config: AnyFinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord,
                reference: StageRecord | None = None) -> StageRecord:
@@ -41,10 +59,11 @@ def train_flow(config: AnyFinetuneConfig, dataset: StageRecord, base: StageRecor
     DPO with a precomputed reference: the reference pass (a forward over every pair) runs here too, on the pool's
     device, not on the host that started the fine-tune; it is the same cached stage.
     """
-    env = check_env(config)
-    if reference is None and config.precomputes_reference:
-        reference = reference_logps.with_options(**stage_options(config.storage))(config, env, dataset, base, lora)
-    record = train_task(config)(config, env, dataset, base, lora, reference)
+    with trainer_started_early(config, trains_here=True):
+        env = check_env(config)
+        if reference is None and config.precomputes_reference:
+            reference = reference_logps.with_options(**stage_options(config.storage))(config, env, dataset, base, lora)
+        record = train_task(config)(config, env, dataset, base, lora, reference)
     # A caller on another host cannot read this flow's result from the worker's disk; it reads this.
     store = ArtifactStore(config.storage)
     store.write_json(store.uri(RECORDS, f"{current_flow_run.id}.json"), record.model_dump(mode="json"))

@@ -1,7 +1,7 @@
-"""The command that starts training: argv + environment for local, torchrun, deepspeed or mpirun.
+"""The command that starts training: argv + environment for local, torchrun, deepspeed or mpirun, and running it.
 
-Pure data (no process is started here), so every launcher is testable as a list of strings. The
-training flow runs the result in its own process group.
+build_command is pure data (no process is started), so every launcher is testable as a list of strings;
+run_streaming runs the result in its own process group, or hands the spec to a trainer warm-started for it.
 """
 
 from __future__ import annotations
@@ -218,20 +218,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_streaming(command: LaunchCommand, on_line, timeout: float | None = None, cwd: str | None = None) -> int:
-    """Run the command in its own process group, pass each output line to on_line, return the exit code.
-
-    The whole group is killed when the timeout passes (even if the command prints nothing), and on any
-    exception here (a cancellation delivered as an exception, a failing on_line), so no trainer rank
-    outlives the task that started it. If this process itself is killed outright, the launcher gets
-    SIGTERM from the kernel (PR_SET_PDEATHSIG) and takes its ranks down with it.
-    """
+def _start(argv: list[str], env: dict[str, str], cwd: str | None = None, stdin=None):
+    """The process in its own group (so a kill takes every rank), dying with this one, its output one pipe of lines."""
     import subprocess
-    import threading
 
-    process = subprocess.Popen(
-        command.argv,
-        env={**os.environ, **command.env, "PYTHONUNBUFFERED": "1"},
+    return subprocess.Popen(
+        argv,
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -240,6 +234,29 @@ def run_streaming(command: LaunchCommand, on_line, timeout: float | None = None,
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         cwd=cwd,
     )
+
+
+def run_streaming(command: LaunchCommand, on_line, timeout: float | None = None, cwd: str | None = None,
+                  spec_uri: str = "") -> int:
+    """Run the command in its own process group, pass each output line to on_line, return the exit code.
+
+    A warm trainer started for this very command line (start_warm_trainer) is given spec_uri instead of starting a
+    new process. The whole group is killed when the timeout passes (even if the command prints nothing), and on any
+    exception here (a cancellation delivered as an exception, a failing on_line), so no trainer rank
+    outlives the task that started it. If this process itself is killed outright, the launcher gets
+    SIGTERM from the kernel (PR_SET_PDEATHSIG) and takes its ranks down with it.
+    """
+    import threading
+
+    process = _take_warm_trainer(command, spec_uri) if spec_uri else None
+    if process is not None:
+        try:
+            process.stdin.write(spec_uri + "\n")
+            process.stdin.close()
+        except OSError:  # it died while importing: its output below says why, and a retry starts a fresh one
+            pass
+    else:
+        process = _start(command.argv, command.env, cwd)
     timed_out = threading.Event()
 
     def on_timeout() -> None:
@@ -263,6 +280,49 @@ def run_streaming(command: LaunchCommand, on_line, timeout: float | None = None,
     if timed_out.is_set():
         raise TimeoutError(f"training exceeded its {timeout:g} s timeout (train.timeout_s); its process group was killed")
     return code
+
+
+# ---- warm start ---------------------------------------------------------------------------------
+# A one-process trainer spends about 4 s importing torch, transformers and peft before it reads its spec. Started
+# when the flow starts (`python -m loraflow.train -`: import, then read the spec URI from standard input), those
+# imports run beside the stages before training instead of after them. Local launcher only: torchrun, deepspeed
+# and mpirun start their own processes.
+SPEC_FROM_STDIN = "-"
+_warm_lock = __import__("threading").Lock()
+_warm: dict[tuple[str, ...], list] = {}  # the command line (spec replaced by "-") → started, not yet given a spec
+
+
+def start_warm_trainer(trust_remote_code: bool = False):
+    """Start a local trainer that imports now and waits for its spec; stop_warm_trainer ends it if nothing took it."""
+    import subprocess
+
+    argv = build_command(Topology(), SPEC_FROM_STDIN, trust_remote_code=trust_remote_code).argv
+    process = _start(argv, {}, stdin=subprocess.PIPE)
+    with _warm_lock:
+        _warm.setdefault(tuple(argv), []).append(process)
+    return process
+
+
+def _take_warm_trainer(command: LaunchCommand, spec_uri: str):
+    key = tuple(SPEC_FROM_STDIN if arg == spec_uri else arg for arg in command.argv)
+    with _warm_lock:
+        waiting = _warm.get(key)
+        return waiting.pop() if waiting else None  # (one that died importing is taken too: its output says why)
+
+
+def stop_warm_trainer(process) -> None:
+    """End a warm trainer nothing took."""
+    with _warm_lock:
+        for waiting in _warm.values():
+            if process in waiting:
+                waiting.remove(process)
+                break
+        else:
+            return  # taken: run_streaming owns it
+    kill_group(process.pid)  # it has only imported (or waits for a spec): nothing to finish
+    process.wait()
+    process.stdin.close()
+    process.stdout.close()
 
 
 def kill_group(pid: int) -> None:

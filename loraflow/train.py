@@ -32,6 +32,7 @@ import torch
 from loraflow import objectives
 from loraflow.data.tokenize import load_tokenizer
 from loraflow.errors import LoraflowError
+from loraflow.launch import SPEC_FROM_STDIN
 from loraflow.models import native
 from loraflow.objectives import OBJECTIVES, Dpo, load_split
 from loraflow.plan import MemoryPlan, choose_precision, plan_memory
@@ -102,6 +103,7 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
         def __init__(self):
             self.last_time = time.time()
             self.last_tokens = 0
+            self.evaluating_s = 0.0  # evaluation since the last training log: not training time
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not is_main or not logs:
@@ -109,9 +111,11 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
             now = time.time()
             tokens = state.num_input_tokens_seen or int(logs.get("num_tokens", 0))  # TRL counts its own (DPO)
             record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
-            if "loss" in logs and now > self.last_time:
-                record["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
-                self.last_time, self.last_tokens = now, tokens
+            self.evaluating_s += logs.get("eval_runtime", 0.0)
+            training_s = now - self.last_time - self.evaluating_s
+            if "loss" in logs and training_s > 0:
+                record["tokens_per_s"] = round((tokens - self.last_tokens) / training_s, 1)
+                self.last_time, self.last_tokens, self.evaluating_s = now, tokens, 0.0
             record.update(_memory_report(device))
             with metrics_path.open("a") as stream:
                 stream.write(json.dumps(record) + "\n")
@@ -342,19 +346,24 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
 
 
 def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume_dir, has_eval: bool) -> dict:
-    tokens_before = json.loads((resume_dir / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume_dir else 0
+    resumed = json.loads((resume_dir / "trainer_state.json").read_text()) if resume_dir else {}
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     elapsed = time.time() - started
     tokens_seen = objective.tokens_seen(trainer)
-    tokens_now = tokens_seen - tokens_before  # this attempt's, not the resumed part's
+    tokens_now = tokens_seen - resumed.get("num_input_tokens_seen", 0)  # this attempt's, not the resumed part's
+    # The Trainer evaluates inside train() (every eval_steps and at the last step): that time is not training.
+    evaluations = [row for row in trainer.state.log_history if "eval_runtime" in row and row["step"] > resumed.get("global_step", 0)]
+    evaluating_s = sum(row["eval_runtime"] for row in evaluations)
+    training_s = elapsed - evaluating_s
     summary = {
         "objective": objective.name,
         "train_loss": result.training_loss,
         "global_step": result.global_step,
         "train_runtime_s": round(elapsed, 2),
+        "eval_runtime_s": round(evaluating_s, 2),  # (part of train_runtime_s)
         "tokens_seen": tokens_seen,
-        "tokens_per_s": round(tokens_now / elapsed, 1) if elapsed else None,
+        "tokens_per_s": round(tokens_now / training_s, 1) if training_s > 0 else None,
         "device": run.device,
         "precision": run.precision,
         "precision_reason": run.precision_reason,
@@ -370,7 +379,9 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
     # A number, or None and a note saying why there is none: never a bare nan in a summary.
     summary["eval_loss"], summary["eval_note"] = None, "no validation split (data.val_set_size is 0)"
     if has_eval:
-        eval_loss = trainer.evaluate()["eval_loss"]
+        # The Trainer's own evaluation at the last step when there was one (transformers evaluates there), not a second.
+        last = evaluations[-1] if evaluations and evaluations[-1]["step"] == result.global_step else None
+        eval_loss = last["eval_loss"] if last else trainer.evaluate()["eval_loss"]
         if math.isfinite(eval_loss):
             summary["eval_loss"], summary["eval_note"] = eval_loss, None
         else:
@@ -416,17 +427,41 @@ def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = 
     return {"pairs": len(train_set) + (len(val_set) if val_set is not None else 0), "reference_forwards": objectives.REFERENCE_FORWARDS}
 
 
+def _warm_start() -> str:
+    """Started before its spec exists (loraflow.launch.start_warm_trainer): import what training uses while the stages
+    before it run, then wait for the spec URI on stdin ("" when the flow ends without one)."""
+    started = time.time()
+    sys.modules.setdefault("deepspeed", None)  # the flow starts a warm trainer only for runs without DeepSpeed
+    import datasets  # noqa: F401
+    import peft  # noqa: F401  (and bitsandbytes)
+    import transformers.trainer  # noqa: F401
+
+    imported = time.time()
+    spec_uri = sys.stdin.readline().strip()
+    if spec_uri:
+        print(f"warm start: the trainer's imports took {imported - started:.1f} s and were done "
+              f"{time.time() - imported:.1f} s before its run spec arrived", flush=True)
+    return spec_uri
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m loraflow.train")
-    parser.add_argument("spec_uri", help="the run spec (JSON, any fsspec URL)")
+    parser.add_argument("spec_uri", help="the run spec (JSON, any fsspec URL); - : import first, then read it from stdin")
     # The deepspeed launcher appends --local_rank=N; the same value is in LOCAL_RANK.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code to run")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    warm = args.spec_uri == SPEC_FROM_STDIN
+    if warm:
+        args.spec_uri = _warm_start()
+        if not args.spec_uri:
+            return 0  # the flow ended (or trained elsewhere) without a spec for this process
     try:
         spec = read_spec(args.spec_uri)
+        if warm and spec.deepspeed_config is not None:
+            raise LoraflowError("a warm-started trainer was given a DeepSpeed run; start it with the spec's URI instead")
         if spec.deepspeed_config is None:
             # transformers and accelerate import DeepSpeed whenever it is installed (a third of a second, and a native
             # build check that prints "cannot find -laio"); a run without it never uses it.
@@ -439,4 +474,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is committed to the store and closed by now: skip the interpreter's teardown (freeing the model and
+    # every library's state: 1.4 s on the CPU, after the adapter is safe), unless a process group wants its shutdown.
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        os._exit(code)
+    sys.exit(code)

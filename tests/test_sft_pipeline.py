@@ -114,8 +114,10 @@ def test_training_loss_decreases(first_run):
     assert metrics["global_step"] == 12
     assert metrics["final_loss"] < metrics["first_loss"] - 0.5
     lines = [json.loads(l) for l in Path(first_run["records"]["adapter"].uri).parent.joinpath("metrics", "metrics.jsonl").read_text().splitlines()]
-    evals = [l["eval_loss"] for l in lines if "eval_loss" in l]
-    assert len(evals) >= 2 and evals[-1] < evals[0]
+    evals = [l for l in lines if "eval_loss" in l]
+    assert [l["step"] for l in evals] == [6, 12] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # the last step once
+    assert metrics["eval_loss"] == evals[-1]["eval_loss"]
+    assert 0 < metrics["eval_runtime_s"] < metrics["train_runtime_s"]  # tokens/s counts training time only
     assert all(l["tokens_per_s"] > 0 for l in lines if "tokens_per_s" in l)
     assert {"loss", "grad_norm", "learning_rate", "peak_rss_mb"} <= set(lines[1])
 
@@ -150,6 +152,12 @@ def test_exported_adapter_loads_on_the_original_base_and_matches_the_merged_mode
     assert first_run["records"]["merged"].metrics["max_abs_logit_diff"] <= first_run["records"]["merged"].metrics["tolerance"]
 
 
+def _trainer_processes() -> list:
+    import psutil
+
+    return [child for child in psutil.Process().children(recursive=True) if "loraflow.train" in " ".join(child.cmdline())]
+
+
 def test_second_run_reuses_data_quantize_lora_and_training(first_run):
     calls = tokenize_module.TOKENIZE_CALLS
     records, states = run_sft(first_run["config"])
@@ -157,6 +165,7 @@ def test_second_run_reuses_data_quantize_lora_and_training(first_run):
     for task in STAGE_TASKS:
         assert states[task] == "Cached", (task, states)
     assert records["adapter"].uri == first_run["records"]["adapter"].uri
+    assert _trainer_processes() == []  # the trainer warm-started for this run was ended with it, unused
 
 
 def test_changed_template_reruns_data_but_not_quantization(first_run, tiny_model):
@@ -335,6 +344,8 @@ def test_the_fine_tunes_own_run_shows_its_training_and_its_task_list(first_run):
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     assert any(log.message.startswith("trained adapter committed") for log in logs)
+    # The trainer was started with the flow and given its spec by the train task (loraflow.launch: warm start).
+    assert any(log.message.startswith("warm start: the trainer's imports took") for log in logs)
     assert {run.name.rsplit("-", 1)[0] for run in task_runs} >= {"dataset", "train", "adapter", "report"}
     input_types = {i.input_type for run in task_runs for inputs in run.task_inputs.values() for i in inputs}
     assert input_types <= {"task_run", "parameter", "constant"}, input_types
