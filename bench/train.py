@@ -11,8 +11,9 @@ recipe's train_on_inputs), each as its own process:
               precision auto (bf16 on a CPU with AVX512-BF16/AMX)
   unpacked    loraflow's defaults with train.packing false
   recipe-like loraflow with the recipe's settings (micro batch 2, no packing)
-Prints non-pad tokens/s of the training loop, its wall time, peak RSS above the process's RSS after imports, final
-eval loss, each as a ratio to the recipe's.
+Prints non-pad tokens/s of the training loop (evaluation left out), its wall time, peak RSS above the process's RSS
+after imports, final eval loss, each as a ratio to the recipe's; and the ceiling: forward and backward passes alone on
+full rows (bench/ceiling.py), which no training loop exceeds on this machine.
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ def main() -> None:
                     f"checkpointing {'on' if m.get('gradient_checkpointing') else 'off'}")
         print(f"{name:<12} {m['tokens_per_s']:>9,.0f} {m['tokens_per_s'] / recipe['tokens_per_s']:>9.2f} {m['train_runtime_s']:>8.1f} "
               f"{run_mb:>8,.0f} {run_mb / recipe_mb:>9.2f} {m['eval_loss']:>10.4f}  {settings}")
+    ceiling = json.loads(subprocess.run([sys.executable, f"{_HERE}/ceiling.py", str(model)], check=True, capture_output=True,
+                                        text=True).stdout.strip().splitlines()[-1])
+    print(f"{'ceiling':<12} {ceiling['tokens_per_s']:>9,.0f} {ceiling['tokens_per_s'] / recipe['tokens_per_s']:>9.2f}"
+          f"{'':>39}  forward + backward alone on {ceiling['rows']} full rows of {ceiling['width']} (bench/ceiling.py)")
     print(f"(work folder: {work})")
 
 
