@@ -10,6 +10,12 @@ bench/train.py prints it beside the recipe's figure.
 
 from __future__ import annotations
 
+import sys
+
+# bench/tokenize.py would shadow the standard library's `tokenize` while this folder is on sys.path.
+_HERE = __file__.rsplit("/", 1)[0]
+sys.path[:] = [p for p in sys.path if p not in ("", _HERE)]
+
 import argparse
 import json
 import time

@@ -46,6 +46,12 @@ def _longest(dataset, *columns: str) -> int:
     return int(pc.max(total).as_py() or 0)
 
 
+def _perplexity(loss: float | None) -> float | None:
+    import math
+
+    return math.exp(loss) if loss is not None and math.isfinite(loss) and loss < 700 else None  # (exp overflows past 709)
+
+
 class Sft:
     name = "sft"
 
@@ -80,7 +86,10 @@ class Sft:
         return trainer.state.num_input_tokens_seen
 
     def summary(self, logged: list[dict]) -> dict:
-        return {}
+        """Perplexity on the validation split (exp of the mean token loss) before training (step 0) and after."""
+        evals = [row for row in logged if "eval_loss" in row]
+        before = next((row["eval_loss"] for row in evals if row["step"] == 0), None)
+        return {"perplexity_before": _perplexity(before), "perplexity": _perplexity(evals[-1]["eval_loss"]) if evals else None}
 
 
 def _dpo_trainer_class():

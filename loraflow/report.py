@@ -128,10 +128,16 @@ def loss_text(train: dict, number: Callable[[float], str]) -> str:
 
 
 def eval_text(train: dict, number: Callable[[float], str]) -> str:
-    """The eval loss, or why there is none (summaries written before notes existed say 'no eval split')."""
-    if train.get("eval_loss") is not None:
-        return f"eval loss {number(train['eval_loss'])}"
-    return "eval loss: " + (train.get("eval_note") or "no eval split")
+    """The eval loss before training → after (with perplexity for SFT), or why there is none (summaries written
+    before notes existed say 'no eval split')."""
+    if train.get("eval_loss") is None:
+        return "eval loss: " + (train.get("eval_note") or "no eval split")
+    before, after = train.get("eval_loss_before"), train["eval_loss"]
+    text = f"eval loss {number(before)} → {number(after)}" if before is not None else f"eval loss {number(after)}"
+    if train.get("perplexity") is not None:
+        ppl = train.get("perplexity_before")
+        text += f" (perplexity {f'{ppl:,.4g} → ' if ppl is not None else ''}{train['perplexity']:,.4g})"
+    return text
 
 
 def reward_text(train: dict) -> str | None:

@@ -267,8 +267,9 @@ def setup_data(run: RunContext):
     return tokenizer, load_split(dataset_dir, "train", ref_logps), load_split(dataset_dir, "val", ref_logps)
 
 
-def training_arguments(run: RunContext, has_eval: bool) -> dict:
-    """The TrainingArguments every objective shares (an objective's own class adds its fields)."""
+def training_arguments(run: RunContext, has_eval: bool, eval_before: bool = False) -> dict:
+    """The TrainingArguments every objective shares (an objective's own class adds its fields). eval_before: evaluate
+    the starting model first (step 0), the baseline the trained adapter is compared with."""
     cfg, ranks = run.spec.train, run.ranks
     return dict(
         output_dir=str(run.work / "checkpoints"),
@@ -290,6 +291,7 @@ def training_arguments(run: RunContext, has_eval: bool) -> dict:
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps,
+        eval_on_start=has_eval and eval_before,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
@@ -318,12 +320,13 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
     tokenizer, train_set, val_set = setup_data(run)
     model = setup_model(run, objective.tokens_per_example(train_set))
 
-    args = objective.arguments(training_arguments(run, val_set is not None))
     resume_uri, resume_dir = resumable_checkpoint(run.store, spec.run_uri, run.work)
     if resume_uri:
         print(f"resuming from {resume_uri}", flush=True)
         if (resume_dir / METRICS).exists():
             shutil.copyfile(resume_dir / METRICS, run.metrics_path)
+    # The baseline is measured once per run: a resumed attempt has it in the metrics its checkpoint carried.
+    args = objective.arguments(training_arguments(run, val_set is not None, eval_before=eval_loss_before(run.metrics_path) is None))
     callbacks = _callbacks(run.store, spec.run_uri, run.metrics_path, run.device, run.is_main, resumed=resume_uri is not None)
     trainer = objective.trainer(run, model, args, train_set, val_set, tokenizer, callbacks)
     trainer.remove_callback(PrinterCallback)  # our callback prints each log once, with step and memory
@@ -345,6 +348,15 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
     return summary
 
 
+def eval_loss_before(metrics_path: Path) -> float | None:
+    """The starting model's eval loss: the evaluation logged at step 0 (eval_on_start), if there is one."""
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("step") == 0 and "eval_loss" in row:
+            return row["eval_loss"]
+    return None
+
+
 def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume_dir, has_eval: bool) -> dict:
     resumed = json.loads((resume_dir / "trainer_state.json").read_text()) if resume_dir else {}
     started = time.time()
@@ -353,7 +365,8 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
     tokens_seen = objective.tokens_seen(trainer)
     tokens_now = tokens_seen - resumed.get("num_input_tokens_seen", 0)  # this attempt's, not the resumed part's
     # The Trainer evaluates inside train() (every eval_steps and at the last step): that time is not training.
-    evaluations = [row for row in trainer.state.log_history if "eval_runtime" in row and row["step"] > resumed.get("global_step", 0)]
+    evaluations = [row for row in trainer.state.log_history
+                   if "eval_runtime" in row and (not resume_dir or row["step"] > resumed.get("global_step", 0))]
     evaluating_s = sum(row["eval_runtime"] for row in evaluations)
     training_s = elapsed - evaluating_s
     summary = {
@@ -378,6 +391,7 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
     }
     # A number, or None and a note saying why there is none: never a bare nan in a summary.
     summary["eval_loss"], summary["eval_note"] = None, "no validation split (data.val_set_size is 0)"
+    summary["eval_loss_before"] = eval_loss_before(run.metrics_path) if has_eval else None
     if has_eval:
         # The Trainer's own evaluation at the last step when there was one (transformers evaluates there), not a second.
         last = evaluations[-1] if evaluations and evaluations[-1]["step"] == result.global_step else None

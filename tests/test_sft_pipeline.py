@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -115,8 +116,12 @@ def test_training_loss_decreases(first_run):
     assert metrics["final_loss"] < metrics["first_loss"] - 0.5
     lines = [json.loads(l) for l in Path(first_run["records"]["adapter"].uri).parent.joinpath("metrics", "metrics.jsonl").read_text().splitlines()]
     evals = [l for l in lines if "eval_loss" in l]
-    assert [l["step"] for l in evals] == [6, 12] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # the last step once
-    assert metrics["eval_loss"] == evals[-1]["eval_loss"]
+    # The starting model first (the baseline), then every eval_steps; the last step once.
+    assert [l["step"] for l in evals] == [0, 6, 12] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert metrics["eval_loss"] == evals[-1]["eval_loss"] and metrics["eval_loss_before"] == evals[0]["eval_loss"]
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    assert metrics["perplexity_before"] == pytest.approx(math.exp(metrics["eval_loss_before"]))
+    assert metrics["perplexity_before"] > metrics["perplexity"]
     assert 0 < metrics["eval_runtime_s"] < metrics["train_runtime_s"]  # tokens/s counts training time only
     assert all(l["tokens_per_s"] > 0 for l in lines if "tokens_per_s" in l)
     assert {"loss", "grad_norm", "learning_rate", "peak_rss_mb"} <= set(lines[1])
@@ -252,6 +257,9 @@ def test_the_run_publishes_its_artifacts(first_run, capsys):
     summary = artifacts[f"{run}-summary"].data
     # Keyed artifacts are versioned: the newest summary is from this run's first or second (cached) flow run.
     assert re.search(r"\| dataset \| (built|cached) \|", summary) and re.search(r"\| train \| (built|cached) \|", summary)
+    train = first_run["records"]["train"].metrics
+    before_after = f"eval loss {train['eval_loss_before']:.4g} → {train['eval_loss']:.4g} (perplexity "
+    assert before_after in summary, summary
     for expected in ("rows truncated at cutoff 128", "token length p50",
                      "trainable of", "train loss ", "eval loss ", "tokens/s", "peak RSS", first_run["records"]["merged"].uri, '"learning_rate": 0.01',
                      # what ran, the settings given and what auto decided (loraflow.plan)
