@@ -1,0 +1,38 @@
+"""Training through NF4 layers gets the same gradients after an evaluation as before it.
+
+bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit layer for its inference kernel the first time the layer runs
+in eval mode, and that kernel has no backward: training after an evaluation (every eval_steps, and the baseline at
+step 0) silently lost the gradient through every quantized layer. On a CPU without AVX512-BF16 nothing is repacked
+and the test holds either way.
+"""
+
+import torch
+
+from loraflow.config import LoraSettings
+from loraflow.models import native
+
+
+def _lora_gradients(model, ids) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    return {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_lora_gradients_through_nf4_layers_are_unchanged_by_an_evaluation(tiny_model):
+    model = native.load_causal_lm(tiny_model, "cpu", "bf16", native.bnb_config(False, "bf16"))
+    model = native.prepare_for_training(model, quantized=True, gradient_checkpointing=False)
+    model, _ = native.inject_lora(model, LoraSettings(r=8, target="all-linear"), seed=0)
+    ids = torch.randint(4, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
+
+    before = _lora_gradients(model, ids)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, use_cache=False)  # an evaluation pass, as the Trainer runs one
+    after = _lora_gradients(model, ids)
+
+    first_layer = [name for name in before if ".layers.0." in name and before[name].abs().max() > 0]
+    assert first_layer  # the gradient reaches the first layer (through every quantized layer above it)
+    for name, grad in before.items():
+        assert torch.allclose(after[name], grad, rtol=1e-3, atol=1e-6), name
