@@ -185,6 +185,11 @@ class TrainSettings(_Section):
     logging_steps: int = Field(1, title="Log every (steps)", ge=1, description="Log metrics every N optimizer steps.")
     eval_steps: int = Field(100, title="Evaluate every (steps)", ge=1, description="Evaluate every N steps when there is a validation split.")
     save_steps: int = Field(100, title="Checkpoint every (steps)", ge=1, description="Checkpoint (and sync to the store) every N steps.")
+    early_stopping_patience: int = Field(
+        0, title="Early stopping patience", ge=0,
+        description="Stop when the eval loss has not improved for this many evaluations in a row (0: off). When on, the "
+        "adapter exported is the best evaluated step's, by eval loss. Needs a validation split and save_steps a multiple "
+        "of eval_steps.")
     seed: int = Field(42, title="Training seed", description="Training seed (LoRA init, data order, dropout).")
     device: Literal["auto", "xpu", "cuda", "cpu"] = Field("auto", title="Device", description="Device to train on.")
     launcher: Literal["local", "torchrun", "deepspeed", "mpirun"] = Field(
@@ -235,6 +240,9 @@ class TrainSettings(_Section):
             raise ValueError(f"deepspeed_zero={self.deepspeed_zero} needs launcher: deepspeed (got {self.launcher!r})")
         if self.deepspeed_offload_optimizer and not self.deepspeed_zero:
             raise ValueError("deepspeed_offload_optimizer needs deepspeed_zero: 2 or 3")
+        if self.early_stopping_patience and self.save_steps % self.eval_steps:
+            raise ValueError(f"early_stopping_patience needs save_steps ({self.save_steps}) to be a multiple of eval_steps "
+                             f"({self.eval_steps}): the best evaluated step must have a checkpoint to export")
         if self.hosts and self.launcher == "local":
             raise ValueError(f"hosts {self.hosts} need a multi-process launcher (torchrun, deepspeed or mpirun), not local")
         if len(set(self.hosts)) != len(self.hosts):
@@ -325,6 +333,8 @@ class FinetuneConfig(_Section):
                 "partitionable parameters). Use deepspeed_zero: 2 with quantization: nf4, or "
                 "quantization: none with ZeRO-3."
             )
+        if self.train.early_stopping_patience and not self.data.val_set_size:
+            raise ValueError("train.early_stopping_patience watches the eval loss: set data.val_set_size (a validation split)")
         if self.model.quantization == "nf4" and self.train.precision == "fp16":
             raise ValueError("precision fp16 with an NF4 base is unstable in the QLoRA recipe; use bf16 or fp32")
         return self

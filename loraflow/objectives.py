@@ -46,14 +46,9 @@ def _longest(dataset, *columns: str) -> int:
     return int(pc.max(total).as_py() or 0)
 
 
-def _perplexity(loss: float | None) -> float | None:
-    import math
-
-    return math.exp(loss) if loss is not None and math.isfinite(loss) and loss < 700 else None  # (exp overflows past 709)
-
-
 class Sft:
     name = "sft"
+    reports_perplexity = True  # exp(eval loss): the mean token loss on the validation split
 
     def __init__(self, spec):
         self.spec = spec
@@ -86,10 +81,7 @@ class Sft:
         return trainer.state.num_input_tokens_seen
 
     def summary(self, logged: list[dict]) -> dict:
-        """Perplexity on the validation split (exp of the mean token loss) before training (step 0) and after."""
-        evals = [row for row in logged if "eval_loss" in row]
-        before = next((row["eval_loss"] for row in evals if row["step"] == 0), None)
-        return {"perplexity_before": _perplexity(before), "perplexity": _perplexity(evals[-1]["eval_loss"]) if evals else None}
+        return {}
 
 
 def _dpo_trainer_class():
@@ -126,6 +118,7 @@ def _dpo_trainer_class():
 
 class Dpo:
     name = "dpo"
+    reports_perplexity = False  # its eval loss is the preference loss, not a token loss
 
     packed = False  # TRL pads the pairs
 
@@ -150,6 +143,7 @@ class Dpo:
             from loraflow.models import native  # the recipe's second, frozen copy of the base (twice the memory)
 
             ref_model = native.load_causal_lm(run.base_dir(), run.device, run.precision, None, run.trust_remote_code).eval()
+            native.keep_4bit_training_kernels(ref_model)
             if self.dpo.start_from:  # the reference is the base with the SFT adapter training starts from
                 from peft import PeftModel
 

@@ -137,6 +137,9 @@ def eval_text(train: dict, number: Callable[[float], str]) -> str:
     if train.get("perplexity") is not None:
         ppl = train.get("perplexity_before")
         text += f" (perplexity {f'{ppl:,.4g} → ' if ppl is not None else ''}{train['perplexity']:,.4g})"
+    if train.get("kept_step") is not None:  # early stopping
+        text += f", adapter from step {train['kept_step']} (the best eval loss"
+        text += f"; stopped early at step {train['global_step']})" if train.get("stopped_early") else ")"
     return text
 
 

@@ -292,6 +292,11 @@ def training_arguments(run: RunContext, has_eval: bool, eval_before: bool = Fals
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps,
         eval_on_start=has_eval and eval_before,
+        # Early stopping: the best evaluated step's weights are loaded back at the end, and exported.
+        load_best_model_at_end=has_eval and cfg.early_stopping_patience > 0,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        restore_callback_states_from_checkpoint=True,  # a resumed run keeps its early-stopping count
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
@@ -328,6 +333,11 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
     # The baseline is measured once per run: a resumed attempt has it in the metrics its checkpoint carried.
     args = objective.arguments(training_arguments(run, val_set is not None, eval_before=eval_loss_before(run.metrics_path) is None))
     callbacks = _callbacks(run.store, spec.run_uri, run.metrics_path, run.device, run.is_main, resumed=resume_uri is not None)
+    if args.load_best_model_at_end:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.train.early_stopping_patience))
+        restore_best_checkpoint(run, resume_dir)
     trainer = objective.trainer(run, model, args, train_set, val_set, tokenizer, callbacks)
     trainer.remove_callback(PrinterCallback)  # our callback prints each log once, with step and memory
 
@@ -346,6 +356,20 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
         # is shared and another rank may still be leaving it, so it stays for the next run of this spec.
         shutil.rmtree(run.work, ignore_errors=True)
     return summary
+
+
+def restore_best_checkpoint(run: RunContext, resume_dir: Path | None) -> None:
+    """A resumed run's best checkpoint so far, where the Trainer looks for it at the end (its local folder from the
+    first attempt, which another host or a cleaned scratch folder lacks): copied back from the store."""
+    if resume_dir is None or not run.is_main:
+        return
+    best = json.loads((resume_dir / "trainer_state.json").read_text()).get("best_model_checkpoint")
+    if best and not Path(best).is_dir():
+        shutil.copytree(run.store.local_copy(f"{run.spec.run_uri}/checkpoints/{Path(best).name}", run.work / "resume", verify=True), best)
+
+
+def _perplexity(loss: float | None) -> float | None:
+    return math.exp(loss) if loss is not None and loss < 700 else None  # (exp overflows past 709)
 
 
 def eval_loss_before(metrics_path: Path) -> float | None:
@@ -392,10 +416,15 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
     # A number, or None and a note saying why there is none: never a bare nan in a summary.
     summary["eval_loss"], summary["eval_note"] = None, "no validation split (data.val_set_size is 0)"
     summary["eval_loss_before"] = eval_loss_before(run.metrics_path) if has_eval else None
+    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    if best:  # early stopping: the adapter is the best evaluated step's
+        summary["kept_step"] = int(best.rsplit("-", 1)[-1])
+        summary["stopped_early"] = result.global_step < trainer.state.max_steps
     if has_eval:
-        # The Trainer's own evaluation at the last step when there was one (transformers evaluates there), not a second.
+        # The Trainer's own evaluation at the last step when there was one (transformers evaluates there), not a second;
+        # with early stopping, the kept step's.
         last = evaluations[-1] if evaluations and evaluations[-1]["step"] == result.global_step else None
-        eval_loss = last["eval_loss"] if last else trainer.evaluate()["eval_loss"]
+        eval_loss = trainer.state.best_metric if best else last["eval_loss"] if last else trainer.evaluate()["eval_loss"]
         if math.isfinite(eval_loss):
             summary["eval_loss"], summary["eval_note"] = eval_loss, None
         else:
@@ -404,6 +433,8 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
     logged = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     losses = [row["loss"] for row in logged if "loss" in row]
     summary["first_loss"], summary["final_loss"] = (losses[0], losses[-1]) if losses else (None, None)
+    if objective.reports_perplexity:
+        summary["perplexity_before"], summary["perplexity"] = _perplexity(summary["eval_loss_before"]), _perplexity(summary["eval_loss"])
     summary.update(objective.summary(logged))
     if not math.isfinite(summary["train_loss"]):
         raise LoraflowError(f"training diverged: train loss is {summary['train_loss']}; lower train.learning_rate")

@@ -250,11 +250,12 @@ def targets_without_weights(model_path: str | Path, target, trust_remote_code: b
     return target_modules(model, target)
 
 
-def keep_4bit_layers_trainable(model) -> None:
+def keep_4bit_training_kernels(model) -> None:
     """bitsandbytes (0.50) repacks a CPU Linear4bit's weight for its AVX512-BF16 inference kernel the first time the
     layer runs in eval mode, and keeps it repacked; that kernel has no backward. Training after any evaluation then
     lost the gradient through every quantized layer without an error (the LoRA gradients of all but the last layers
-    were wrong: tests/test_quantized_training.py). A model that is trained keeps the trainable layout."""
+    were wrong: tests/test_quantized_training.py). A model that is trained keeps the training kernels, and so does a
+    separate DPO reference copy: its log-probs are compared with the policy's, so they use the same arithmetic."""
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
@@ -264,7 +265,7 @@ def prepare_for_training(model, quantized: bool, gradient_checkpointing: bool):
     from peft import prepare_model_for_kbit_training
 
     if quantized:
-        keep_4bit_layers_trainable(model)
+        keep_4bit_training_kernels(model)
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,82 @@
+"""Evidence that a fine-tune helped: the baseline before training, and early stopping that keeps the best step."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loraflow import stages
+from loraflow.config import build_config
+from loraflow.launch import Topology, build_command, run_streaming
+
+pytestmark = pytest.mark.slow
+
+SAMPLE = str(Path(__file__).parents[1] / "loraflow/data/sample/alpaca_gpt4_sample.json")
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _config(tiny_model, store: Path, **train):
+    return build_config({
+        "name": "eval", "storage": str(store), "model": {"base": str(tiny_model)},
+        "data": {"path": SAMPLE, "val_set_size": 16, "cutoff_len": 128},
+        "train": {"batch_size": 16, "micro_batch_size": 8, "gradient_checkpointing": "off", "retries": 0, **train},
+    })
+
+
+def _train(config, env: dict | None = None, exit_code: int = 0) -> tuple[dict | None, list[dict], str]:
+    """(summary, metrics rows, run URI) of a training run started as a flow starts it (its own process)."""
+    store, key, run, spec_uri = stages.prepare_training(config, log=lambda _: None)
+    lines: list[str] = []
+    command = build_command(Topology(), spec_uri)
+    command.env.update(env or {})
+    assert run_streaming(command, lines.append, timeout=300) == exit_code, "\n".join(lines[-40:])
+    metrics = [json.loads(line) for line in Path(run, "metrics", "metrics.jsonl").read_text().splitlines()]
+    record = stages.trained_record(store, key, run, reused=False) if exit_code == 0 else None
+    return (record.metrics if record else None), metrics, run
+
+
+# A learning rate far too high with a constant schedule: on the built model the eval loss goes 8.33 (before), 7.05,
+# 7.34, 7.05 (the best, step 3), 7.31, 7.15: two evaluations without improvement after step 3.
+RISING = dict(learning_rate=0.05, lr_scheduler="constant", warmup=0, max_steps=30, eval_steps=1, save_steps=1,
+              early_stopping_patience=2)
+
+
+def _adapter_hash(run: str, checkpoint: str) -> str:
+    return sha256_file(Path(run, "checkpoints", checkpoint, "adapter_model.safetensors"))
+
+
+def test_early_stopping_stops_a_run_whose_eval_loss_rises_and_exports_the_best_step(tiny_model, tmp_path):
+    summary, metrics, run = _train(_config(tiny_model, tmp_path / "store", **RISING))
+    evals = {row["step"]: row["eval_loss"] for row in metrics if "eval_loss" in row and row["step"] > 0}
+    best = min(evals, key=evals.get)
+    assert summary["stopped_early"] and summary["global_step"] == best + 2 < 30  # two evaluations without improvement
+    assert summary["kept_step"] == best and summary["eval_loss"] == evals[best]
+    assert _adapter_hash(run, "final") == _adapter_hash(run, f"checkpoint-{best}")
+    assert _adapter_hash(run, "final") != _adapter_hash(run, f"checkpoint-{summary['global_step']}")
+
+
+def test_a_resumed_run_still_exports_the_best_step_when_its_scratch_folder_is_gone(tiny_model, tmp_path):
+    """The first attempt fails at step 5 (its newest checkpoint is step 4, the best step 3); the retry runs on a host
+    without the first attempt's scratch folder, so the best checkpoint comes back from the store."""
+    config = _config(tiny_model, tmp_path / "store", **RISING)
+    scratch = {"LORAFLOW_SCRATCH": str(tmp_path / "scratch")}
+    _train(config, {**scratch, "LORAFLOW_TEST_FAIL_AT_STEP": "5"}, exit_code=1)
+    shutil.rmtree(tmp_path / "scratch")
+    summary, _, run = _train(config, scratch)
+    assert summary["resumed_from"].endswith("checkpoint-4") and summary["kept_step"] == 3 and summary["global_step"] == 5
+    assert _adapter_hash(run, "final") == _adapter_hash(run, "checkpoint-3")
+
+
+def test_early_stopping_needs_a_validation_split_and_checkpoints_at_evaluated_steps(tiny_model, tmp_path):
+    from loraflow.errors import LoraflowError
+
+    base = {"name": "eval", "storage": str(tmp_path), "model": {"base": str(tiny_model)}, "data": {"path": SAMPLE}}
+    with pytest.raises(LoraflowError, match="early_stopping_patience watches the eval loss: set data.val_set_size"):
+        build_config({**base, "data": {"path": SAMPLE, "val_set_size": 0}, "train": {"early_stopping_patience": 2}})
+    with pytest.raises(LoraflowError, match=r"save_steps \(50\) to be a multiple of eval_steps \(20\)"):
+        build_config({**base, "train": {"early_stopping_patience": 2, "eval_steps": 20, "save_steps": 50}})
