@@ -290,6 +290,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """Two or more runs of a store side by side: the settings that differ, the results, the loss curves overlaid."""
+    from loraflow.compare import comparison_markdown, loss_curves_png, read_run
+    from loraflow.storage import ArtifactStore
+
+    if len(args.runs) < 2:
+        raise LoraflowError("compare needs two runs or more (run ids, as `loraflow du --storage …` lists them)")
+    store = ArtifactStore(args.storage)
+    runs = [read_run(store, run) for run in args.runs]
+    markdown = comparison_markdown(runs)
+    print(markdown)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(markdown + "\n![loss curves](loss-curves.png)\n")
+        (out / "loss-curves.png").write_bytes(loss_curves_png(runs))
+        print(f"written: {out / 'compare.md'}, {out / 'loss-curves.png'}")
+    return 0
+
+
 def cmd_runs(args) -> int:
     from tasks.runs import recent_runs
 
@@ -435,6 +455,12 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--merged", action="store_true", help="use the merged model instead of base + adapter")
     gen.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code to run (never taken from the store)")
     gen.set_defaults(handler=cmd_generate)
+
+    compare = commands.add_parser("compare", help="runs side by side: the settings that differ, eval loss before/after, speed, memory, loss curves")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run ids in the store (e.g. demo-17182e7ab5d2), two or more")
+    compare.add_argument("--storage", required=True, help="the artifact store the runs are in")
+    compare.add_argument("--out", metavar="DIR", help="also write compare.md and loss-curves.png (every run's curves overlaid) there")
+    compare.set_defaults(handler=cmd_compare)
 
     runs = commands.add_parser("runs", help="list recent fine-tunes with their state and final loss")
     runs.add_argument("--limit", type=int, default=20)

@@ -78,6 +78,22 @@ def metrics_table(rows: list[dict]) -> list[dict]:
     return [{column: _rounded(column, row.get(column)) for column in columns} for row in by_step.values()]
 
 
+def _optimizer_panel(axes, rows: list[dict]) -> None:
+    """The learning rate the schedule gave and the gradient norm before clipping, per logged step."""
+    train_rows = [row for row in rows if "learning_rate" in row]
+    axes.plot([row["step"] for row in train_rows], [row["learning_rate"] for row in train_rows], color="C2", label="learning rate")
+    axes.set_xlabel("step")
+    axes.set_ylabel("learning rate")
+    axes.set_title("schedule and gradient norm")
+    axes.grid(alpha=0.3)
+    norm = axes.twinx()
+    norm.plot([row["step"] for row in train_rows if "grad_norm" in row], [row["grad_norm"] for row in train_rows if "grad_norm" in row],
+              color="C3", label="grad norm")
+    norm.set_ylabel("grad norm")
+    lines, extra = axes.get_legend_handles_labels(), norm.get_legend_handles_labels()
+    axes.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8)
+
+
 def loss_curve_png(rows: list[dict], title: str) -> bytes:
     import matplotlib
 
@@ -85,7 +101,7 @@ def loss_curve_png(rows: list[dict], title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     dpo = any("rewards/margins" in row for row in rows)
-    figure, panels = plt.subplots(1, 2 if dpo else 1, figsize=(13 if dpo else 7, 4), dpi=100, squeeze=False)
+    figure, panels = plt.subplots(1, 3 if dpo else 2, figsize=(19 if dpo else 13, 4), dpi=100, squeeze=False)
     axes = panels[0][0]
     for column, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
         points = [(row["step"], row[column]) for row in rows if column in row]
@@ -97,8 +113,9 @@ def loss_curve_png(rows: list[dict], title: str) -> bytes:
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
+    _optimizer_panel(panels[0][1], rows)
     if dpo:  # DPO: the implicit rewards (β·log-ratio to the reference) and how often chosen beats rejected
-        rewards = panels[0][1]
+        rewards = panels[0][2]
         train_rows = [row for row in rows if "rewards/margins" in row]
         for column, label in REWARD_CURVES:
             rewards.plot([row["step"] for row in train_rows], [row[column] for row in train_rows], label=label)

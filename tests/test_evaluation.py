@@ -80,3 +80,24 @@ def test_early_stopping_needs_a_validation_split_and_checkpoints_at_evaluated_st
         build_config({**base, "data": {"path": SAMPLE, "val_set_size": 0}, "train": {"early_stopping_patience": 2}})
     with pytest.raises(LoraflowError, match=r"save_steps \(50\) to be a multiple of eval_steps \(20\)"):
         build_config({**base, "train": {"early_stopping_patience": 2, "eval_steps": 20, "save_steps": 50}})
+
+
+def test_compare_shows_the_settings_that_differ_and_the_results_side_by_side(tiny_model, tmp_path, capsys):
+    from loraflow.cli import main
+
+    store = tmp_path / "store"
+    runs = []
+    for learning_rate in (1e-2, 1e-3):
+        _, _, run = _train(_config(tiny_model, store, learning_rate=learning_rate, max_steps=4, eval_steps=2, save_steps=2))
+        runs.append(Path(run).name)
+    assert main(["compare", *runs, "--storage", str(store), "--out", str(tmp_path / "out")]) == 0
+    shown = capsys.readouterr().out
+    assert "| train.learning_rate | 0.01 | 0.001 |" in shown
+    assert "train.batch_size" not in shown and "lora.r" not in shown  # the same in both: not shown
+    for result in ("**eval loss before**", "**eval loss**", "**perplexity**", "**tokens/s**", "**peak RSS MB**"):
+        assert result in shown, result
+    assert "Lowest eval loss: `" in shown
+    assert (tmp_path / "out" / "loss-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main(["compare", runs[0], "no-such-run", "--storage", str(store)]) == 1
+    assert "no-such-run: not a finished run in" in capsys.readouterr().err

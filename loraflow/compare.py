@@ -1,0 +1,127 @@
+"""Comparing finished runs side by side, from the store alone (no Prefect): what differed, and what came of it.
+
+Each run folder already holds everything: spec.json (the training settings it ran with), checkpoints/final/
+train_summary.json (its results), metrics/metrics.jsonl (its curves), and the records it names (the data stage's
+stats.json, the LoRA stage's adapter_config.json). Only the settings whose values differ between the runs are shown.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraflow.errors import LoraflowError
+from loraflow.registry import RUNS_FOLDER, TRAIN
+from loraflow.report import _fmt, read_metrics
+from loraflow.storage import ArtifactStore
+
+# Settings that say where or how patiently a run ran, not what it computed (stages.training_fields leaves them out too).
+_NOT_SETTINGS = {"train.pool", "train.retries", "train.timeout_s", "train.master_port", "train.mpi", "train.hosts"}
+# (label, train_summary key, digits): the results compared, in this order.
+RESULTS = (
+    ("eval loss before", "eval_loss_before", 4), ("eval loss", "eval_loss", 4), ("perplexity", "perplexity", 4),
+    ("train loss (last logged)", "final_loss", 4), ("steps", "global_step", None), ("kept step (early stopping)", "kept_step", None),
+    ("tokens/s", "tokens_per_s", 5), ("peak RSS MB", "peak_rss_mb", 5), ("peak device MB", "peak_device_mb", 5),
+    ("training s", "train_runtime_s", 4),
+)
+
+
+@dataclass
+class RunFacts:
+    run: str
+    settings: dict[str, Any]
+    results: dict[str, Any]
+    metrics: list[dict] = field(default_factory=list)
+
+
+def _flat(tree: dict, prefix: str) -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_run(store: ArtifactStore, run: str) -> RunFacts:
+    run_uri = store.uri(RUNS_FOLDER, run)
+    try:
+        spec = store.read_json(f"{run_uri}/spec.json")
+        results = store.read_json(f"{run_uri}/{TRAIN.folder}/train_summary.json")
+    except FileNotFoundError:
+        raise LoraflowError(f"{run}: not a finished run in {store.root} (no spec.json or trained adapter there); "
+                            "`loraflow du --storage …` lists the runs a store holds") from None
+    settings = {"objective": spec["objective"]} | _flat(spec["train"], "train.")
+    if spec.get("dpo"):
+        settings |= _flat(spec["dpo"], "dpo.")
+    try:
+        stats = store.read_json(f"{spec['dataset_uri']}/stats.json")
+        settings |= {"data.source": stats.get("source"), "data.template": stats.get("template"),
+                     "data.cutoff_len": stats.get("cutoff_len"), "data.train_rows": stats.get("train_rows"),
+                     "data.val_rows": stats.get("val_rows")}
+    except (FileNotFoundError, KeyError):
+        pass
+    try:
+        adapter = store.read_json(f"{spec['lora_uri']}/adapter/adapter_config.json")
+        settings |= {"lora.r": adapter.get("r"), "lora.alpha": adapter.get("lora_alpha"), "lora.dropout": adapter.get("lora_dropout"),
+                     "lora.target": sorted(adapter.get("target_modules") or [])}
+    except (FileNotFoundError, KeyError):
+        pass
+    settings = {key: value for key, value in settings.items() if key not in _NOT_SETTINGS}
+    return RunFacts(run, settings, results, read_metrics(store, run_uri))
+
+
+def differing(runs: list[RunFacts]) -> list[str]:
+    """The settings whose values are not the same in every run (a setting a run lacks counts as different)."""
+    keys = sorted({key for facts in runs for key in facts.settings})
+    return [key for key in keys if len({json.dumps(facts.settings.get(key), sort_keys=True) for facts in runs}) > 1]
+
+
+def comparison_markdown(runs: list[RunFacts]) -> str:
+    header = "| | " + " | ".join(f"`{facts.run}`" for facts in runs) + " |\n|---|" + "---|" * len(runs)
+    lines = ["# Runs compared", "", header]
+    changed = differing(runs)
+    for key in changed:
+        lines.append(f"| {key} | " + " | ".join(_fmt(facts.settings.get(key)) for facts in runs) + " |")
+    if not changed:
+        lines.append("| (settings) | " + " | ".join("same" for _ in runs) + " |")
+    for label, key, digits in RESULTS:
+        values = [facts.results.get(key) for facts in runs]
+        if any(value is not None for value in values):
+            lines.append(f"| **{label}** | " + " | ".join(_fmt(v, digits) if digits else _fmt(v) for v in values) + " |")
+    evaluated = [facts for facts in runs if facts.results.get("eval_loss") is not None]
+    if len(evaluated) > 1:
+        best = min(evaluated, key=lambda facts: facts.results["eval_loss"])
+        lines += ["", f"Lowest eval loss: `{best.run}` ({_fmt(best.results['eval_loss'])})."]
+    return "\n".join(lines) + "\n"
+
+
+def loss_curves_png(runs: list[RunFacts]) -> bytes:
+    """Every run's train loss (line) and eval loss (markers, same colour) on one set of axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for index, facts in enumerate(runs):
+        colour = f"C{index % 10}"
+        train = [(row["step"], row["loss"]) for row in facts.metrics if "loss" in row]
+        evals = [(row["step"], row["eval_loss"]) for row in facts.metrics if "eval_loss" in row]
+        if train:
+            axes.plot(*zip(*train), color=colour, label=f"{facts.run} train")
+        if evals:
+            axes.plot(*zip(*evals), color=colour, marker="o", linestyle="--", markersize=4, label=f"{facts.run} eval")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title("loss by step")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
