@@ -1,5 +1,6 @@
 """What the fine-tune flows (SFT, DPO) share: how a run is named and tells the upload that started it, the
-stages before training (env → sources → dataset → base → lora) and after training (export → merge → report)."""
+stages before training (env → sources → dataset → base → lora) and after training (export → merge → evaluation →
+report)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import secrets
 from pathlib import PurePosixPath
 
 from loraflow.config import FinetuneConfig
-from loraflow.registry import ADAPTER, BASE, DATASET, ENV, LORA, MERGED, SOURCES, TRAIN
+from loraflow.registry import ADAPTER, BASE, DATASET, ENV, EVALUATION, LORA, MERGED, SOURCES, TRAIN
 from loraflow.stages import check_token_ids
 from loraflow.storage import StageRecord
 from loraflow.watch import RESOURCE_PREFIX
 from tasks.common import event_url, stage_options
 from tasks.data import prepare_dataset
 from tasks.env import check_env, inspect_sources
-from tasks.export import export_adapter, merge_adapter
+from tasks.export import evaluate_run, export_adapter, merge_adapter
 from tasks.model import initial_adapter, quantize_base
 from tasks.report import publish_report
 
@@ -80,12 +81,14 @@ def inputs(config: FinetuneConfig) -> dict[str, StageRecord]:
 
 
 def outputs(config: FinetuneConfig, records: dict[str, StageRecord], upload_event: str) -> dict[str, StageRecord]:
-    """export → merge → report, after training; logs where each output is."""
+    """export → merge → evaluation → report, after training; logs where each output is."""
     from prefect import get_run_logger
 
     records[ADAPTER.name] = export_adapter(config, records[DATASET.name], records[TRAIN.name])
     if config.merge.enabled:
         records[MERGED.name] = merge_adapter(config, records[ENV.name], records[SOURCES.name], records[DATASET.name], records[ADAPTER.name])
+    if config.evaluation.enabled:
+        records[EVALUATION.name] = evaluate_run(config, records[ENV.name], records[BASE.name], records[ADAPTER.name])
     publish_report(config, records, upload_event)
     logger = get_run_logger()
     for name, record in records.items():

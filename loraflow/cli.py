@@ -53,7 +53,7 @@ def _quiet_libraries() -> None:
 
 
 def _print_records(records: dict, outcomes: dict[str, str]) -> None:
-    from loraflow.registry import DATASET, TRAIN
+    from loraflow.registry import DATASET, EVALUATION, TRAIN
 
     print("\noutputs (built: computed in this run; cached: Prefect's cache; reused: found committed in the store):")
     for name, record in records.items():
@@ -74,6 +74,11 @@ def _print_records(records: dict, outcomes: dict[str, str]) -> None:
         print(f"\n{loss_text(m, '{:.4f}'.format)}, {eval_text(m, '{:.4f}'.format)}, {m.get('tokens_per_s')} tokens/s on {m.get('device')}")
         if (rewards := reward_text(m)) is not None:
             print(rewards)
+    if (evaluation := records.get(EVALUATION.name)) is not None:
+        from loraflow.report import evaluation_text
+
+        for line in evaluation_text(evaluation.metrics):
+            print(line)
 
 
 def _run_flow(config, show_ui_hint: bool) -> dict:

@@ -8,6 +8,7 @@ bf16 where supported, adamw_torch, cutoff 256, LoRA r8/alpha16/dropout 0.05.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -286,6 +287,40 @@ class MergeSettings(_Section):
     check_rows: int = Field(4, title="Rows checked", ge=1, description="Validation rows whose logits must match before and after merging.")
 
 
+class EvaluationSettings(_Section):
+    """Evidence beyond the eval loss, measured on the base model (before) and with the trained adapter (after), in the
+    evaluation stage after export. Its own cached stage: changing these settings re-evaluates, never retrains."""
+
+    tasks_path: str = Field(
+        "", title="Task prompts file", description="JSON/JSONL rows with a prompt (prompt, or instruction + input) and its "
+        "reference answer (answer or output): each prompt is answered greedily with the run's template, and scored by exact "
+        "match and ROUGE-L. Empty: no task metrics.")
+    answer_pattern: str = Field(
+        "", title="Answer pattern", description="A regular expression that extracts the answer from a generated text and from "
+        "the reference before exact match (its first group, else the whole match), e.g. '####\\s*(-?[\\d,.]+)'. "
+        "Empty: the whole text, trimmed.")
+    max_new_tokens: int = Field(64, title="Max new tokens", ge=1, description="Tokens generated per prompt.")
+    max_rows: int = Field(64, title="Rows", ge=1, description="At most this many prompts (and general-text rows) are used.")
+    general_text_path: str = Field(
+        "", title="General text (forgetting check)", description="Plain text (a document a line) or JSON/JSONL rows with "
+        "`text`, e.g. a C4 sample: its loss and perplexity before and after training show how far general ability moved. "
+        "Empty: no forgetting check.")
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        if value:
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"not a valid regular expression ({error})") from None
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks_path or self.general_text_path)
+
+
 class FinetuneConfig(_Section):
     """One supervised (Q)LoRA fine-tune: model, data, adapter, training, merge, and the artifact store.
 
@@ -302,6 +337,7 @@ class FinetuneConfig(_Section):
     lora: LoraSettings = Field(LoraSettings(), title="LoRA adapter")
     train: TrainSettings = Field(TrainSettings(), title="Train")
     merge: MergeSettings = Field(MergeSettings(), title="Merge")
+    evaluation: EvaluationSettings = Field(EvaluationSettings(), title="Evaluation")
 
     # What DpoFinetuneConfig answers from its dpo section; an SFT run does neither.
     @property
@@ -509,5 +545,7 @@ def resolve_relative_paths(config: FinetuneConfig, folder: Path) -> FinetuneConf
             "storage": config.storage if "://" in config.storage else str((folder / config.storage).resolve()),
             "model": config.model.model_copy(update={"base": _resolve(config.model.base, folder)}),
             "data": config.data.model_copy(update={"path": _resolve(config.data.path, folder)}),
+            "evaluation": config.evaluation.model_copy(update={
+                name: _resolve(value, folder) for name in ("tasks_path", "general_text_path") if (value := getattr(config.evaluation, name))}),
         }
     )

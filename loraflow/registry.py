@@ -55,9 +55,11 @@ REFERENCE = Stage("reference", 2, "reference", shared=True,
 TRAIN = Stage("train", 1, "checkpoints/final", summary="the training process; checkpoints and the trained adapter in runs/<run>/")
 ADAPTER = Stage("adapter", 1, "adapter", summary="the exported adapter: safetensors, config, tokenizer, resolved config")
 MERGED = Stage("merged", 1, "merged", summary="the adapter merged into a full-precision base, checked against base + adapter")
+EVALUATION = Stage("evaluation", 1, "evaluation", summary="task metrics (exact match, ROUGE-L) and a forgetting check, "
+                   "base model vs the trained adapter; in runs/<run>/evaluation/<key>/")
 REPORT = Stage("report", 1, summary="summary, metrics table and curves as Prefect artifacts")
 
-STAGES = (ENV, SOURCES, DATASET, BASE, LORA, REFERENCE, TRAIN, ADAPTER, MERGED, REPORT)
+STAGES = (ENV, SOURCES, DATASET, BASE, LORA, REFERENCE, TRAIN, ADAPTER, MERGED, EVALUATION, REPORT)
 BY_NAME = {stage.name: stage for stage in STAGES}
 SHARED_FOLDERS = tuple(stage.folder for stage in STAGES if stage.shared)
 RUNS_FOLDER = "runs"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from loraflow.storage import ArtifactStore, StageRecord, browser_url
-from loraflow.registry import ADAPTER, BASE, DATASET, LORA, MERGED, TRAIN
+from loraflow.registry import ADAPTER, BASE, DATASET, EVALUATION, LORA, MERGED, TRAIN
 
 METRIC_COLUMNS = ("step", "epoch", "loss", "eval_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "learning_rate", "grad_norm", "tokens_per_s", "peak_rss_mb", "peak_device_mb")
@@ -239,6 +239,35 @@ def _data_lines(data: dict, percentiles: dict) -> list[str]:
             f"template `{data.get('template')}`, train_on_inputs {data.get('train_on_inputs')}"]
 
 
+def evaluation_text(metrics: dict) -> list[str]:
+    """The evaluation stage's numbers, before (the base model) → after (with the adapter), one line per check."""
+    lines = []
+    if "exact_match_after" in metrics:
+        lines.append(f"task metrics on {metrics['task_rows']} prompts: exact match {metrics['exact_match_before']:.3f} → "
+                     f"{metrics['exact_match_after']:.3f}, ROUGE-L {metrics['rouge_l_before']:.3f} → {metrics['rouge_l_after']:.3f}")
+    if "general_loss_after" in metrics:
+        before, after = metrics["general_loss_before"], metrics["general_loss_after"]
+        lines.append(f"forgetting check on {metrics['general_rows']} general-text rows: loss {before:.4f} → {after:.4f} "
+                     f"({'+' if after >= before else ''}{100 * (after - before) / before:.1f}%)")
+    return lines
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").strip() or "(empty)"
+
+
+def evaluation_lines(record: StageRecord) -> list[str]:
+    """The summary's Evaluation section: the numbers, then the first prompts with their answers before and after."""
+    metrics = record.metrics
+    lines = [f"- {line} (before: the base model; after: with this adapter)" for line in evaluation_text(metrics)]
+    if metrics.get("examples"):
+        lines += ["", "| prompt | reference | before | after |", "|---|---|---|---|",
+                  *(f"| {_cell(row['prompt'])} | {_cell(row['reference'])} | {_cell(row['before'])} | {_cell(row['after'])} |"
+                    for row in metrics["examples"])]
+    lines += ["", f"Every answer: {_link(record.uri + '/outputs.jsonl')}" if "examples" in metrics else f"Output: {_link(record.uri)}"]
+    return lines
+
+
 def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: list[dict], run_uri: str,
                      started_by: str | None = None) -> str:
     """stage_rows: [{stage, outcome, seconds}] in pipeline order; started_by: what started the run (markdown)."""
@@ -301,6 +330,8 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
     if merged is not None:
         lines.append(f"- merged model checked: max |logit difference| {_fmt(merged.metrics.get('max_abs_logit_diff'), 3)} "
                      f"(allowed {_fmt(merged.metrics.get('tolerance'), 3)}, {merged.metrics.get('dtype')})")
+    if (evaluation := records.get(EVALUATION.name)) is not None:
+        lines += ["", "## Evaluation", "", *evaluation_lines(evaluation)]
     lines += ["", "## Outputs", "",
               f"- adapter: {_link(records[ADAPTER.name].uri)}",
               *([f"- merged model: {_link(merged.uri)}"] if merged is not None else []),

@@ -25,10 +25,11 @@ from loraflow.config import FinetuneConfig
 from loraflow.data.preference import prepare_preference_dataset
 from loraflow.envcheck import check_environment
 from loraflow.errors import LoraflowError
+from loraflow.evaluate import evaluate_adapter
 from loraflow.launch import Topology, build_command, deepspeed_config, distributed_backend, run_streaming, write_hostfile
 from loraflow.lease import build_once
 from loraflow.models import native
-from loraflow.registry import ADAPTER, BASE, DATASET, ENV, LORA, MERGED, REFERENCE, RUNS_FOLDER, SOURCES, TRAIN
+from loraflow.registry import ADAPTER, BASE, DATASET, ENV, EVALUATION, LORA, MERGED, REFERENCE, RUNS_FOLDER, SOURCES, TRAIN
 from loraflow.spec import RunSpec
 from loraflow.storage import ArtifactStore, StageRecord, hash_uri, remote_failure, sha256_hex
 from loraflow.train import USER_ERROR_EXIT, compute_reference_logps
@@ -324,6 +325,30 @@ def train(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: 
         if record is None:
             raise LoraflowError(f"the training process exited cleanly but committed no adapter at {final}")
         return record
+
+
+def evaluation(config: FinetuneConfig, env: StageRecord, base: StageRecord, adapter: StageRecord, log: Log = print) -> StageRecord:
+    """Task metrics and the forgetting check (loraflow.evaluate), keyed by the adapter, the base, the evaluation files'
+    contents and settings: changing a setting re-evaluates the run and never retrains it."""
+    store = ArtifactStore(config.storage)
+    settings = config.evaluation
+    files = {}
+    for name in ("tasks_path", "general_text_path"):
+        if uri := getattr(settings, name):
+            try:
+                files[name] = hash_uri(uri)
+            except (FileNotFoundError, IsADirectoryError):
+                raise LoraflowError(f"{uri}: evaluation.{name} names no readable file") from None
+    key = EVALUATION.key(adapter.key, base.key, settings.model_dump(exclude=set(files)), files, env.metrics["device"], env.metrics["precision"])
+    run = adapter.uri.rsplit(f"/{ADAPTER.folder}", 1)[0]
+
+    def build(out: Path) -> dict:
+        base_dir = store.local_copy(base.uri, verify=True) if base.metrics.get("in_store") else Path(base.uri)
+        data = config.data
+        return evaluate_adapter(settings, base_dir, store.local_copy(adapter.uri, verify=True), data.format, data.template,
+                                env.metrics["device"], env.metrics["precision"], out, config.model.trust_remote_code, log)
+
+    return reuse_or_build(store, EVALUATION.name, key, f"{run}/{EVALUATION.folder}/{key[:16]}", build, log)
 
 
 # The line that names a training run, first in its log: the progress display keys on it (tasks/train.py).

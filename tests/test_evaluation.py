@@ -101,3 +101,17 @@ def test_compare_shows_the_settings_that_differ_and_the_results_side_by_side(tin
 
     assert main(["compare", runs[0], "no-such-run", "--storage", str(store)]) == 1
     assert "no-such-run: not a finished run in" in capsys.readouterr().err
+
+
+def test_exact_match_and_rouge_l_on_fixed_strings():
+    from loraflow.evaluate import exact_match, extract_answer, rouge_l
+
+    assert extract_answer("so the total is #### 1,234 apples", r"####\s*([\d,]+)") == "1,234"
+    assert extract_answer("no number here", r"####\s*(\d+)") == ""
+    assert extract_answer("  42 \n") == "42"
+    assert exact_match("Reasoning... #### 18", "#### 18", r"####\s*(\d+)")
+    assert not exact_match("Reasoning... #### 17", "#### 18", r"####\s*(\d+)")
+    assert exact_match("The answer is 5.", "answer: 5", r"(\d+)")  # the pattern's group, from both sides
+    # LCS "the cat on the mat" (5 of 6 candidate and 5 of 7 reference words): F1 = 2·(5/6)(5/7)/(5/6 + 5/7) = 10/13
+    assert rouge_l("the cat sat on the mat", "The cat was lying on the mat") == pytest.approx(10 / 13)
+    assert rouge_l("a b c", "a b c") == 1.0 and rouge_l("x y", "a b") == 0.0 and rouge_l("", "") == 1.0

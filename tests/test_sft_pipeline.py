@@ -55,12 +55,19 @@ def first_run(prefect_server, tiny_model, tmp_path_factory):
     previous = os.getcwd()
     os.chdir(workdir)
     try:
+        # Task prompts with reference answers and a general-text file: the evaluation stage runs after export.
+        Path("tasks.jsonl").write_text("".join(json.dumps({"prompt": f"What is {a} plus {b}?", "answer": f"The answer is {a + b}."}) + "\n"
+                                               for a, b in ((1, 2), (3, 4), (10, 5), (7, 7))))
+        Path("general.txt").write_text("The river runs to the sea.\nA recipe needs flour, water and salt.\n\nMarkets open at nine.\n")
         config = sft_config(tiny_model, Path("store"))
+        config = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={
+            "tasks_path": "tasks.jsonl", "general_text_path": "general.txt", "max_new_tokens": 8, "answer_pattern": r"(\d+)"})})
         calls = tokenize_module.TOKENIZE_CALLS
         records, states, flow_run_id = run_sft(config, with_id=True)
     finally:
         os.chdir(previous)
-    config = config.model_copy(update={"storage": str(workdir / "store")})
+    config = config.model_copy(update={"storage": str(workdir / "store"), "evaluation": config.evaluation.model_copy(update={
+        "tasks_path": str(workdir / "tasks.jsonl"), "general_text_path": str(workdir / "general.txt")})})
     return {"config": config, "records": records, "states": states, "flow_run_id": flow_run_id,
             "tokenize_calls": tokenize_module.TOKENIZE_CALLS - calls}
 
@@ -173,6 +180,28 @@ def test_second_run_reuses_data_quantize_lora_and_training(first_run):
     assert _trainer_processes() == []  # the trainer warm-started for this run was ended with it, unused
 
 
+def test_the_evaluation_stage_scores_the_base_and_the_adapter(first_run):
+    evaluation = first_run["records"]["evaluation"]
+    metrics = evaluation.metrics
+    assert metrics["task_rows"] == 4 and metrics["general_rows"] == 3
+    for name in ("exact_match", "rouge_l"):
+        assert 0 <= metrics[f"{name}_before"] <= 1 and 0 <= metrics[f"{name}_after"] <= 1
+    assert metrics["general_loss_before"] > 0 and metrics["general_perplexity_after"] == pytest.approx(math.exp(metrics["general_loss_after"]))
+    rows = [json.loads(line) for line in Path(evaluation.uri, "outputs.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == [f"What is {a} plus {b}?" for a, b in ((1, 2), (3, 4), (10, 5), (7, 7))]
+    assert all(isinstance(row["before"], str) and isinstance(row["after"], str) for row in rows)
+    assert metrics["examples"] == [{key: row[key][:300] for key in ("prompt", "reference", "before", "after")} for row in rows]
+    assert evaluation.uri.startswith(first_run["records"]["adapter"].uri.rsplit("/", 1)[0] + "/evaluation/")
+
+
+def test_a_new_evaluation_setting_re_evaluates_without_retraining(first_run):
+    config = first_run["config"]
+    records, states = run_sft(config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"answer_pattern": r"is (\d+)"})}))
+    assert states["train"] == "Cached" and states["evaluation"] == "Completed"
+    assert records["evaluation"].uri != first_run["records"]["evaluation"].uri
+    assert records["evaluation"].metrics["rouge_l_after"] == first_run["records"]["evaluation"].metrics["rouge_l_after"]  # same answers
+
+
 def test_changed_template_reruns_data_but_not_quantization(first_run, tiny_model):
     calls = tokenize_module.TOKENIZE_CALLS
     changed = sft_config(tiny_model, Path(first_run["config"].storage), template="alpaca_short")
@@ -223,13 +252,13 @@ def test_the_flow_parameter_schema_is_the_config_form():
 
     schema = parameter_schema(sft).model_dump()
     definitions = schema["definitions"]
-    assert set(definitions["FinetuneConfig"]["properties"]) == {"name", "objective", "storage", "model", "data", "lora", "train", "merge"}  # no DPO section
+    assert set(definitions["FinetuneConfig"]["properties"]) == {"name", "objective", "storage", "model", "data", "lora", "train", "merge", "evaluation"}  # no DPO section
     template = definitions["DataSettings"]["properties"]["template"]
     assert template["enum"] == ["alpaca", "alpaca_legacy", "alpaca_short", "vigogne", "vicuna_v1.1", "chatml"]
     assert all("description" in field for field in definitions["TrainSettings"]["properties"].values())
     # The form reads naturally: every field has a title written for people (not one generated from its
     # name, like "Lr Scheduler" or "R"), and no field is nullable (the UI shows a type switcher for those).
-    sections = [FinetuneConfig, *(FinetuneConfig.model_fields[name].annotation for name in ("model", "data", "lora", "train", "merge"))]
+    sections = [FinetuneConfig, *(FinetuneConfig.model_fields[name].annotation for name in ("model", "data", "lora", "train", "merge", "evaluation"))]
     for section in sections:
         for name, field in section.model_fields.items():
             assert field.title, f"{section.__name__}.{name} has no title"
@@ -260,7 +289,8 @@ def test_the_run_publishes_its_artifacts(first_run, capsys):
     train = first_run["records"]["train"].metrics
     before_after = f"eval loss {train['eval_loss_before']:.4g} → {train['eval_loss']:.4g} (perplexity "
     assert before_after in summary, summary
-    for expected in ("rows truncated at cutoff 128", "token length p50",
+    for expected in ("## Evaluation", "task metrics on 4 prompts: exact match ", "forgetting check on 3 general-text rows: loss ",
+                     "| What is 1 plus 2? | The answer is 3. |", "rows truncated at cutoff 128", "token length p50",
                      "trainable of", "train loss ", "eval loss ", "tokens/s", "peak RSS", first_run["records"]["merged"].uri, '"learning_rate": 0.01',
                      # what ran, the settings given and what auto decided (loraflow.plan)
                      "packed micro batches", "memory plan: micro batch 4 x accumulation 4 (set), gradient checkpointing off (set)"):
