@@ -23,7 +23,7 @@ from tasks.report import publish_report
 FINETUNE_STARTED = "loraflow.finetune.started"
 
 
-def _field(value, name: str):
+def parameter_field(value, name: str):
     return value.get(name) if isinstance(value, dict) else getattr(value, name, None)
 
 
@@ -33,10 +33,10 @@ def finetune_run_name() -> str:
 
     parameters = flow_run.parameters
     config = parameters.get("config")
-    dataset = parameters.get("dataset") or _field(_field(config, "data"), "path") or "data"
+    dataset = parameters.get("dataset") or parameter_field(parameter_field(config, "data"), "path") or "data"
     stem = PurePosixPath(str(dataset).rstrip("/")).name.split(".")[0]
     slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:40] or "data"
-    return f"{_field(config, 'name') or 'loraflow'}-{slug}-{secrets.token_hex(2)}"
+    return f"{parameter_field(config, 'name') or 'loraflow'}-{slug}-{secrets.token_hex(2)}"
 
 
 def announce_upload(config: FinetuneConfig, upload_event: str) -> None:

@@ -376,7 +376,7 @@ class FinetuneConfig(_Section):
         return self
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -505,7 +505,7 @@ def build_config(tree: dict, overrides: list[str] = (), source: str = "config") 
     """A validated config; `objective: dpo` gets the DPO recipe's defaults where it is silent."""
     tree = dict(tree)
     for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         return config_class(tree).model_validate(tree)
     except ValidationError as error:

@@ -84,14 +84,16 @@ def _memory_report(device: str) -> dict:
     return report
 
 
-def _test_hook(name: str) -> int | None:
+def _test_hook(name: str, run_uri: str) -> int | None:
     """Failure injection for tests of retry and resume; fires on a first attempt only (not after a resume).
 
     LORAFLOW_TEST_FAIL_AT_STEP=N  raise at step N
     LORAFLOW_TEST_KILL_AT_STEP=N  SIGKILL this process right after the checkpoint of step N is committed
+    LORAFLOW_TEST_FAIL_RUN=TEXT   only in runs whose URI contains TEXT (one variant of a sweep)
     """
     value = os.environ.get(name)
-    return int(value) if value else None
+    only = os.environ.get("LORAFLOW_TEST_FAIL_RUN")
+    return int(value) if value and (not only or only in run_uri) else None
 
 
 def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: str, is_main: bool, resumed: bool):
@@ -123,7 +125,7 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
             print(f"[{state.global_step}/{state.max_steps}] {shown}", flush=True)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if not resumed and state.global_step == _test_hook("LORAFLOW_TEST_FAIL_AT_STEP"):
+            if not resumed and state.global_step == _test_hook("LORAFLOW_TEST_FAIL_AT_STEP", run_uri):
                 raise RuntimeError(f"injected failure at step {state.global_step} (LORAFLOW_TEST_FAIL_AT_STEP)")
 
         def on_save(self, args, state, control, **kwargs):
@@ -138,7 +140,7 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
             store.commit(checkpoint, f"{run_uri}/checkpoints/{name}", {"step": state.global_step}, replace=True)
             store.commit(metrics_path.parent, f"{run_uri}/metrics", replace=True)
             print(f"checkpoint {name} committed to {run_uri}/checkpoints/{name}", flush=True)
-            if not resumed and state.global_step == _test_hook("LORAFLOW_TEST_KILL_AT_STEP"):
+            if not resumed and state.global_step == _test_hook("LORAFLOW_TEST_KILL_AT_STEP", run_uri):
                 os.kill(os.getpid(), signal.SIGKILL)
 
     return [MetricsToStore()]

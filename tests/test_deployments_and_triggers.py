@@ -58,7 +58,7 @@ def _wait_for_runs(server, expected: int, settle: float = 4.0, timeout: float = 
 
 
 def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
-    for name in ("loraflow-sft/sft-xpu", "loraflow-dpo/dpo-xpu", "loraflow-align/align-xpu", "loraflow-train/train-xpu", "loraflow-merge/merge-xpu", "loraflow-watch/watch-xpu"):
+    for name in ("loraflow-sft/sft-xpu", "loraflow-dpo/dpo-xpu", "loraflow-align/align-xpu", "loraflow-train/train-xpu", "loraflow-merge/merge-xpu", "loraflow-watch/watch-xpu", "loraflow-sweep/sweep-xpu"):
         deployment = _deployment(server, name)
         assert deployment.enforce_parameter_schema and deployment.work_pool_name == "xpu" and deployment.description
     sft = _deployment(server, "loraflow-sft/sft-xpu")

@@ -1,0 +1,92 @@
+"""A sweep of fine-tunes: one base config, a grid (or list) of variants, each variant a fine-tune run of its own.
+
+Variants share every cached stage their settings leave alone (tokenization, the quantized base, the LoRA init when
+only the training settings vary), run one after another here (each trains where its config says: in process or on
+its work pool), and a failed variant does not stop the others. Running the sweep again retries only what failed:
+the finished variants come back from the cache. The comparison artifact ranks the variants by a metric and names
+the best.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.common import parameter_field
+from flows.dpo import dpo as dpo_flow
+from flows.sft import sft as sft_flow
+from loraflow.compare import comparison_markdown, read_run
+from loraflow.config import AnyFinetuneConfig
+from loraflow.errors import LoraflowError
+from loraflow.registry import ADAPTER, EVALUATION
+from loraflow.storage import ArtifactStore
+from loraflow.sweep import describe, variant_configs, variant_overrides
+from tasks.common import hide_user_error_tracebacks
+from tasks.report import artifact_key
+
+hide_user_error_tracebacks()
+
+
+def sweep_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"{parameter_field(flow_run.parameters.get('config'), 'name') or 'loraflow'}-sweep"
+
+
+@flow(name="loraflow-sweep", flow_run_name=sweep_run_name,
+      description="A grid of fine-tunes sharing tokenization and the quantized base; the comparison ranks them.")
+def sweep(config: AnyFinetuneConfig, grid: dict[str, list] = {}, variants: list[dict] = [],  # noqa: B006 (never mutated;
+          metric: str = "eval_loss", higher_is_better: bool = False) -> dict[str, dict]:  # a None default would give the UI form a type switch)
+    """Fine-tune every variant of a base config and rank them.
+
+    Args:
+        config: The base fine-tune (SFT or DPO) every variant changes.
+        grid: Settings and their values; every combination is a variant, e.g. {"lora.r": [8, 16, 32],
+            "train.learning_rate": [1e-4, 2e-4]}.
+        variants: Or the variants themselves, e.g. [{"lora.r": 8}, {"lora.r": 16, "train.learning_rate": 2e-4}].
+        metric: What ranks them: a result of training (eval_loss, perplexity, tokens_per_s) or of the evaluation
+            stage (rouge_l_after, exact_match_after, general_loss_after).
+        higher_is_better: True for metrics where more is better (exact match, ROUGE-L, tokens/s).
+    """
+    logger = get_run_logger()
+    overrides = variant_overrides(grid, variants)
+    configs = variant_configs(config, overrides)
+    fine_tune = dpo_flow if config.objective == "dpo" else sft_flow
+    results, failed = {}, {}
+    for settings, variant in zip(overrides, configs):
+        logger.info(f"variant {variant.name}: {describe(settings)}")
+        state = fine_tune(variant, return_state=True)
+        if state.is_completed():
+            results[variant.name] = state.result()
+        else:
+            failed[variant.name] = state.message or state.name
+            logger.error(f"variant {variant.name} ({describe(settings)}) failed: {failed[variant.name]}; "
+                         "run the sweep again to retry it (the finished variants are reused)")
+    ranking = _rank(results, metric, higher_is_better)
+    settings_of = {variant.name: settings for settings, variant in zip(overrides, configs)}
+    store = ArtifactStore(config.storage)
+    runs = [read_run(store, records[ADAPTER.name].uri.rsplit("/", 2)[-2]) for records in results.values()]
+    lines = ["# Sweep", "", f"{len(configs)} variants of `{config.name}`, ranked by {metric} "
+             f"({'higher' if higher_is_better else 'lower'} is better):", ""]
+    lines += [f"{place}. `{name}` {metric} {value:.4g}: {describe(settings_of[name])}" + (" ← **best**" if place == 1 else "")
+              for place, (name, value) in enumerate(ranking, start=1)]
+    lines += [f"- `{name}` failed: {message}" for name, message in failed.items()]
+    if len(runs) > 1:
+        lines += ["", comparison_markdown(runs)]
+    create_markdown_artifact("\n".join(lines), key=artifact_key(config.name, "sweep"), description=f"sweep of {config.name}")
+    if ranking:
+        logger.info(f"best: {ranking[0][0]} ({metric} {ranking[0][1]:.4g})")
+    if failed:
+        raise LoraflowError(f"{len(failed)} of {len(configs)} variants failed ({', '.join(failed)}); the others finished. "
+                            "Run the sweep again to retry the failed ones alone")
+    return results
+
+
+def _rank(results: dict[str, dict], metric: str, higher_is_better: bool) -> list[tuple[str, float]]:
+    """(variant, value) best first, for the variants that report the metric."""
+    scored = []
+    for name, records in results.items():
+        found = {**records["train"].metrics, **(records[EVALUATION.name].metrics if EVALUATION.name in records else {})}
+        if isinstance(found.get(metric), (int, float)):
+            scored.append((name, float(found[metric])))
+    return sorted(scored, key=lambda item: item[1], reverse=higher_is_better)

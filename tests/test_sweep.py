@@ -1,0 +1,74 @@
+"""A sweep of three LoRA ranks on one base: data and quantization once, a failed variant leaves the others finished
+and is retried alone, and the comparison ranks the variants."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from loraflow.errors import LoraflowError
+from loraflow.sweep import variant_configs, variant_overrides
+
+pytestmark = pytest.mark.slow
+
+tokenize_module = importlib.import_module("loraflow.data.tokenize")
+
+
+def test_a_grid_is_every_combination_and_each_variant_is_validated(tiny_model, tmp_path):
+    from test_sft_pipeline import sft_config
+
+    assert variant_overrides({"lora.r": [8, 16], "train.learning_rate": [1e-4, 2e-4]}, None) == [
+        {"lora.r": 8, "train.learning_rate": 1e-4}, {"lora.r": 8, "train.learning_rate": 2e-4},
+        {"lora.r": 16, "train.learning_rate": 1e-4}, {"lora.r": 16, "train.learning_rate": 2e-4}]
+    configs = variant_configs(sft_config(tiny_model, tmp_path), [{"lora.r": 4}, {"lora.r": 16, "train.learning_rate": 2e-4}])
+    assert [(c.name, c.lora.r, c.train.learning_rate) for c in configs] == [("test-v1", 4, 1e-2), ("test-v2", 16, 2e-4)]
+    with pytest.raises(LoraflowError, match="one of the two"):
+        variant_overrides({"lora.r": [8]}, [{"lora.r": 16}])
+    with pytest.raises(LoraflowError, match=r"sweep variant 1 \(lora.rank=8\): invalid configuration"):
+        variant_configs(sft_config(tiny_model, tmp_path), [{"lora.rank": 8}])
+
+
+def test_a_sweep_shares_data_and_base_survives_a_failed_variant_and_retries_it_alone(prefect_server, tiny_model, tmp_path, monkeypatch):
+    from flows.sweep import sweep
+    from loraflow.models import native
+    from test_sft_pipeline import sft_config
+
+    config = sft_config(tiny_model, tmp_path / "store")
+    config = config.model_copy(update={
+        "merge": config.merge.model_copy(update={"enabled": False}),
+        "train": config.train.model_copy(update={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "retries": 0})})
+    quantized = []
+    original_quantize = native.quantize
+    monkeypatch.setattr(native, "quantize", lambda *a, **k: quantized.append(1) or original_quantize(*a, **k))
+    calls = tokenize_module.TOKENIZE_CALLS
+    monkeypatch.setenv("LORAFLOW_TEST_FAIL_AT_STEP", "3")
+    monkeypatch.setenv("LORAFLOW_TEST_FAIL_RUN", "/test-v2-")  # the second variant's run folder only
+
+    state = sweep(config, grid={"lora.r": [4, 8, 16]}, return_state=True)
+    assert state.is_failed() and "1 of 3 variants failed (test-v2)" in state.message
+    assert tokenize_module.TOKENIZE_CALLS - calls == 1 and len(quantized) == 1  # shared by all three
+    store = tmp_path / "store"
+    finished = {path.parent.name.rsplit("-", 1)[0]: path for path in store.glob("runs/*/adapter")}
+    assert set(finished) == {"test-v1", "test-v3"}
+    first_adapters = {name: (path / "_manifest.json").read_text() for name, path in finished.items()}
+
+    monkeypatch.delenv("LORAFLOW_TEST_FAIL_AT_STEP")
+    state = sweep(config, grid={"lora.r": [4, 8, 16]}, return_state=True)
+    assert state.is_completed(), state.message
+    results = state.result()
+    assert set(results) == {"test-v1", "test-v2", "test-v3"}
+    assert results["test-v2"]["train"].metrics["resumed_from"].endswith("checkpoint-2")  # the failed one, resumed
+    for name, manifest in first_adapters.items():  # the finished ones were not trained again
+        assert Path(results[name]["adapter"].uri, "_manifest.json").read_text() == manifest
+    assert tokenize_module.TOKENIZE_CALLS - calls == 1 and len(quantized) == 1
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        [*_, artifact] = sorted(client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["test-sweep"]))),
+                                key=lambda a: a.created)
+    losses = {name: records["train"].metrics["eval_loss"] for name, records in results.items()}
+    best = min(losses, key=losses.get)
+    assert f"1. `{best}` eval_loss {losses[best]:.4g}: lora.r=" in artifact.data and "← **best**" in artifact.data
+    assert "| lora.r | 4 | 8 | 16 |" in artifact.data
