@@ -62,7 +62,7 @@ def sweep(config: AnyFinetuneConfig, grid: dict[str, list] = {}, variants: list[
             failed[variant.name] = state.message or state.name
             logger.error(f"variant {variant.name} ({describe(settings)}) failed: {failed[variant.name]}; "
                          "run the sweep again to retry it (the finished variants are reused)")
-    ranking = _rank(results, metric, higher_is_better)
+    ranking = rank_variants(results, metric, higher_is_better)
     settings_of = {variant.name: settings for settings, variant in zip(overrides, configs)}
     store = ArtifactStore(config.storage)
     runs = [read_run(store, records[ADAPTER.name].uri.rsplit("/", 2)[-2]) for records in results.values()]
@@ -82,7 +82,7 @@ def sweep(config: AnyFinetuneConfig, grid: dict[str, list] = {}, variants: list[
     return results
 
 
-def _rank(results: dict[str, dict], metric: str, higher_is_better: bool) -> list[tuple[str, float]]:
+def rank_variants(results: dict[str, dict], metric: str, higher_is_better: bool) -> list[tuple[str, float]]:
     """(variant, value) best first, for the variants that report the metric."""
     scored = []
     for name, records in results.items():

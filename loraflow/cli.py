@@ -134,6 +134,27 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """The sweep flow on a config and a grid given as --grid KEY=[V1,V2] (YAML lists)."""
+    import tasks.common
+    from flows.sweep import rank_variants, sweep
+    from loraflow.config import load_config, parse_overrides
+
+    config = load_config(args.config, args.set or [])
+    grid = {key: values if isinstance(values, list) else [values] for key, values in parse_overrides(args.grid or [])}
+    if not grid:
+        raise LoraflowError("give the settings to sweep: --grid lora.r=[8,16,32] (repeatable; every combination runs)")
+    tasks.common.CALLER_PRINTS_USER_ERRORS = True
+    state = sweep(config, grid=grid, metric=args.metric, higher_is_better=args.higher_is_better, return_state=True)
+    if state.is_failed():
+        raise _failure_reason(state)
+    results = state.result()
+    print(f"\nvariants ranked by {args.metric} ({'higher' if args.higher_is_better else 'lower'} is better):")
+    for place, (name, value) in enumerate(rank_variants(results, args.metric, args.higher_is_better), start=1):
+        print(f"  {place}. {name:<20} {value:.4g}  {results[name]['adapter'].uri}")
+    return 0
+
+
 def cmd_build_model(args) -> int:
     from loraflow.data.formats import read_rows
     from loraflow.models.tiny import build_tiny_llama, sample_texts
@@ -432,6 +453,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config (see examples/)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set train.learning_rate=1e-4")
     run.set_defaults(handler=cmd_run)
+
+    sweep = commands.add_parser("sweep", help="fine-tune every combination of --grid values on one config (shared data and base), ranked")
+    sweep.add_argument("config", help="YAML config: the base every variant changes")
+    sweep.add_argument("--grid", action="append", metavar="KEY=[V1,V2]", help="a setting and its values, e.g. --grid lora.r=[8,16] (repeatable)")
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the base config")
+    sweep.add_argument("--metric", default="eval_loss", help="what ranks the variants (default eval_loss; an evaluation metric such as rouge_l_after)")
+    sweep.add_argument("--higher-is-better", action="store_true", help="rank the metric's highest first (exact match, ROUGE-L)")
+    sweep.set_defaults(handler=cmd_sweep)
 
     demo = commands.add_parser("demo", help="build a small model and fine-tune it on the embedded sample data")
     demo.add_argument("--workdir", default="loraflow-demo", help="where the model, store and Prefect database go")
