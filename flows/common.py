@@ -85,11 +85,19 @@ def outputs(config: FinetuneConfig, records: dict[str, StageRecord], upload_even
     from prefect import get_run_logger
 
     records[ADAPTER.name] = export_adapter(config, records[DATASET.name], records[TRAIN.name])
-    if config.merge.enabled:
-        records[MERGED.name] = merge_adapter(config, records[ENV.name], records[SOURCES.name], records[DATASET.name], records[ADAPTER.name])
-    if config.evaluation.enabled:
-        records[EVALUATION.name] = evaluate_run(config, records[ENV.name], records[BASE.name], records[ADAPTER.name])
+    failures = []  # a merge or evaluation that fails still leaves the trained adapter reported, then fails the run
+    for stage, wanted, task, inputs in (
+            (MERGED, config.merge.enabled, merge_adapter, (ENV, SOURCES, DATASET, ADAPTER)),
+            (EVALUATION, config.evaluation.enabled, evaluate_run, (ENV, BASE, ADAPTER))):
+        if wanted:
+            state = task(config, *(records[name.name] for name in inputs), return_state=True)
+            if state.is_completed():
+                records[stage.name] = state.result()
+            else:
+                failures.append(state)
     publish_report(config, records, upload_event)
+    for state in failures:
+        state.result()  # raises the stage's error
     logger = get_run_logger()
     for name, record in records.items():
         if name not in (ENV.name, SOURCES.name) and record.uri:

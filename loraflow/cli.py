@@ -46,6 +46,9 @@ train:
 
 
 def _quiet_libraries() -> None:
+    # The CLI's own process builds, quantizes and merges models but never runs DeepSpeed (a trainer process does):
+    # transformers would import it whenever installed, and it prints an accelerator warning (flows/__init__.py too).
+    sys.modules.setdefault("deepspeed", None)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -370,7 +370,8 @@ class FinetuneConfig(_Section):
                 "quantization: none with ZeRO-3."
             )
         if self.train.early_stopping_patience and not self.data.val_set_size:
-            raise ValueError("train.early_stopping_patience watches the eval loss: set data.val_set_size (a validation split)")
+            raise ValueError("train.early_stopping_patience watches the eval loss: set data.val_set_size (a validation split), "
+                             "or train.early_stopping_patience: 0")
         if self.model.quantization == "nf4" and self.train.precision == "fp16":
             raise ValueError("precision fp16 with an NF4 base is unstable in the QLoRA recipe; use bf16 or fp32")
         return self

@@ -39,7 +39,8 @@ def merge_adapter(base_path: Path, adapter_dir: Path, out_dir: Path, device: str
     if not difference <= allowed:
         raise LoraflowError(
             f"merged model disagrees with base+adapter: max |logit difference| {difference:.3g} > {allowed:.3g} "
-            f"({precision}); the merged model was not saved"
+            f"({precision}); the merged model was not saved. The trained adapter itself is committed and usable "
+            f"({adapter_dir}); set merge.enabled: false to skip merging"
         )
     merged.save_pretrained(str(out_dir))
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out_dir))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import shlex
 import sys
@@ -63,6 +64,8 @@ _ROUNDING = {"epoch": 3, "loss": 4, "eval_loss": 4, "learning_rate": 3, "grad_no
 
 
 def _rounded(column: str, value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf"/"nan": JSON has no such numbers, and the UI's table drops every row at a bare Infinity
     if not isinstance(value, (int, float)) or isinstance(value, bool) or column == "step":
         return value
     digits = _ROUNDING.get(column, 4)
@@ -154,7 +157,10 @@ def eval_text(train: dict, number: Callable[[float], str]) -> str:
     if train.get("perplexity") is not None:
         ppl = train.get("perplexity_before")
         text += f" (perplexity {f'{ppl:,.4g} → ' if ppl is not None else ''}{train['perplexity']:,.4g})"
-    if train.get("kept_step") is not None:  # early stopping
+    if train.get("kept_step") == 0:  # early stopping, and no step beat the start
+        text += ", adapter: the starting one (no evaluated step beat the starting model"
+        text += f"; stopped early at step {train['global_step']})" if train.get("stopped_early") else ")"
+    elif train.get("kept_step") is not None:  # early stopping
         text += f", adapter from step {train['kept_step']} (the best eval loss"
         text += f"; stopped early at step {train['global_step']})" if train.get("stopped_early") else ")"
     return text

@@ -96,6 +96,17 @@ def _test_hook(name: str, run_uri: str) -> int | None:
     return int(value) if value and (not only or only in run_uri) else None
 
 
+def _stop_if_diverged(record: dict, args) -> None:
+    """A loss or gradient norm that is no longer a number: training has diverged and every later step is wasted (fp16's
+    loss scaling skips a step whose gradients overflow on purpose, so an fp16 gradient norm may be inf)."""
+    loss, norm = record.get("loss"), record.get("grad_norm")
+    bad = ("loss", loss) if isinstance(loss, float) and not math.isfinite(loss) else \
+        ("gradient norm", norm) if isinstance(norm, float) and not math.isfinite(norm) and not args.fp16 else None
+    if bad:
+        raise LoraflowError(f"training diverged at step {record['step']}: the {bad[0]} is {bad[1]}; lower train.learning_rate "
+                            f"(now {args.learning_rate:g}) or train.max_grad_norm")
+
+
 def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: str, is_main: bool, resumed: bool):
     from transformers import TrainerCallback
 
@@ -113,6 +124,7 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
             now = time.time()
             tokens = state.num_input_tokens_seen or int(logs.get("num_tokens", 0))  # TRL counts its own (DPO)
             record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
+            _stop_if_diverged(record, args)
             self.evaluating_s += logs.get("eval_runtime", 0.0)
             training_s = now - self.last_time - self.evaluating_s
             if "loss" in logs and training_s > 0:
@@ -144,6 +156,25 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
                 os.kill(os.getpid(), signal.SIGKILL)
 
     return [MetricsToStore()]
+
+
+def _BaselineToBeat(patience: int):
+    """Early stopping measures every step against the starting model's eval loss (step 0), not only against the
+    steps after it: a run none of whose steps beats its start stops after `patience` evaluations, and exports the
+    adapter it started from (_train_and_summarize). Says when it stops."""
+    from transformers import TrainerCallback
+
+    class BaselineToBeat(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if state.global_step == 0 and state.best_metric is None and metrics and "eval_loss" in metrics:
+                state.best_metric = metrics["eval_loss"]
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.global_step < state.max_steps:
+                print(f"early stopping at step {state.global_step}: no eval loss below {state.best_metric:.4g} for {patience} "
+                      "evaluations in a row", flush=True)
+
+    return BaselineToBeat()
 
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
@@ -291,6 +322,7 @@ def training_arguments(run: RunContext, has_eval: bool, eval_before: bool = Fals
         use_cpu=run.device == "cpu",
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a diverged loss shows as what it is (_stop_if_diverged), not as an average
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps,
         eval_on_start=has_eval and eval_before,
@@ -338,7 +370,9 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
     if args.load_best_model_at_end:
         from transformers import EarlyStoppingCallback
 
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.train.early_stopping_patience))
+        # (in this order: transformers' counter first sees no best, then the baseline becomes the one to beat)
+        patience = spec.train.early_stopping_patience
+        callbacks += [EarlyStoppingCallback(early_stopping_patience=patience), _BaselineToBeat(patience)]
         restore_best_checkpoint(run, resume_dir)
     trainer = objective.trainer(run, model, args, train_set, val_set, tokenizer, callbacks)
     trainer.remove_callback(PrinterCallback)  # our callback prints each log once, with step and memory
@@ -418,15 +452,23 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
     # A number, or None and a note saying why there is none: never a bare nan in a summary.
     summary["eval_loss"], summary["eval_note"] = None, "no validation split (data.val_set_size is 0)"
     summary["eval_loss_before"] = eval_loss_before(run.metrics_path) if has_eval else None
-    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
-    if best:  # early stopping: the adapter is the best evaluated step's
-        summary["kept_step"] = int(best.rsplit("-", 1)[-1])
+    early_stopping = trainer.args.load_best_model_at_end
+    if early_stopping:  # the adapter is the best evaluated step's, or the starting one if no step beat it
+        best = trainer.state.best_model_checkpoint
+        summary["kept_step"] = int(best.rsplit("-", 1)[-1]) if best else 0
         summary["stopped_early"] = result.global_step < trainer.state.max_steps
+        if not best:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(trainer.model, load_file(str(starting_adapter_dir(run) / "adapter_model.safetensors")))
+            print("no evaluated step beat the starting model's eval loss: the adapter exported is the one training started from",
+                  flush=True)
     if has_eval:
         # The Trainer's own evaluation at the last step when there was one (transformers evaluates there), not a second;
         # with early stopping, the kept step's.
         last = evaluations[-1] if evaluations and evaluations[-1]["step"] == result.global_step else None
-        eval_loss = trainer.state.best_metric if best else last["eval_loss"] if last else trainer.evaluate()["eval_loss"]
+        eval_loss = trainer.state.best_metric if early_stopping else last["eval_loss"] if last else trainer.evaluate()["eval_loss"]
         if math.isfinite(eval_loss):
             summary["eval_loss"], summary["eval_note"] = eval_loss, None
         else:

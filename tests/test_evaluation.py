@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -28,16 +29,18 @@ def _config(tiny_model, store: Path, **train):
     })
 
 
-def _train(config, env: dict | None = None, exit_code: int = 0) -> tuple[dict | None, list[dict], str]:
-    """(summary, metrics rows, run URI) of a training run started as a flow starts it (its own process)."""
+def _train(config, env: dict | None = None, exit_code: int = 0) -> tuple[dict | None, list, str]:
+    """(summary, metrics rows, run URI) of a training run started as a flow starts it (its own process); for a run
+    expected to fail, (None, its output lines, run URI)."""
     store, key, run, spec_uri = stages.prepare_training(config, log=lambda _: None)
     lines: list[str] = []
     command = build_command(Topology(), spec_uri)
     command.env.update(env or {})
     assert run_streaming(command, lines.append, timeout=300) == exit_code, "\n".join(lines[-40:])
+    if exit_code:
+        return None, lines, run
     metrics = [json.loads(line) for line in Path(run, "metrics", "metrics.jsonl").read_text().splitlines()]
-    record = stages.trained_record(store, key, run, reused=False) if exit_code == 0 else None
-    return (record.metrics if record else None), metrics, run
+    return stages.trained_record(store, key, run, reused=False).metrics, metrics, run
 
 
 # A learning rate far too high with a constant schedule: on the built model the eval loss goes 8.33 (before), 7.05,
@@ -72,11 +75,40 @@ def test_a_resumed_run_still_exports_the_best_step_when_its_scratch_folder_is_go
     assert _adapter_hash(run, "final") == _adapter_hash(run, "checkpoint-3")
 
 
+def test_a_run_that_never_beats_its_start_stops_and_exports_the_adapter_it_started_from(tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    # lr 0.5: the eval loss goes 8.33 (before) → 8.57 at step 1; patience 1 stops there.
+    config = _config(tiny_model, tmp_path / "store", **{**RISING, "learning_rate": 0.5, "early_stopping_patience": 1})
+    summary, metrics, run = _train(config)
+    before = next(row["eval_loss"] for row in metrics if row["step"] == 0 and "eval_loss" in row)
+    assert summary["global_step"] == 1 and summary["stopped_early"] and summary["kept_step"] == 0
+    assert summary["eval_loss"] == before == summary["eval_loss_before"]
+    [start] = (tmp_path / "store" / "lora").glob("*/adapter/adapter_model.safetensors")
+    exported, started = load_file(str(Path(run, "checkpoints", "final", "adapter_model.safetensors"))), load_file(str(start))
+    assert exported.keys() == started.keys() and all(torch.equal(exported[name], started[name]) for name in started)
+    from loraflow.report import eval_text
+
+    assert "adapter: the starting one (no evaluated step beat the starting model; stopped early at step 1)" in eval_text(summary, str)
+
+
+def test_a_diverging_run_stops_at_once_with_what_to_change(tiny_model, tmp_path):
+    # lr 2.0 with a constant schedule: the gradient norm overflows within a few steps.
+    config = _config(tiny_model, tmp_path / "store", learning_rate=2.0, lr_scheduler="constant", warmup=0, max_steps=30,
+                     eval_steps=100, save_steps=100)
+    _, lines, _ = _train(config, exit_code=3)  # a user error: not retried
+    [error] = [line for line in lines if line.startswith("error: ")]
+    assert re.match(r"error: training diverged at step \d+: the (loss|gradient norm) is (nan|inf); lower train.learning_rate "
+                    r"\(now 2\) or train.max_grad_norm$", error), error
+
+
 def test_early_stopping_needs_a_validation_split_and_checkpoints_at_evaluated_steps(tiny_model, tmp_path):
     from loraflow.errors import LoraflowError
 
     base = {"name": "eval", "storage": str(tmp_path), "model": {"base": str(tiny_model)}, "data": {"path": SAMPLE}}
-    with pytest.raises(LoraflowError, match="early_stopping_patience watches the eval loss: set data.val_set_size"):
+    with pytest.raises(LoraflowError, match=r"early_stopping_patience watches the eval loss: set data.val_set_size \(a validation split\), "
+                                             "or train.early_stopping_patience: 0"):
         build_config({**base, "data": {"path": SAMPLE, "val_set_size": 0}, "train": {"early_stopping_patience": 2}})
     with pytest.raises(LoraflowError, match=r"save_steps \(50\) to be a multiple of eval_steps \(20\)"):
         build_config({**base, "train": {"early_stopping_patience": 2, "eval_steps": 20, "save_steps": 50}})
@@ -115,3 +147,12 @@ def test_exact_match_and_rouge_l_on_fixed_strings():
     # LCS "the cat on the mat" (5 of 6 candidate and 5 of 7 reference words): F1 = 2·(5/6)(5/7)/(5/6 + 5/7) = 10/13
     assert rouge_l("the cat sat on the mat", "The cat was lying on the mat") == pytest.approx(10 / 13)
     assert rouge_l("a b c", "a b c") == 1.0 and rouge_l("x y", "a b") == 0.0 and rouge_l("", "") == 1.0
+
+
+def test_the_metrics_table_shows_a_diverged_value_as_text():
+    """JSON has no Infinity: a bare one made the UI's metrics table show no rows at all."""
+    from loraflow.report import metrics_table
+
+    table = metrics_table([{"step": 6, "loss": 7.5, "grad_norm": 3.25}, {"step": 7, "loss": float("nan"), "grad_norm": float("inf")}])
+    assert table == [{"step": 6, "loss": 7.5, "grad_norm": 3.25}, {"step": 7, "loss": "nan", "grad_norm": "inf"}]
+    json.dumps(table, allow_nan=False)

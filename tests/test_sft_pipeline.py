@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -415,3 +416,27 @@ def test_an_upload_started_run_is_named_after_its_file_and_points_to_the_event(f
     assert event["resource"]["prefect.resource.id"] == f"loraflow.dataset.{dataset}"
     related = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in event["related"]}
     assert related["flow-run"] == f"prefect.flow-run.{flow_run_id}" and related["triggering-event"] == f"prefect.event.{event_id}"
+
+
+def test_a_failed_merge_still_reports_the_trained_adapter_then_fails_the_run(first_run, monkeypatch):
+    from flows.sft import sft
+    from loraflow import merge as merge_stage
+    from loraflow.errors import LoraflowError
+
+    def failing(*args, **kwargs):
+        raise LoraflowError("merged model disagrees with base+adapter (injected)")
+
+    monkeypatch.setattr(merge_stage, "merge_adapter", failing)
+    run = Path(first_run["records"]["adapter"].uri).parent
+    merged = run / "merged"
+    kept = merged.rename(run.parent / "merged-kept")  # so the merge runs again (and fails); put back below
+    (run / "summary.md").unlink()
+    try:
+        state = sft(first_run["config"], return_state=True)
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
+        kept.rename(merged)
+    summary = run / "summary.md"
+    assert state.is_failed() and "merged model disagrees with base+adapter (injected)" in state.message
+    written = summary.read_text()  # the report ran before the failure was raised
+    assert "## Outputs" in written and "- adapter: " in written and "- merged model:" not in written

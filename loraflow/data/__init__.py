@@ -20,7 +20,6 @@ from loraflow.errors import LoraflowError
 # strings), so all 200k Alpaca rows at once held 6.5 GB; a chunk's are freed once its ids and labels are kept as int32
 # arrays (8 bytes a token). 4,096 rows still keep encode_batch's threads busy.
 CHUNK_ROWS = 4096
-PROGRESS_ROWS = 50_000  # a progress line every this many rows, on files larger than that
 
 
 def _joined(chunks: list[tuple]) -> tuple:
@@ -38,6 +37,8 @@ def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=
     rows = read_rows(data.path)
     if not rows:
         raise LoraflowError(f"{data.path}: the dataset is empty")
+    if len(rows) > 2 * CHUNK_ROWS:
+        log(f"read {len(rows):,} rows from {data.path}; formatting and tokenizing {CHUNK_ROWS:,} at a time")
     if shape := detect_preference_format(rows[0]):
         raise LoraflowError(f"{data.path}: its rows are preference pairs ({shape}: chosen and rejected answers), not SFT rows; "
                             "set objective: dpo to preference-tune on them")
@@ -68,10 +69,10 @@ def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=
             label_counts = np.add.reduceat(labels != -100, row_starts[:-1])
             chunks.append((ids.astype(np.int32), labels.astype(np.int32), np.diff(row_starts), full_lengths, truncated, label_counts))
         done = min(first + CHUNK_ROWS, rows_read)
-        if rows_read > PROGRESS_ROWS and (done // PROGRESS_ROWS > first // PROGRESS_ROWS or done == rows_read):
+        if rows_read > 2 * CHUNK_ROWS and (10 * done // rows_read > 10 * first // rows_read):  # about every tenth
             log(f"tokenized {done:,} of {rows_read:,} rows")
     del rows
-    log(f"formatted {formatted_count} of {rows_read} rows with template {data.template!r}")
+    log(f"formatted {formatted_count:,} of {rows_read:,} rows with template {data.template!r}")
     ids, labels, row_starts, full_lengths, truncated, label_counts = _joined(chunks)
     del chunks
     usable = np.flatnonzero(label_counts > 0)
