@@ -537,6 +537,28 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `loraflow` command (argv None) or a call with its arguments (tests)."""
+    code = _main(argv)
+    if argv is None:
+        _exit_without_teardown(code)
+    return code
+
+
+def _exit_without_teardown(code: int) -> None:
+    """End the command once its output is out and the exit handlers have run (Prefect sends its last logs and events
+    there): the interpreter's teardown of torch, transformers and Prefect took 1.7 s after the last line, and guards
+    nothing a finished command needs."""
+    import atexit
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()  # (CPython's own call at shutdown; os._exit would skip it)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     _quiet_libraries()
     args = parser().parse_args(argv)
     try:
