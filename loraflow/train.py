@@ -364,8 +364,10 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
         print(f"resuming from {resume_uri}", flush=True)
         if (resume_dir / METRICS).exists():
             shutil.copyfile(resume_dir / METRICS, run.metrics_path)
-    # The baseline is measured once per run: a resumed attempt has it in the metrics its checkpoint carried.
-    args = objective.arguments(training_arguments(run, val_set is not None, eval_before=eval_loss_before(run.metrics_path) is None))
+    # The baseline is measured once per run: a resumed attempt has it in the metrics its checkpoint carried. (Every
+    # rank decides from that checkpoint, the same for all: the evaluation is collective.)
+    measured = resume_dir is not None and eval_loss_before(resume_dir / METRICS) is not None
+    args = objective.arguments(training_arguments(run, val_set is not None, eval_before=not measured))
     callbacks = _callbacks(run.store, spec.run_uri, run.metrics_path, run.device, run.is_main, resumed=resume_uri is not None)
     if args.load_best_model_at_end:
         from transformers import EarlyStoppingCallback
@@ -410,6 +412,8 @@ def _perplexity(loss: float | None) -> float | None:
 
 def eval_loss_before(metrics_path: Path) -> float | None:
     """The starting model's eval loss: the evaluation logged at step 0 (eval_on_start), if there is one."""
+    if not metrics_path.is_file():
+        return None
     for line in metrics_path.read_text().splitlines():
         row = json.loads(line)
         if row.get("step") == 0 and "eval_loss" in row:
