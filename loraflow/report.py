@@ -144,7 +144,10 @@ def loss_text(train: dict, number: Callable[[float], str]) -> str:
     """The train loss, first → last logged (the trainer always logs the last step)."""
     if train.get("final_loss") is None:
         return "train loss: none logged"
-    return f"train loss {number(train['first_loss'])} → {number(train['final_loss'])}"
+    text = f"train loss {number(train['first_loss'])} → {number(train['final_loss'])}"
+    if train.get("kept_step") is not None and train["kept_step"] != train.get("global_step"):
+        text += f" (at the last step, {train.get('global_step')})"  # early stopping exported another step's adapter
+    return text
 
 
 def eval_text(train: dict, number: Callable[[float], str]) -> str:
