@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.common import parameter_field
 from flows.dpo import dpo as dpo_flow
 from flows.sft import sft as sft_flow
-from loraflow.compare import comparison_markdown, read_run
+from loraflow.compare import comparison_artifact, read_run
 from loraflow.config import AnyFinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.registry import ADAPTER, EVALUATION
@@ -72,7 +72,7 @@ def sweep(config: AnyFinetuneConfig, grid: dict[str, list] = {}, variants: list[
               for place, (name, value) in enumerate(ranking, start=1)]
     lines += [f"- `{name}` failed: {message}" for name, message in failed.items()]
     if len(runs) > 1:
-        lines += ["", comparison_markdown(runs)]
+        lines += ["", comparison_artifact(runs)]
     create_markdown_artifact("\n".join(lines), key=artifact_key(config.name, "sweep"), description=f"sweep of {config.name}")
     if ranking:
         logger.info(f"best: {ranking[0][0]} ({metric} {ranking[0][1]:.4g})")

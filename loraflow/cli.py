@@ -321,7 +321,7 @@ def cmd_generate(args) -> int:
 
 def cmd_compare(args) -> int:
     """Two or more runs of a store side by side: the settings that differ, the results, the loss curves overlaid."""
-    from loraflow.compare import comparison_markdown, loss_curves_png, read_run
+    from loraflow.compare import comparison_artifact, comparison_markdown, loss_curves_png, read_run
     from loraflow.storage import ArtifactStore
 
     if len(args.runs) < 2:
@@ -336,6 +336,14 @@ def cmd_compare(args) -> int:
         (out / "compare.md").write_text(markdown + "\n![loss curves](loss-curves.png)\n")
         (out / "loss-curves.png").write_bytes(loss_curves_png(runs))
         print(f"written: {out / 'compare.md'}, {out / 'loss-curves.png'}")
+    if os.environ.get("PREFECT_API_URL"):  # a running server: the comparison on its Artifacts page too
+        from prefect.artifacts import create_markdown_artifact
+
+        from loraflow.storage import sha256_hex
+
+        key = f"compare-{sha256_hex(store.url, sorted(args.runs))[:8]}"
+        create_markdown_artifact(comparison_artifact(runs), key=key, description=f"runs compared: {', '.join(args.runs)}")
+        print(f"published in the Prefect UI as the artifact {key}")
     return 0
 
 

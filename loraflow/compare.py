@@ -125,3 +125,13 @@ def loss_curves_png(runs: list[RunFacts]) -> bytes:
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def comparison_artifact(runs: list[RunFacts]) -> str:
+    """The comparison and the overlaid loss curves as one markdown document (the PNG inlined: a UI artifact cannot
+    reach a file in the store)."""
+    import base64
+
+    image = base64.b64encode(loss_curves_png(runs)).decode()
+    return comparison_markdown(runs) + f"\n![loss curves](data:image/png;base64,{image})\n"
+

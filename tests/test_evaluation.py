@@ -114,8 +114,12 @@ def test_early_stopping_needs_a_validation_split_and_checkpoints_at_evaluated_st
         build_config({**base, "train": {"early_stopping_patience": 2, "eval_steps": 20, "save_steps": 50}})
 
 
-def test_compare_shows_the_settings_that_differ_and_the_results_side_by_side(tiny_model, tmp_path, capsys):
+def test_compare_shows_the_settings_that_differ_and_the_results_side_by_side(prefect_server, tiny_model, tmp_path, capsys, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
     from loraflow.cli import main
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # a running server: compare publishes an artifact
 
     store = tmp_path / "store"
     runs = []
@@ -130,6 +134,13 @@ def test_compare_shows_the_settings_that_differ_and_the_results_side_by_side(tin
         assert result in shown, result
     assert "Lowest eval loss: `" in shown
     assert (tmp_path / "out" / "loss-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    [key] = re.findall(r"published in the Prefect UI as the artifact (compare-[0-9a-f]{8})", shown)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert "| train.learning_rate | 0.01 | 0.001 |" in artifact.data and "![loss curves](data:image/png;base64," in artifact.data
 
     assert main(["compare", runs[0], "no-such-run", "--storage", str(store)]) == 1
     assert "no-such-run: not a finished run in" in capsys.readouterr().err

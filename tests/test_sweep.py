@@ -71,4 +71,4 @@ def test_a_sweep_shares_data_and_base_survives_a_failed_variant_and_retries_it_a
     losses = {name: records["train"].metrics["eval_loss"] for name, records in results.items()}
     best = min(losses, key=losses.get)
     assert f"1. `{best}` eval_loss {losses[best]:.4g}: lora.r=" in artifact.data and "← **best**" in artifact.data
-    assert "| lora.r | 4 | 8 | 16 |" in artifact.data
+    assert "| lora.r | 4 | 8 | 16 |" in artifact.data and "![loss curves](data:image/png;base64," in artifact.data
