@@ -44,7 +44,7 @@ def trainer_started_early(config: FinetuneConfig, trains_here: bool):
     if not trains_here or Topology.from_train(train).launcher != "local" or deepspeed_config(train.deepspeed_zero) is not None:
         yield
         return
-    process = start_warm_trainer(config.model.trust_remote_code)
+    process = start_warm_trainer(config.storage, config.model.trust_remote_code)
     try:
         yield
     finally:

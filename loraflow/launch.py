@@ -292,14 +292,15 @@ _warm_lock = __import__("threading").Lock()
 _warm: dict[tuple[str, ...], list] = {}  # the command line (spec replaced by "-") → started, not yet given a spec
 
 
-def start_warm_trainer(trust_remote_code: bool = False):
-    """Start a local trainer that imports now and waits for its spec; stop_warm_trainer ends it if nothing took it."""
+def start_warm_trainer(store: str, trust_remote_code: bool = False):
+    """Start a local trainer that imports now and waits for a spec in `store` (named on its command line, so `ps` shows
+    what it is for, and checked against the spec); stop_warm_trainer ends it."""
     import subprocess
 
-    argv = build_command(Topology(), SPEC_FROM_STDIN, trust_remote_code=trust_remote_code).argv
+    argv = [*build_command(Topology(), SPEC_FROM_STDIN, trust_remote_code=trust_remote_code).argv, "--store", store]
     process = _start(argv, {}, stdin=subprocess.PIPE)
     with _warm_lock:
-        _warm.setdefault(tuple(argv), []).append(process)
+        _warm.setdefault(tuple(argv[:-2]), []).append(process)
     return process
 
 
@@ -311,18 +312,15 @@ def _take_warm_trainer(command: LaunchCommand, spec_uri: str):
 
 
 def stop_warm_trainer(process) -> None:
-    """End a warm trainer nothing took."""
+    """End a warm trainer when its flow leaves the block: one nothing took has only imported; one that was taken and
+    still runs means the flow is being stopped (cancelled, or killed by its worker), and its trainer goes with it."""
     with _warm_lock:
         for waiting in _warm.values():
             if process in waiting:
                 waiting.remove(process)
-                break
-        else:
-            return  # taken: run_streaming owns it
-    kill_group(process.pid)  # it has only imported (or waits for a spec): nothing to finish
-    process.wait()
-    process.stdin.close()
-    process.stdout.close()
+    if process.poll() is None:
+        kill_group(process.pid)
+        process.wait()
 
 
 def kill_group(pid: int) -> None:

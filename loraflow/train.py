@@ -545,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     # The deepspeed launcher appends --local_rank=N; the same value is in LOCAL_RANK.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code to run")
+    parser.add_argument("--store", help="with -: the artifact store the spec will be in (shown by ps; checked)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     warm = args.spec_uri == SPEC_FROM_STDIN
     if warm:
@@ -555,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = read_spec(args.spec_uri)
         if warm and spec.deepspeed_config is not None:
             raise LoraflowError("a warm-started trainer was given a DeepSpeed run; start it with the spec's URI instead")
+        if warm and args.store and spec.store != args.store:
+            raise LoraflowError(f"a trainer started for the store {args.store} was given a spec of {spec.store}")
         if spec.deepspeed_config is None:
             # transformers and accelerate import DeepSpeed whenever it is installed (a third of a second, and a native
             # build check that prints "cannot find -laio"); a run without it never uses it.

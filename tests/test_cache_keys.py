@@ -22,6 +22,16 @@ def _variant(tiny_model: Path, folder: Path, model_type: str, architecture: str,
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     config = json.loads((folder / "config.json").read_text()) | {"model_type": model_type, "architectures": [architecture], **config_changes}
     (folder / "config.json").write_text(json.dumps(config))
+    if model_type == "qwen2":  # Qwen2's query, key and value projections have biases Llama's weights lack: zeros, not
+        # whatever memory an uninitialised tensor holds (it gave NaN gradients on one machine)
+        from safetensors.torch import load_file, save_file
+        import torch
+
+        [weights] = folder.glob("*.safetensors")
+        tensors = load_file(str(weights))
+        for name in [name for name in tensors if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]:
+            tensors[name.replace(".weight", ".bias")] = torch.zeros(tensors[name].shape[0], dtype=tensors[name].dtype)
+        save_file(tensors, str(weights), metadata={"format": "pt"})
     return folder
 
 
