@@ -196,10 +196,11 @@ def _serve_and_run_the_watcher(server, tmp_path):
     from prefect.exceptions import ObjectNotFound
 
     deadline = time.time() + 90
-    while True:
+    while True:  # serve registers its deployments one after another: wait for the last of them too
         try:
             watch = _deployment(server, "loraflow-watch/watch-local")
             sft = _deployment(server, "loraflow-sft/sft-local")
+            _deployment(server, "loraflow-sweep/sweep-local")
             break
         except ObjectNotFound:
             assert time.time() < deadline, log.read_text()[-3000:]
