@@ -196,11 +196,12 @@ def _serve_and_run_the_watcher(server, tmp_path):
     from prefect.exceptions import ObjectNotFound
 
     deadline = time.time() + 90
-    while True:  # serve registers its deployments one after another: wait for the last of them too
+    while True:  # serve registers its deployments one after another: wait for every one
         try:
             watch = _deployment(server, "loraflow-watch/watch-local")
             sft = _deployment(server, "loraflow-sft/sft-local")
-            _deployment(server, "loraflow-sweep/sweep-local")
+            for name in ("train", "merge", "align", "dpo", "sweep"):
+                _deployment(server, f"loraflow-{name}/{name}-local")
             break
         except ObjectNotFound:
             assert time.time() < deadline, log.read_text()[-3000:]
