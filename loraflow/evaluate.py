@@ -25,6 +25,12 @@ EXAMPLES = 5  # prompts shown before/after in the run's summary
 
 
 # ---- scoring ------------------------------------------------------------------------------------
+def perplexity(loss: float | None) -> float | None:
+    """exp of a mean token loss; None for no loss, NaN, or one whose exp overflows (past 709)."""
+    return math.exp(loss) if loss is not None and math.isfinite(loss) and loss < 700 else None
+
+
+
 def extract_answer(text: str, pattern: str = "") -> str:
     """The part of a text that is the answer: the pattern's first group (else its whole match), or the trimmed text.
     No match gives the empty string, which matches nothing but an empty reference."""
@@ -160,7 +166,7 @@ def evaluate_adapter(settings, base_dir: Path, adapter_dir: Path, data_format: s
         metrics["general_loss_after"] = _mean_token_loss(model, tokenizer, texts)
         for name in ("before", "after"):
             loss = metrics[f"general_loss_{name}"]
-            metrics[f"general_perplexity_{name}"] = math.exp(loss) if math.isfinite(loss) and loss < 700 else None
+            metrics[f"general_perplexity_{name}"] = perplexity(loss)
         metrics["general_rows"] = len(texts)
         log(f"forgetting check on {len(texts)} general-text rows: loss {metrics['general_loss_before']:.4f} → "
             f"{metrics['general_loss_after']:.4f}")

@@ -32,6 +32,7 @@ import torch
 from loraflow import objectives
 from loraflow.data.tokenize import load_tokenizer
 from loraflow.errors import LoraflowError
+from loraflow.evaluate import perplexity
 from loraflow.launch import SPEC_FROM_STDIN
 from loraflow.models import native
 from loraflow.objectives import OBJECTIVES, Dpo, load_split
@@ -406,10 +407,6 @@ def restore_best_checkpoint(run: RunContext, resume_dir: Path | None) -> None:
         shutil.copytree(run.store.local_copy(f"{run.spec.run_uri}/checkpoints/{Path(best).name}", run.work / "resume", verify=True), best)
 
 
-def _perplexity(loss: float | None) -> float | None:
-    return math.exp(loss) if loss is not None and loss < 700 else None  # (exp overflows past 709)
-
-
 def eval_loss_before(metrics_path: Path) -> float | None:
     """The starting model's eval loss: the evaluation logged at step 0 (eval_on_start), if there is one."""
     if not metrics_path.is_file():
@@ -482,7 +479,7 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
     losses = [row["loss"] for row in logged if "loss" in row]
     summary["first_loss"], summary["final_loss"] = (losses[0], losses[-1]) if losses else (None, None)
     if objective.reports_perplexity:
-        summary["perplexity_before"], summary["perplexity"] = _perplexity(summary["eval_loss_before"]), _perplexity(summary["eval_loss"])
+        summary["perplexity_before"], summary["perplexity"] = perplexity(summary["eval_loss_before"]), perplexity(summary["eval_loss"])
     summary.update(objective.summary(logged))
     if not math.isfinite(summary["train_loss"]):
         raise LoraflowError(f"training diverged: train loss is {summary['train_loss']}; lower train.learning_rate")
