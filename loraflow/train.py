@@ -404,7 +404,12 @@ def restore_best_checkpoint(run: RunContext, resume_dir: Path | None) -> None:
         return
     best = json.loads((resume_dir / "trainer_state.json").read_text()).get("best_model_checkpoint")
     if best and not Path(best).is_dir():
-        shutil.copytree(run.store.local_copy(f"{run.spec.run_uri}/checkpoints/{Path(best).name}", run.work / "resume", verify=True), best)
+        copy = run.store.local_copy(f"{run.spec.run_uri}/checkpoints/{Path(best).name}", run.work / "resume", verify=True)
+        if refused := refused_pickles(copy):  # the store is untrusted: the same check a resumed checkpoint passes
+            raise LoraflowError(f"the best checkpoint so far, {run.spec.run_uri}/checkpoints/{Path(best).name}, holds files "
+                                f"that are not plain tensor data ({'; '.join(refused)}); nothing of it was loaded. Remove "
+                                "the run folder to train again from the start")
+        shutil.copytree(copy, best)
 
 
 def eval_loss_before(metrics_path: Path) -> float | None:

@@ -75,6 +75,30 @@ def test_a_resumed_run_still_exports_the_best_step_when_its_scratch_folder_is_go
     assert _adapter_hash(run, "final") == _adapter_hash(run, "checkpoint-3")
 
 
+def test_a_best_checkpoint_holding_a_pickle_is_not_restored_from_the_store(tiny_model, tmp_path):
+    """The store is untrusted: the best checkpoint copied back on resume passes the same check as a resumed one."""
+    import torch
+
+    from loraflow.storage import ArtifactStore
+    from test_untrusted_store import TouchOnUnpickle
+
+    config = _config(tiny_model, tmp_path / "store", **RISING)
+    scratch = {"LORAFLOW_SCRATCH": str(tmp_path / "scratch")}
+    _, _, run = _train(config, {**scratch, "LORAFLOW_TEST_FAIL_AT_STEP": "5"}, exit_code=1)
+    shutil.rmtree(tmp_path / "scratch")
+    best = Path(run, "checkpoints", "checkpoint-3")
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "planted"
+    shutil.copytree(best, planted)
+    torch.save({"python": TouchOnUnpickle(str(marker))}, planted / "optimizer.pt")
+    ArtifactStore(str(tmp_path / "store")).commit(planted, f"{run}/checkpoints/checkpoint-3", {"step": 3}, replace=True)
+
+    _, lines, _ = _train(config, scratch, exit_code=3)  # a user error: not retried
+    assert not marker.exists(), "a pickle planted in the best checkpoint was executed"
+    [error] = [line for line in lines if line.startswith("error: ")]
+    assert f"the best checkpoint so far, {run}/checkpoints/checkpoint-3, holds files that are not plain tensor data (optimizer.pt: " in error
+
+
 def test_a_run_that_never_beats_its_start_stops_and_exports_the_adapter_it_started_from(tiny_model, tmp_path):
     import torch
     from safetensors.torch import load_file
