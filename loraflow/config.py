@@ -191,6 +191,11 @@ class TrainSettings(_Section):
         description="Stop when the eval loss has not improved for this many evaluations in a row (0: off). When on, the "
         "adapter exported is the best evaluated step's, by eval loss. Needs a validation split and save_steps a multiple "
         "of eval_steps.")
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        [], title="Experiment trackers",
+        description="Also log to: tensorboard (event files in the run's metrics folder in the store), mlflow (the "
+        "tracking server in MLFLOW_TRACKING_URI; experiment MLFLOW_EXPERIMENT_NAME, else the config's name). Optional "
+        "packages: pip install 'loraflow[tracking]'. Not part of what training computes: changing it retrains nothing.")
     seed: int = Field(42, title="Training seed", description="Training seed (LoRA init, data order, dropout).")
     device: Literal["auto", "xpu", "cuda", "cpu"] = Field("auto", title="Device", description="Device to train on.")
     launcher: Literal["local", "torchrun", "deepspeed", "mpirun"] = Field(
@@ -218,6 +223,19 @@ class TrainSettings(_Section):
     pool: str = Field(
         "", title="Work pool", description="Prefect work pool that runs training (e.g. xpu); empty: run in this flow's process."
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value):
+        # YAML's `report_to: tensorboard` (one tracker) and transformers' "none" read as lists.
+        if isinstance(value, str):
+            return [] if value in ("", "none") else [value]
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_once(cls, value):
+        return list(dict.fromkeys(value))
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ import platform
 
 import torch
 
+from loraflow import tracking
 from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.launch import LAUNCHER_BINARIES, distributed_backend, launcher_available
@@ -63,6 +64,8 @@ def check_environment(config: FinetuneConfig) -> dict:
         problems.append("train.launcher deepspeed needs the deepspeed package (pip install deepspeed)")
     if device != "cpu" and config.train.nproc_per_node > report["device_count"]:
         problems.append(f"train.nproc_per_node={config.train.nproc_per_node} but this host has {report['device_count']} {device} device(s)")
+    if not config.train.pool:  # (a pool's job runs on a worker host: the trainer checks there)
+        problems += tracking.problems(config.train.report_to)
     if problems:
         raise LoraflowError("environment check failed:\n  " + "\n  ".join(problems))
     return report

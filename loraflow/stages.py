@@ -126,8 +126,8 @@ def lora_key(config: FinetuneConfig, base: StageRecord) -> str:
 
 def training_fields(config: FinetuneConfig) -> dict:
     """What training computes from, beyond its data and starting adapter: the one list of it (the train key and a
-    pool job's identity read it). Where and how patiently it runs does not change what it computes."""
-    fields = config.train.model_dump(exclude={"pool", "device", "retries", "timeout_s", "master_port", "mpi"})
+    pool job's identity read it). Where and how patiently it runs, and where it reports, do not change what it computes."""
+    fields = config.train.model_dump(exclude={"pool", "device", "retries", "timeout_s", "master_port", "mpi", "report_to"})
     if config.objective == "dpo":
         fields |= {"objective": "dpo", "dpo": config.dpo.model_dump(exclude={"max_prompt_length", "max_length"})}  # lengths: in dataset.key
     return fields

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from loraflow import objectives
+from loraflow import objectives, tracking
 from loraflow.data.tokenize import load_tokenizer
 from loraflow.errors import LoraflowError
 from loraflow.evaluate import perplexity
@@ -339,7 +339,8 @@ def training_arguments(run: RunContext, has_eval: bool, eval_before: bool = Fals
         data_seed=cfg.seed,
         train_sampling_strategy=cfg.sampling,
         torch_compile=cfg.compile,
-        report_to="none",
+        report_to="none",  # the trackers in train.report_to are added as callbacks (loraflow.tracking)
+        run_name=run.spec.run_uri.rstrip("/").rsplit("/", 1)[-1],
         disable_tqdm=True,
         ddp_backend=run.spec.ddp_backend,
         deepspeed=run.spec.deepspeed_config,
@@ -355,6 +356,8 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
     """
     from transformers import PrinterCallback
 
+    if problems := tracking.problems(spec.train.report_to):
+        raise LoraflowError("; ".join(problems))
     run = setup_run(spec, trust_remote_code)
     objective = OBJECTIVES[spec.objective](spec)
     tokenizer, train_set, val_set = setup_data(run)
@@ -365,11 +368,15 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
         print(f"resuming from {resume_uri}", flush=True)
         if (resume_dir / METRICS).exists():
             shutil.copyfile(resume_dir / METRICS, run.metrics_path)
+    resumed_step = json.loads((resume_dir / "trainer_state.json").read_text())["global_step"] if resume_dir else None
+    keep_tracker_files(run, resumed_step is not None)
     # The baseline is measured once per run: a resumed attempt has it in the metrics its checkpoint carried. (Every
     # rank decides from that checkpoint, the same for all: the evaluation is collective.)
     measured = resume_dir is not None and eval_loss_before(resume_dir / METRICS) is not None
     args = objective.arguments(training_arguments(run, val_set is not None, eval_before=not measured))
-    callbacks = _callbacks(run.store, spec.run_uri, run.metrics_path, run.device, run.is_main, resumed=resume_uri is not None)
+    # (the trackers first: they flush before MetricsToStore commits the metrics folder at a checkpoint)
+    callbacks = tracking.callbacks(spec.train.report_to, run.metrics_path.parent, args.run_name, resumed_step) if run.is_main else []
+    callbacks += _callbacks(run.store, spec.run_uri, run.metrics_path, run.device, run.is_main, resumed=resume_uri is not None)
     if args.load_best_model_at_end:
         from transformers import EarlyStoppingCallback
 
@@ -395,6 +402,22 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
         # is shared and another rank may still be leaving it, so it stays for the next run of this spec.
         shutil.rmtree(run.work, ignore_errors=True)
     return summary
+
+
+def keep_tracker_files(run: RunContext, resumed: bool) -> None:
+    """The trackers' files in the metrics folder (TensorBoard events, the MLflow run's id): a resumed attempt goes on
+    with the earlier attempts' (from the store when this host's scratch folder lacks them: the folder's next commit
+    replaces the store's); a run starting from step 0 drops any a failed attempt left here."""
+    if not run.is_main:
+        return
+    metrics_uri = f"{run.spec.run_uri}/metrics"
+    committed = run.store.local_copy(metrics_uri, run.work / "resume" / "metrics") if resumed and run.store.is_committed(metrics_uri) else None
+    for name in (tracking.TENSORBOARD_FOLDER, tracking.MLFLOW_RUN):
+        local = run.metrics_path.parent / name
+        if not resumed:
+            shutil.rmtree(local) if local.is_dir() else local.unlink(missing_ok=True)
+        elif committed and (committed / name).exists() and not local.exists():
+            shutil.copytree(committed / name, local) if (committed / name).is_dir() else shutil.copyfile(committed / name, local)
 
 
 def restore_best_checkpoint(run: RunContext, resume_dir: Path | None) -> None:

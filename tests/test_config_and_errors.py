@@ -190,6 +190,8 @@ def test_a_config_written_out_and_read_back_keeps_its_cache_keys(tmp_path):
     data = StageRecord(stage="dataset", key="d")
     lora = StageRecord(stage="lora", key="l")
     assert stages.train_key(again, data, lora, env) == stages.train_key(config, data, lora, env)
+    tracked = build_config({**config.model_dump(), "train": {"learning_rate": 1e-2, "report_to": "tensorboard"}})
+    assert stages.train_key(tracked, data, lora, env) == stages.train_key(config, data, lora, env)  # where it reports: not what it computes
     sources = StageRecord(stage="sources", key="s", metrics={"dataset_sha256": "x", "tokenizer_key": "t", "model_key": "m"})
     assert stages.dataset_key(again, sources) == stages.dataset_key(config, sources)
     assert stages.lora_key(again, data) == stages.lora_key(config, data)

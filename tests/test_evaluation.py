@@ -191,3 +191,52 @@ def test_the_metrics_table_shows_a_diverged_value_as_text():
     table = metrics_table([{"step": 6, "loss": 7.5, "grad_norm": 3.25}, {"step": 7, "loss": float("nan"), "grad_norm": float("inf")}])
     assert table == [{"step": 6, "loss": 7.5, "grad_norm": 3.25}, {"step": 7, "loss": "nan", "grad_norm": "inf"}]
     json.dumps(table, allow_nan=False)
+
+
+@pytest.mark.parametrize("scratch_kept", [True, False], ids=["same-host-retry", "scratch-folder-lost"])
+def test_tensorboard_and_mlflow_hold_each_step_once_across_a_resume(tiny_model, tmp_path, scratch_kept, monkeypatch):
+    """The first attempt logs steps 1-3 and fails at step 4; the retry resumes from checkpoint-2 and logs 3-6 again.
+    TensorBoard (read with its own event reader) and MLflow (a local database) each show one run with every step."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = _config(tiny_model, tmp_path / "store", max_steps=6, eval_steps=2, save_steps=2, report_to=["tensorboard", "mlflow"])
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)  # the flow's environment, which the trainer inherits
+    env = {"LORAFLOW_SCRATCH": str(tmp_path / "scratch")}
+    _train(config, {**env, "LORAFLOW_TEST_FAIL_AT_STEP": "4"}, exit_code=1)
+    if not scratch_kept:
+        shutil.rmtree(tmp_path / "scratch")
+    summary, metrics, run = _train(config, env)
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    losses = {row["step"]: row["loss"] for row in metrics if "loss" in row}
+    evals = {row["step"]: row["eval_loss"] for row in metrics if "eval_loss" in row}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and sorted(evals) == [0, 2, 4, 6]
+
+    events = EventAccumulator(str(Path(run, "metrics", "tensorboard")))
+    events.Reload()
+    for tag, expected in (("train/loss", losses), ("eval/loss", evals)):
+        logged = [(event.step, event.value) for event in events.Scalars(tag)]
+        assert [step for step, _ in logged] == sorted(expected), tag  # each step once, in order
+        assert dict(logged) == pytest.approx(expected), tag
+
+    client = MlflowClient(tracking_uri)
+    [experiment] = [e for e in client.search_experiments() if e.name == "eval"]
+    [mlflow_run] = client.search_runs([experiment.experiment_id])
+    assert mlflow_run.info.run_name == Path(run).name and mlflow_run.info.status == "FINISHED"
+    history = {m.step: m.value for m in client.get_metric_history(mlflow_run.info.run_id, "loss")}
+    assert history == pytest.approx(losses)
+    assert float(mlflow_run.data.params["learning_rate"]) == config.train.learning_rate
+
+
+def test_a_tracker_without_its_package_or_server_is_a_user_error_before_any_stage(tiny_model, tmp_path, monkeypatch):
+    from loraflow.envcheck import check_environment
+    from loraflow.errors import LoraflowError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = _config(tiny_model, tmp_path / "store", report_to="mlflow")
+    assert config.train.report_to == ["mlflow"]
+    with pytest.raises(LoraflowError, match=r"train.report_to mlflow needs MLFLOW_TRACKING_URI in the training process's environment"):
+        check_environment(config)
+    with pytest.raises(LoraflowError, match=r"report_to\.0: Input should be 'tensorboard' or 'mlflow'"):
+        _config(tiny_model, tmp_path / "store", report_to=["wandb"])
