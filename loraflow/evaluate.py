@@ -17,10 +17,10 @@ from pathlib import Path
 from loraflow.data.formats import read_rows
 from loraflow.data.templates import generation_prompt
 from loraflow.errors import LoraflowError
+from loraflow.generate import answer
 from loraflow.storage import open_url
 
 GENERAL_TOKENS = 256  # tokens of each general-text row scored (the rest of a long document is left out)
-BATCH = 8
 EXAMPLES = 5  # prompts shown before/after in the run's summary
 
 
@@ -100,20 +100,6 @@ def read_general_text(uri: str, limit: int) -> list[str]:
 
 
 # ---- the model ----------------------------------------------------------------------------------
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    import torch
-
-    answers = []
-    tokenizer.padding_side = "left"  # generation continues every row from its own last token
-    for start in range(0, len(prompts), BATCH):
-        batch = tokenizer(prompts[start:start + BATCH], return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
-        with torch.no_grad():
-            ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        answers += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return answers
-
-
 def _mean_token_loss(model, tokenizer, texts: list[str]) -> float:
     import torch
 
@@ -144,8 +130,8 @@ def evaluate_adapter(settings, base_dir: Path, adapter_dir: Path, data_format: s
         pairs = read_tasks(settings.tasks_path, settings.max_rows)
         prompts = [generation_prompt(data_format, template, prompt) for prompt, _ in pairs]
         with model.disable_adapter():
-            before = _generate(model, tokenizer, prompts, settings.max_new_tokens)
-        after = _generate(model, tokenizer, prompts, settings.max_new_tokens)
+            before = answer(model, tokenizer, prompts, settings.max_new_tokens)
+        after = answer(model, tokenizer, prompts, settings.max_new_tokens)
         references = [reference for _, reference in pairs]
         for name, answers in (("before", before), ("after", after)):
             metrics[f"exact_match_{name}"] = sum(exact_match(a, r, settings.answer_pattern) for a, r in zip(answers, references)) / len(pairs)

@@ -16,6 +16,8 @@ from loraflow.errors import LoraflowError
 from loraflow.models import native
 from loraflow.storage import ArtifactStore
 
+BATCH = 8  # prompts answered together when nothing is streamed
+
 
 def run_outputs(store: ArtifactStore, run: str) -> dict[str, str]:
     """{adapter, merged?} URIs of a run folder, or an error naming the runs that have an adapter."""
@@ -36,8 +38,7 @@ def generate(storage: str, run: str, prompts: list[str], max_new_tokens: int = 1
              on_prompt: Callable[[str], None] | None = None) -> list[str]:
     """Greedy completions of `prompts` by the run's model, loaded once; on_prompt is called before each
     prompt's answer, and with on_text each answer is streamed to it as it is generated."""
-    import torch
-    from transformers import AutoTokenizer
+    from loraflow.data.tokenize import load_tokenizer
 
     store = ArtifactStore(storage)
     outputs = run_outputs(store, run)
@@ -55,19 +56,33 @@ def generate(storage: str, run: str, prompts: list[str], max_new_tokens: int = 1
         base = native.load_causal_lm(Path(native.resolve_model_path(config["model"]["base"])), device, precision, None, trust_remote_code)
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    results = []
-    for text in prompts:
-        if on_prompt:
-            on_prompt(text)
-        prompt = generation_prompt(config["data"]["format"], config["data"]["template"], text)
-        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-        streamer = _CallbackStreamer(tokenizer, on_text) if on_text else None
+    tokenizer = load_tokenizer(str(adapter_dir))  # the export stage keeps the tokenizer the run trained with
+    templated = [generation_prompt(config["data"]["format"], config["data"]["template"], text) for text in prompts]
+    return answer(model, tokenizer, templated, max_new_tokens, on_text, on_start=on_prompt and (lambda index: on_prompt(prompts[index])))
+
+
+def answer(model, tokenizer, prompts: list[str], max_new_tokens: int, on_text: Callable[[str], None] | None = None,
+           on_start: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy answers to prompts already in the run's template: in batches of BATCH rows, left-padded (each row goes
+    on from its own last token); one prompt at a time when streamed to on_text (a streamer follows one row) or when
+    on_start wants each prompt's index before its answer. The evaluation stage's task metrics and `loraflow generate`
+    both answer with this."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    size = 1 if on_text or on_start else BATCH
+    answers = []
+    for start in range(0, len(prompts), size):
+        if on_start:
+            on_start(start)
+        batch = tokenizer(prompts[start:start + size], return_tensors="pt", padding=True).to(model.device)
         with torch.no_grad():
-            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        results.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-    return results
+            ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 streamer=_CallbackStreamer(tokenizer, on_text) if on_text else None,
+                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        answers += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
 
 
 def _CallbackStreamer(tokenizer, on_text):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from loraflow.data.formats import SUFFIXES, format_alpaca, format_conversations, read_rows

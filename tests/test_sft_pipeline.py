@@ -367,6 +367,9 @@ def test_loraflow_generate_streams_the_runs_answer(first_run, capsys):
     [expected] = generate(store, run, ["Name three colours."], max_new_tokens=6)
     assert ">>> Name three colours." in streamed and expected.strip() in streamed
     assert generate(store, run, ["Name three colours."], max_new_tokens=6, merged=True) == [expected]  # merged = base + adapter
+    # The evaluation stage's answers with the adapter are what `generate` gives for the same prompts (one function).
+    evaluated = [json.loads(line) for line in Path(first_run["records"]["evaluation"].uri, "outputs.jsonl").read_text().splitlines()]
+    assert generate(store, run, [row["prompt"] for row in evaluated], max_new_tokens=8) == [row["after"] for row in evaluated]
     assert main(["generate", "no-such-run", "--storage", store, "--prompt", "x"]) == 1
     failure = capsys.readouterr()
     assert f"no-such-run: no exported adapter there; runs with one in {store}: " in failure.err and run in failure.err and not failure.out

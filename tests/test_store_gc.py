@@ -64,11 +64,11 @@ def test_a_dry_run_lists_leftovers_and_superseded_checkpoints_and_keeps_what_a_r
     reasons = {item.uri.removeprefix(store.url + "/"): item.reason for item in removable}
     assert reasons == {
         "base/stale-leftover": "uncommitted leftover of an interrupted write",
-        f"runs/old-aaaaaaaaaaaa/checkpoints/checkpoint-2": "superseded checkpoint (the run's final adapter is committed)",
-        f"runs/old-aaaaaaaaaaaa/checkpoints/checkpoint-4": "superseded checkpoint (the run's final adapter is committed)",
+        "runs/old-aaaaaaaaaaaa/checkpoints/checkpoint-2": "superseded checkpoint (the run's final adapter is committed)",
+        "runs/old-aaaaaaaaaaaa/checkpoints/checkpoint-4": "superseded checkpoint (the run's final adapter is committed)",
         # the unfinished run keeps its two newest checkpoints (6, 8) for a resume
-        f"runs/recent-bbbbbbbbbbbb/checkpoints/checkpoint-2": "superseded checkpoint (two newer checkpoints of the run are committed)",
-        f"runs/recent-bbbbbbbbbbbb/checkpoints/checkpoint-4": "superseded checkpoint (two newer checkpoints of the run are committed)",
+        "runs/recent-bbbbbbbbbbbb/checkpoints/checkpoint-2": "superseded checkpoint (two newer checkpoints of the run are committed)",
+        "runs/recent-bbbbbbbbbbbb/checkpoints/checkpoint-4": "superseded checkpoint (two newer checkpoints of the run are committed)",
     }
     assert any("fresh-leftover" in note and "grace" in note for note in notes)
 

@@ -8,9 +8,7 @@ deployment run retried with `prefect flow-run retry` (the UI's Retry) reuses eve
 
 import json
 import re
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -320,7 +318,6 @@ def test_stopping_the_worker_ends_its_running_fine_tune_as_crashed_within_second
     trainer survives. Last in this module: it stops the module's worker."""
     import os
     import signal
-    import subprocess
 
     import psutil
     from prefect.client.orchestration import get_client

@@ -7,7 +7,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from loraflow.config import DataSettings
 from loraflow.data.formats import format_alpaca, format_conversations, read_rows

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from loraflow.errors import LoraflowError
-from loraflow.storage import fingerprint_file, sha256_hex
+from loraflow.storage import fingerprint_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TOKENIZER_FILES = (
