@@ -23,6 +23,8 @@ _NOT_SETTINGS = {"train.pool", "train.retries", "train.timeout_s", "train.master
 RESULTS = (
     ("eval loss before", "eval_loss_before", 4), ("eval loss", "eval_loss", 4), ("perplexity", "perplexity", 4),
     ("train loss (last logged)", "final_loss", 4), ("steps", "global_step", None), ("kept step (early stopping)", "kept_step", None),
+    # DPO: TRL's rewards at the last logged training step (the policy's log-ratio against the reference, times beta)
+    ("reward margin (last step)", "final_reward_margins", 4), ("reward accuracy (last step)", "final_reward_accuracies", 4),
     ("tokens/s", "tokens_per_s", 5), ("peak RSS MB", "peak_rss_mb", 5), ("peak device MB", "peak_device_mb", 5),
     ("training s", "train_runtime_s", 4),
 )

@@ -50,6 +50,11 @@ def first_dpo(prefect_server, tiny_model, hh_pairs, tmp_path_factory):
     """The first attempt of training fails after checkpoint-4 (injected); the task's retry resumes from it."""
     store = tmp_path_factory.mktemp("dpo") / "store"
     config = dpo_config(tiny_model, store, hh_pairs)
+    # The evaluation stage after a DPO run: task prompts (chat template) and the forgetting check.
+    tasks = store.parent / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"Is it safe to {verb}?", "answer": "No."}) + "\n" for verb in ("swim", "cook", "fly")))
+    (store.parent / "general.txt").write_text("The river runs to the sea.\nMarkets open at nine.\n")
+    config["evaluation"] = {"tasks_path": str(tasks), "general_text_path": str(store.parent / "general.txt"), "max_new_tokens": 6}
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("LORAFLOW_TEST_FAIL_AT_STEP", "6")
     try:
@@ -84,6 +89,11 @@ def test_dpo_trains_the_policy_to_prefer_the_chosen_answers(first_dpo, tiny_mode
     with torch.no_grad():
         assert not torch.allclose(base(ids).logits, tuned(ids).logits, atol=1e-3)  # it learned something
     assert records["merged"].metrics["max_abs_logit_diff"] <= records["merged"].metrics["tolerance"]
+    evaluation = records["evaluation"].metrics
+    assert evaluation["task_rows"] == 3 and evaluation["general_rows"] == 2
+    assert evaluation["general_loss_after"] != evaluation["general_loss_before"]  # the adapter is on for "after"
+    outputs = [json.loads(line) for line in Path(records["evaluation"].uri, "outputs.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in outputs] == ["Is it safe to swim?", "Is it safe to cook?", "Is it safe to fly?"]
     summary = store.read_text(f"{run}/summary.md")
     assert "DPO rewards: margin" in summary and "reference forward passes during training: 0" in summary
     assert "pairs truncated to max prompt 64 / max length 128 tokens" in summary
@@ -97,6 +107,15 @@ def test_a_new_beta_reuses_the_pairs_and_the_reference_log_probs(first_dpo):
     assert records["reference"].uri == first_dpo["records"]["reference"].uri
     assert records["train"].uri != first_dpo["records"]["train"].uri  # a new run: beta is part of its key
     assert records["train"].metrics["reference_forwards"] == 0
+
+    from loraflow.compare import comparison_markdown, read_run
+
+    store = first_dpo["store"]
+    runs = [read_run(store, record.uri.rsplit("/", 2)[-2]) for record in (first_dpo["records"]["adapter"], records["adapter"])]
+    table = {line.split(" | ")[0].strip("| *"): line.split(" | ")[1:] for line in comparison_markdown(runs).splitlines() if line.startswith("| ")}
+    assert [cell.strip(" |") for cell in table["dpo.beta"]] == ["0.1", "0.3"]
+    for label, key in (("reward margin (last step)", "final_reward_margins"), ("reward accuracy (last step)", "final_reward_accuracies")):
+        assert [float(cell.strip(" |*")) for cell in table[label]] == pytest.approx([r.results[key] for r in runs], rel=1e-3), label
 
 
 def test_precomputed_reference_equals_the_recipe_separate_reference_copy(first_dpo, tmp_path):
