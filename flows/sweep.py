@@ -1,20 +1,24 @@
 """A sweep of fine-tunes: one base config, a grid (or list) of variants, each variant a fine-tune run of its own.
 
 Variants share every cached stage their settings leave alone (tokenization, the quantized base, the LoRA init when
-only the training settings vary), run one after another here (each trains where its config says: in process or on
-its work pool), and a failed variant does not stop the others. Running the sweep again retries only what failed:
+only the training settings vary), run one after another here, or `parallel` at a time when they train on a work pool
+(whose own concurrency limit, a Prefect work-pool limit, caps the training jobs on its devices), and a failed variant
+does not stop the others. Running the sweep again retries only what failed:
 the finished variants come back from the cache. The comparison artifact ranks the variants by a metric and names
 the best.
 """
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import parameter_field
 from flows.dpo import dpo as dpo_flow
 from flows.sft import sft as sft_flow
+from flows.train import local_work_one_at_a_time
 from loraflow.compare import comparison_artifact, read_run
 from loraflow.config import AnyFinetuneConfig
 from loraflow.errors import LoraflowError
@@ -36,7 +40,8 @@ def sweep_run_name() -> str:
 @flow(name="loraflow-sweep", flow_run_name=sweep_run_name,
       description="A grid of fine-tunes sharing tokenization and the quantized base; the comparison ranks them.")
 def sweep(config: AnyFinetuneConfig, grid: dict[str, list] = {}, variants: list[dict] = [],  # noqa: B006 (never mutated;
-          metric: str = "eval_loss", higher_is_better: bool = False) -> dict[str, dict]:  # a None default would give the UI form a type switch)
+          metric: str = "eval_loss", higher_is_better: bool = False,  # a None default would give the UI form a type switch)
+          parallel: int = 1) -> dict[str, dict]:
     """Fine-tune every variant of a base config and rank them.
 
     Args:
@@ -47,21 +52,33 @@ def sweep(config: AnyFinetuneConfig, grid: dict[str, list] = {}, variants: list[
         metric: What ranks them: a result of training (eval_loss, perplexity, tokens_per_s) or of the evaluation
             stage (rouge_l_after, exact_match_after, general_loss_after).
         higher_is_better: True for metrics where more is better (exact match, ROUGE-L, tokens/s).
+        parallel: Variants run at once (1: one after another). More than 1 needs train.pool: each variant's training
+            is a job of the pool, and the pool's concurrency limit decides how many train at the same time.
     """
     logger = get_run_logger()
     overrides = variant_overrides(grid, variants)
     configs = variant_configs(config, overrides)
-    fine_tune = dpo_flow if config.objective == "dpo" else sft_flow
-    results, failed = {}, {}
+    if parallel < 1:
+        raise LoraflowError(f"parallel is {parallel}: give the number of variants to run at once (1: one after another)")
+    if parallel > 1 and (local := [variant.name for variant in configs if not variant.train.pool]):
+        raise LoraflowError(f"parallel {parallel} runs variants at once, but {', '.join(local)} would train in this process, "
+                            "side by side on one device: set train.pool (the pool's concurrency limit decides how many "
+                            "train at once), or parallel: 1")
     for settings, variant in zip(overrides, configs):
         logger.info(f"variant {variant.name}: {describe(settings)}")
-        state = fine_tune(variant, return_state=True)
-        if state.is_completed():
-            results[variant.name] = state.result()
-        else:
-            failed[variant.name] = state.message or state.name
-            logger.error(f"variant {variant.name} ({describe(settings)}) failed: {failed[variant.name]}; "
-                         "run the sweep again to retry it (the finished variants are reused)")
+    results, failed = {}, {}
+    # Each variant's fine-tune is a flow run nested in a task of its own, so that several can run at once (a flow
+    # called directly here would block until it finished).
+    with ThreadPoolTaskRunner(max_workers=parallel) as runner:
+        futures = [runner.submit(fine_tune_variant, parameters={"variant": variant}) for variant in configs]
+        for settings, variant, future in zip(overrides, configs, futures):
+            future.wait()
+            if future.state.is_completed():
+                results[variant.name] = future.result()
+            else:
+                failed[variant.name] = future.state.message or future.state.name
+                logger.error(f"variant {variant.name} ({describe(settings)}) failed: {failed[variant.name]}; "
+                             "run the sweep again to retry it (the finished variants are reused)")
     ranking = rank_variants(results, metric, higher_is_better)
     settings_of = {variant.name: settings for settings, variant in zip(overrides, configs)}
     store = ArtifactStore(config.storage)
@@ -80,6 +97,14 @@ def sweep(config: AnyFinetuneConfig, grid: dict[str, list] = {}, variants: list[
         raise LoraflowError(f"{len(failed)} of {len(configs)} variants failed ({', '.join(failed)}); the others finished. "
                             "Run the sweep again to retry the failed ones alone")
     return results
+
+
+@task(task_run_name="{variant.name}", cache_policy=NONE)  # (the variant's own stages are cached; this only starts them)
+def fine_tune_variant(variant: AnyFinetuneConfig) -> dict:
+    """One variant's fine-tune: the SFT or DPO flow, as a flow run nested in this task; its work in this process one
+    variant at a time, its training (a pool job with parallel > 1) beside the others'."""
+    with local_work_one_at_a_time():
+        return (dpo_flow if variant.objective == "dpo" else sft_flow)(variant)
 
 
 def rank_variants(results: dict[str, dict], metric: str, higher_is_better: bool) -> list[tuple[str, float]]:

@@ -9,8 +9,10 @@ a second one; while it waits it relays that job's log and progress into the fine
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
@@ -27,6 +29,37 @@ from tasks.train import TrainingProgress, train_adapter
 
 TRAIN_FLOW = "loraflow-train"
 RECORDS = "train-records"  # <store>/train-records/<flow run id>.json: what a pool job trained
+
+
+# A parallel sweep runs its variants' fine-tunes in threads of one process. Importing the libraries and loading models
+# there is not thread-safe (transformers' lazy imports, its meta-device initialisation), so each variant holds this
+# lock for its work in this process and lets go of it only while its training runs elsewhere, as a pool's job.
+_LOCAL_WORK = threading.Lock()
+_holds_local_work = ContextVar("holds_local_work", default=False)  # (a context variable: Prefect copies it into its threads)
+
+
+@contextmanager
+def local_work_one_at_a_time():
+    """Around a fine-tune that runs beside others in this process (loraflow.sweep with parallel > 1)."""
+    with _LOCAL_WORK:
+        token = _holds_local_work.set(True)
+        try:
+            yield
+        finally:
+            _holds_local_work.reset(token)
+
+
+@contextmanager
+def _local_work_allowed_meanwhile():
+    """While this fine-tune only waits for its pool job: the other fine-tunes in this process may work."""
+    if not _holds_local_work.get():
+        yield
+        return
+    _LOCAL_WORK.release()
+    try:
+        yield
+    finally:
+        _LOCAL_WORK.acquire()
 
 
 def train_task(config: FinetuneConfig):
@@ -109,7 +142,7 @@ def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord
     logger.info(f"training runs on work pool {config.train.pool!r} as flow run {run.name} ({run.id}); its log follows")
     relay = _LogRelay(run.id)
     try:
-        with get_client(sync_client=True) as client:
+        with _local_work_allowed_meanwhile(), get_client(sync_client=True) as client:
             while not run.state.is_final():
                 relay.poll(client)
                 time.sleep(2)

@@ -148,7 +148,8 @@ def cmd_sweep(args) -> int:
     if not grid:
         raise LoraflowError("give the settings to sweep: --grid lora.r=[8,16,32] (repeatable; every combination runs)")
     tasks.common.CALLER_PRINTS_USER_ERRORS = True
-    state = sweep(config, grid=grid, metric=args.metric, higher_is_better=args.higher_is_better, return_state=True)
+    state = sweep(config, grid=grid, metric=args.metric, higher_is_better=args.higher_is_better, parallel=args.parallel,
+                  return_state=True)
     if state.is_failed():
         raise _failure_reason(state)
     results = state.result()
@@ -471,6 +472,8 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the base config")
     sweep.add_argument("--metric", default="eval_loss", help="what ranks the variants (default eval_loss; an evaluation metric such as rouge_l_after)")
     sweep.add_argument("--higher-is-better", action="store_true", help="rank the metric's highest first (exact match, ROUGE-L)")
+    sweep.add_argument("--parallel", type=int, default=1, metavar="N",
+                       help="variants run at once (needs train.pool; the pool's concurrency limit caps the training jobs)")
     sweep.set_defaults(handler=cmd_sweep)
 
     demo = commands.add_parser("demo", help="build a small model and fine-tune it on the embedded sample data")

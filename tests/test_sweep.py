@@ -72,3 +72,13 @@ def test_a_sweep_shares_data_and_base_survives_a_failed_variant_and_retries_it_a
     best = min(losses, key=losses.get)
     assert f"1. `{best}` eval_loss {losses[best]:.4g}: lora.r=" in artifact.data and "← **best**" in artifact.data
     assert "| lora.r | 4 | 8 | 16 |" in artifact.data and "![loss curves](data:image/png;base64," in artifact.data
+
+
+def test_parallel_variants_need_a_pool_to_train_on(prefect_server, tiny_model, tmp_path):
+    from flows.sweep import sweep
+    from test_sft_pipeline import sft_config
+
+    state = sweep(sft_config(tiny_model, tmp_path / "store"), grid={"lora.r": [4, 8]}, parallel=2, return_state=True)
+    assert state.is_failed() and ("parallel 2 runs variants at once, but test-v1, test-v2 would train in this process, side by "
+                                  "side on one device: set train.pool") in state.message
+    assert not (tmp_path / "store").exists()  # refused before any stage

@@ -286,6 +286,36 @@ def test_three_fine_tunes_of_one_base_started_at_once_build_it_once_and_all_comp
     assert not list((tmp_path / "store" / "leases").rglob("*.json"))
 
 
+def test_a_parallel_sweep_runs_its_variants_at_once_and_the_pools_limit_trains_one_at_a_time(pool, tiny_model, tmp_path):
+    """`loraflow sweep --parallel 2` with train.pool: both variants' fine-tunes run at once, and the pool's concurrency
+    limit (1 here: one device) keeps their training jobs one after the other."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    server = pool
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**_config(tiny_model, tmp_path, pool="xpu", eval_steps=1000), "name": "swept"}))
+    with server.client_settings(), get_client(sync_client=True) as client:
+        client.update_work_pool("xpu", WorkPoolUpdate(concurrency_limit=1))
+    try:
+        result = server.run(str(BIN / "loraflow"), "sweep", str(config), "--grid", "train.learning_rate=[1e-2,2e-2]",
+                            "--parallel", "2", "--metric", "train_loss", timeout=600)
+    finally:
+        with server.client_settings(), get_client(sync_client=True) as client:
+            client.update_work_pool("xpu", WorkPoolUpdate(concurrency_limit=None))
+    assert "variants ranked by train_loss" in result.stdout, result.stdout[-3000:]
+
+    def intervals(flow_name):
+        runs = [run for run in _flow_runs(server, flow_name) if run.parameters["config"]["name"] in ("swept-v1", "swept-v2")]
+        assert len(runs) == 2 and all(run.state.is_completed() for run in runs), [run.state for run in runs]
+        return sorted((run.start_time, run.end_time) for run in runs)
+
+    (first_start, first_end), (second_start, second_end) = intervals("loraflow-sft")
+    assert second_start < first_end, "the variants' fine-tunes ran one after the other"
+    (first_start, first_end), (second_start, second_end) = intervals("loraflow-train")
+    assert first_end <= second_start, "two training jobs ran at once on a pool limited to one"
+
+
 def test_dpo_hands_training_to_the_pool_with_its_precomputed_reference(pool, tiny_model, tmp_path):
     """The DPO deployment on the worker, its training a job of the xpu pool (train-xpu), which computes the
     reference log-probs on its own host before training and trains without a reference pass."""
