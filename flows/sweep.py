@@ -5,10 +5,14 @@ only the training settings vary), run one after another here, or `parallel` at a
 (whose own concurrency limit, a Prefect work-pool limit, caps the training jobs on its devices), and a failed variant
 does not stop the others. Running the sweep again retries only what failed:
 the finished variants come back from the cache. The comparison artifact ranks the variants by a metric and names
-the best.
+the best. Instead of a grid, an Optuna search (a search space and a number of trials) picks each variant from the
+results of the ones before it, on the same machinery.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -24,7 +28,7 @@ from loraflow.config import AnyFinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.registry import ADAPTER, EVALUATION
 from loraflow.storage import ArtifactStore
-from loraflow.sweep import describe, variant_configs, variant_overrides
+from loraflow.sweep import describe, search_distributions, variant_configs, variant_overrides
 from tasks.common import hide_user_error_tracebacks
 from tasks.report import artifact_key
 
@@ -41,7 +45,7 @@ def sweep_run_name() -> str:
       description="A grid of fine-tunes sharing tokenization and the quantized base; the comparison ranks them.")
 def sweep(config: AnyFinetuneConfig, grid: dict[str, list] = {}, variants: list[dict] = [],  # noqa: B006 (never mutated;
           metric: str = "eval_loss", higher_is_better: bool = False,  # a None default would give the UI form a type switch)
-          parallel: int = 1) -> dict[str, dict]:
+          parallel: int = 1, search_space: dict[str, Any] = {}, trials: int = 8) -> dict[str, dict]:  # noqa: B006
     """Fine-tune every variant of a base config and rank them.
 
     Args:
@@ -54,12 +58,45 @@ def sweep(config: AnyFinetuneConfig, grid: dict[str, list] = {}, variants: list[
         higher_is_better: True for metrics where more is better (exact match, ROUGE-L, tokens/s).
         parallel: Variants run at once (1: one after another). More than 1 needs train.pool: each variant's training
             is a job of the pool, and the pool's concurrency limit decides how many train at the same time.
+        search_space: Or an Optuna search (TPE, seeded with train.seed) instead of a grid: each setting's values or
+            range, e.g. {"train.learning_rate": {"low": 1e-5, "high": 1e-3, "log": true}, "lora.r": [8, 16, 32]};
+            each trial is a variant, told the metric of the one before it.
+        trials: With search_space: how many variants the search tries.
     """
-    logger = get_run_logger()
-    overrides = variant_overrides(grid, variants)
-    configs = variant_configs(config, overrides)
     if parallel < 1:
         raise LoraflowError(f"parallel is {parallel}: give the number of variants to run at once (1: one after another)")
+    if search_space:
+        if grid or variants:
+            raise LoraflowError("a sweep takes a grid, a list of variants or a search space: one of the three")
+        overrides, configs, results, failed = _search(config, search_space, trials, metric, higher_is_better, parallel)
+    else:
+        overrides = variant_overrides(grid, variants)
+        configs = variant_configs(config, overrides)
+        results, failed = _run_variants(overrides, configs, parallel)
+    ranking = rank_variants(results, metric, higher_is_better)
+    settings_of = {variant.name: settings for settings, variant in zip(overrides, configs)}
+    store = ArtifactStore(config.storage)
+    runs = [read_run(store, records[ADAPTER.name].uri.rsplit("/", 2)[-2]) for records in results.values()]
+    how = f"an Optuna search (TPE, seed {config.train.seed}) of" if search_space else ""
+    lines = ["# Sweep", "", f"{how} {len(configs)} variants of `{config.name}`, ranked by {metric} "
+             f"({'higher' if higher_is_better else 'lower'} is better):".strip(), ""]
+    lines += [f"{place}. `{name}` {metric} {value:.4g}: {describe(settings_of[name])}" + (" ← **best**" if place == 1 else "")
+              for place, (name, value) in enumerate(ranking, start=1)]
+    lines += [f"- `{name}` failed: {message}" for name, message in failed.items()]
+    if len(runs) > 1:
+        lines += ["", comparison_artifact(runs)]
+    create_markdown_artifact("\n".join(lines), key=artifact_key(config.name, "sweep"), description=f"sweep of {config.name}")
+    if ranking:
+        get_run_logger().info(f"best: {ranking[0][0]} ({metric} {ranking[0][1]:.4g})")
+    if failed:
+        raise LoraflowError(f"{len(failed)} of {len(configs)} variants failed ({', '.join(failed)}); the others finished. "
+                            "Run the sweep again to retry the failed ones alone")
+    return results
+
+
+def _run_variants(overrides: list[dict], configs: list, parallel: int) -> tuple[dict[str, dict], dict[str, str]]:
+    """Fine-tune the variants, `parallel` at a time: (records of those that finished, failure of those that did not)."""
+    logger = get_run_logger()
     if parallel > 1 and (local := [variant.name for variant in configs if not variant.train.pool]):
         raise LoraflowError(f"parallel {parallel} runs variants at once, but {', '.join(local)} would train in this process, "
                             "side by side on one device: set train.pool (the pool's concurrency limit decides how many "
@@ -79,24 +116,31 @@ def sweep(config: AnyFinetuneConfig, grid: dict[str, list] = {}, variants: list[
                 failed[variant.name] = future.state.message or future.state.name
                 logger.error(f"variant {variant.name} ({describe(settings)}) failed: {failed[variant.name]}; "
                              "run the sweep again to retry it (the finished variants are reused)")
-    ranking = rank_variants(results, metric, higher_is_better)
-    settings_of = {variant.name: settings for settings, variant in zip(overrides, configs)}
-    store = ArtifactStore(config.storage)
-    runs = [read_run(store, records[ADAPTER.name].uri.rsplit("/", 2)[-2]) for records in results.values()]
-    lines = ["# Sweep", "", f"{len(configs)} variants of `{config.name}`, ranked by {metric} "
-             f"({'higher' if higher_is_better else 'lower'} is better):", ""]
-    lines += [f"{place}. `{name}` {metric} {value:.4g}: {describe(settings_of[name])}" + (" ← **best**" if place == 1 else "")
-              for place, (name, value) in enumerate(ranking, start=1)]
-    lines += [f"- `{name}` failed: {message}" for name, message in failed.items()]
-    if len(runs) > 1:
-        lines += ["", comparison_artifact(runs)]
-    create_markdown_artifact("\n".join(lines), key=artifact_key(config.name, "sweep"), description=f"sweep of {config.name}")
-    if ranking:
-        logger.info(f"best: {ranking[0][0]} ({metric} {ranking[0][1]:.4g})")
-    if failed:
-        raise LoraflowError(f"{len(failed)} of {len(configs)} variants failed ({', '.join(failed)}); the others finished. "
-                            "Run the sweep again to retry the failed ones alone")
-    return results
+    return results, failed
+
+
+def _search(config, space: dict[str, Any], trials: int, metric: str, higher_is_better: bool, parallel: int):
+    """Optuna's ask-and-tell: `parallel` trials at a time, each a variant fine-tuned like a grid's; a failed one (or one
+    without the metric) is told as failed. Seeded, so running the search again asks for the same variants (the
+    finished ones come back from the cache) as long as the earlier ones score the same."""
+    distributions = search_distributions(space)  # (says how to install Optuna when it is missing)
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if higher_is_better else "minimize",
+                                sampler=optuna.samplers.TPESampler(seed=config.train.seed))
+    overrides, configs, results, failed = [], [], {}, {}
+    while len(configs) < trials:
+        asked = [study.ask(distributions) for _ in range(min(parallel, trials - len(configs)))]
+        batch = [dict(trial.params) for trial in asked]
+        variants = variant_configs(config, batch, first=len(configs) + 1)
+        finished, broken = _run_variants(batch, variants, parallel)
+        for trial, variant in zip(asked, variants):
+            value = metric_value(finished.get(variant.name), metric)
+            study.tell(trial, value) if value is not None else study.tell(trial, state=TrialState.FAIL)
+        overrides, configs, results, failed = overrides + batch, configs + variants, results | finished, failed | broken
+    return overrides, configs, results, failed
 
 
 @task(task_run_name="{variant.name}", cache_policy=NONE)  # (the variant's own stages are cached; this only starts them)
@@ -109,9 +153,14 @@ def fine_tune_variant(variant: AnyFinetuneConfig) -> dict:
 
 def rank_variants(results: dict[str, dict], metric: str, higher_is_better: bool) -> list[tuple[str, float]]:
     """(variant, value) best first, for the variants that report the metric."""
-    scored = []
-    for name, records in results.items():
-        found = {**records["train"].metrics, **(records[EVALUATION.name].metrics if EVALUATION.name in records else {})}
-        if isinstance(found.get(metric), (int, float)):
-            scored.append((name, float(found[metric])))
+    scored = [(name, value) for name, records in results.items() if (value := metric_value(records, metric)) is not None]
     return sorted(scored, key=lambda item: item[1], reverse=higher_is_better)
+
+
+def metric_value(records: dict | None, metric: str) -> float | None:
+    """A finished variant's metric: from its training summary or its evaluation stage; None if it has none."""
+    if not records:
+        return None
+    found = {**records["train"].metrics, **(records[EVALUATION.name].metrics if EVALUATION.name in records else {})}
+    value = found.get(metric)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

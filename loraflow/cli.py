@@ -145,11 +145,13 @@ def cmd_sweep(args) -> int:
 
     config = load_config(args.config, args.set or [])
     grid = {key: values if isinstance(values, list) else [values] for key, values in parse_overrides(args.grid or [])}
-    if not grid:
-        raise LoraflowError("give the settings to sweep: --grid lora.r=[8,16,32] (repeatable; every combination runs)")
+    space = dict(parse_overrides(args.search or []))
+    if not grid and not space:
+        raise LoraflowError("give the settings to sweep: --grid lora.r=[8,16,32] (repeatable; every combination runs), or "
+                            "an Optuna search: --search 'train.learning_rate={low: 1e-5, high: 1e-3, log: true}' --trials 8")
     tasks.common.CALLER_PRINTS_USER_ERRORS = True
     state = sweep(config, grid=grid, metric=args.metric, higher_is_better=args.higher_is_better, parallel=args.parallel,
-                  return_state=True)
+                  search_space=space, trials=args.trials, return_state=True)
     if state.is_failed():
         raise _failure_reason(state)
     results = state.result()
@@ -472,6 +474,10 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the base config")
     sweep.add_argument("--metric", default="eval_loss", help="what ranks the variants (default eval_loss; an evaluation metric such as rouge_l_after)")
     sweep.add_argument("--higher-is-better", action="store_true", help="rank the metric's highest first (exact match, ROUGE-L)")
+    sweep.add_argument("--search", action="append", metavar="KEY=VALUES",
+                       help="instead of --grid, an Optuna search over a setting's values ([8,16,32]) or range "
+                       "('{low: 1e-5, high: 1e-3, log: true}') (repeatable)")
+    sweep.add_argument("--trials", type=int, default=8, help="with --search: the variants it tries (default 8)")
     sweep.add_argument("--parallel", type=int, default=1, metavar="N",
                        help="variants run at once (needs train.pool; the pool's concurrency limit caps the training jobs)")
     sweep.set_defaults(handler=cmd_sweep)

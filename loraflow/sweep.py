@@ -30,11 +30,11 @@ def variant_overrides(grid: dict[str, list] | None, variants: list[dict] | None)
     return [dict(zip(keys, combination)) for combination in itertools.product(*(grid[key] for key in keys))]
 
 
-def variant_configs(config: FinetuneConfig, overrides: list[dict[str, Any]]) -> list[FinetuneConfig]:
-    """The base config with each variant's settings, validated, named `<name>-v<N>` (N from 1)."""
+def variant_configs(config: FinetuneConfig, overrides: list[dict[str, Any]], first: int = 1) -> list[FinetuneConfig]:
+    """The base config with each variant's settings, validated, named `<name>-v<N>` (N from first)."""
     base = config.model_dump(mode="json")
     configs = []
-    for number, settings in enumerate(overrides, start=1):
+    for number, settings in enumerate(overrides, start=first):
         tree = json.loads(json.dumps(base))
         for key, value in settings.items():
             if key == "name":
@@ -47,3 +47,36 @@ def variant_configs(config: FinetuneConfig, overrides: list[dict[str, Any]]) -> 
 
 def describe(settings: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value}" for key, value in settings.items())
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads 1e-5 (no dot) as a string: a bound written so is still the number it says."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def search_distributions(space: dict[str, Any]) -> dict:
+    """Optuna's distributions for a search space: a setting's list of values (one is chosen), or its range
+    {low, high, log} (whole numbers when both bounds are, e.g. lora.r; log for a learning rate)."""
+    try:
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    except ImportError:
+        raise LoraflowError("a search space needs Optuna: pip install 'loraflow[search]' (or sweep a grid)") from None
+
+    distributions = {}
+    for key, values in space.items():
+        if isinstance(values, list) and values:
+            distributions[key] = CategoricalDistribution(values)
+        elif isinstance(values, dict) and {"low", "high"} <= set(values) <= {"low", "high", "log"} and \
+                (values := {**values, "low": _number(values["low"]), "high": _number(values["high"])})["low"] < values["high"]:
+            whole = all(isinstance(values[bound], int) for bound in ("low", "high"))
+            distributions[key] = (IntDistribution if whole else FloatDistribution)(values["low"], values["high"], log=bool(values.get("log")))
+        else:
+            raise LoraflowError(f"search space {key}: give a list of values, e.g. [8, 16, 32], or a range, e.g. "
+                                f"{{low: 1.0e-5, high: 1.0e-3, log: true}} (low below high); got {values!r}")
+    if not distributions:
+        raise LoraflowError("an Optuna search needs a search space: setting → values or range, e.g. "
+                            "{train.learning_rate: {low: 1.0e-5, high: 1.0e-3, log: true}, lora.r: [8, 16, 32]}")
+    return distributions

@@ -1,5 +1,5 @@
 """A sweep of three LoRA ranks on one base: data and quantization once, a failed variant leaves the others finished
-and is retried alone, and the comparison ranks the variants."""
+and is retried alone, and the comparison ranks the variants; an Optuna search on the same machinery."""
 
 import importlib
 from pathlib import Path
@@ -82,3 +82,33 @@ def test_parallel_variants_need_a_pool_to_train_on(prefect_server, tiny_model, t
     assert state.is_failed() and ("parallel 2 runs variants at once, but test-v1, test-v2 would train in this process, side by "
                                   "side on one device: set train.pool") in state.message
     assert not (tmp_path / "store").exists()  # refused before any stage
+
+
+def test_an_optuna_search_tries_variants_from_its_space_and_asks_for_the_same_ones_again(prefect_server, tiny_model, tmp_path):
+    from flows.sweep import sweep
+    from loraflow.compare import read_run
+    from loraflow.storage import ArtifactStore
+    from loraflow.sweep import search_distributions
+    from test_sft_pipeline import sft_config
+
+    config = sft_config(tiny_model, tmp_path / "store")
+    config = config.model_copy(update={"merge": config.merge.model_copy(update={"enabled": False}),
+                                       "train": config.train.model_copy(update={"max_steps": 2, "eval_steps": 2, "save_steps": 2})})
+    space = {"train.learning_rate": {"low": "1e-3", "high": 5e-2, "log": True}, "lora.r": [4, 8]}  # ("1e-3": as YAML reads it)
+    calls = tokenize_module.TOKENIZE_CALLS
+    state = sweep(config, search_space=space, trials=3, return_state=True)
+    assert state.is_completed(), state.message
+    results = state.result()
+    assert list(results) == ["test-v1", "test-v2", "test-v3"] and tokenize_module.TOKENIZE_CALLS - calls == 1
+    store = ArtifactStore(str(tmp_path / "store"))
+    tried = [read_run(store, records["adapter"].uri.rsplit("/", 2)[-2]).settings for records in results.values()]
+    rates = [settings["train.learning_rate"] for settings in tried]
+    assert all(1e-3 <= rate <= 5e-2 for rate in rates) and len(set(rates)) == 3, rates  # three points of the range
+    assert {settings["lora.r"] for settings in tried} <= {4, 8}
+
+    again = sweep(config, search_space=space, trials=3, return_state=True)  # seeded: the same variants, from the cache
+    assert again.is_completed()
+    assert {name: records["train"].uri for name, records in again.result().items()} == {name: records["train"].uri for name, records in results.items()}
+
+    with pytest.raises(LoraflowError, match=r"search space lora.r: give a list of values, e.g. \[8, 16, 32\], or a range"):
+        search_distributions({"lora.r": {"low": 16, "high": 8}})
