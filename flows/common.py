@@ -87,7 +87,7 @@ def outputs(config: FinetuneConfig, records: dict[str, StageRecord], upload_even
     records[ADAPTER.name] = export_adapter(config, records[DATASET.name], records[TRAIN.name])
     failures = []  # a merge or evaluation that fails still leaves the trained adapter reported, then fails the run
     for stage, wanted, task, inputs in (
-            (MERGED, config.merge.enabled, merge_adapter, (ENV, SOURCES, DATASET, ADAPTER)),
+            (MERGED, config.merge.enabled and config.lora.mergeable, merge_adapter, (ENV, SOURCES, DATASET, ADAPTER)),
             (EVALUATION, config.evaluation.enabled, evaluate_run, (ENV, BASE, ADAPTER))):
         if wanted:
             state = task(config, *(records[name.name] for name in inputs), return_state=True)

@@ -25,6 +25,7 @@ RESULTS = (
     ("train loss (last logged)", "final_loss", 4), ("steps", "global_step", None), ("kept step (early stopping)", "kept_step", None),
     # DPO: TRL's rewards at the last logged training step (the policy's log-ratio against the reference, times beta)
     ("reward margin (last step)", "final_reward_margins", 4), ("reward accuracy (last step)", "final_reward_accuracies", 4),
+    ("trainable parameters", "trainable_params", None), ("trainable %", "trainable_percent", 4),
     ("tokens/s", "tokens_per_s", 5), ("peak RSS MB", "peak_rss_mb", 5), ("peak device MB", "peak_device_mb", 5),
     ("training s", "train_runtime_s", 4),
 )
@@ -68,10 +69,15 @@ def read_run(store: ArtifactStore, run: str) -> RunFacts:
         pass
     try:
         adapter = store.read_json(f"{spec['lora_uri']}/adapter/adapter_config.json")
-        settings |= {"lora.r": adapter.get("r"), "lora.alpha": adapter.get("lora_alpha"), "lora.dropout": adapter.get("lora_dropout"),
+        settings |= {"lora.method": adapter.get("peft_type", "LORA").lower().replace("_", "-"), "lora.r": adapter.get("r"),
+                     "lora.alpha": adapter.get("lora_alpha"), "lora.dropout": adapter.get("lora_dropout"),
+                     "lora.use_dora": adapter.get("use_dora"), "lora.use_rslora": adapter.get("use_rslora"),
+                     "lora.num_virtual_tokens": adapter.get("num_virtual_tokens"),
                      "lora.target": sorted(adapter.get("target_modules") or [])}
     except (FileNotFoundError, KeyError):
         pass
+    lora_stage = (store.manifest(spec["lora_uri"]) or {}).get("metrics", {})  # (what the adapter trains: methods differ most here)
+    results = {**results, **{key: lora_stage[key] for key in ("trainable_params", "trainable_percent") if key in lora_stage}}
     settings = {key: value for key, value in settings.items() if key not in _NOT_SETTINGS}
     return RunFacts(run, settings, results, read_metrics(store, run_uri))
 

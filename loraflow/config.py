@@ -64,6 +64,11 @@ class DataSettings(_Section):
         "(byte-identical to alpaca-lora's); vicuna_v1.1 or chatml for conversations.",
     )
     cutoff_len: int = Field(256, title="Cutoff length (tokens)", ge=8, description="Maximum tokens per example; longer ones are truncated.")
+    new_tokens: list[str] = Field(
+        [], title="New special tokens",
+        description="Tokens to add to the tokenizer, e.g. the chatml markers ['<|im_start|>', '<|im_end|>'] for a base that "
+        "lacks them: each becomes one token, the model's embeddings and output head grow to match, and both are trained "
+        "with the adapter (saved in it: a larger adapter). Needs lora.method lora or ia3.")
     train_on_inputs: Literal["auto", "yes", "no"] = Field(
         "auto", title="Loss on the prompt too",
         description="yes: compute loss on the prompt as well as the answer. auto: the recipe default, yes for "
@@ -115,9 +120,20 @@ class DataSettings(_Section):
         return self.format == "alpaca"
 
 
-class LoraSettings(_Section):
-    """The LoRA adapter injected into the base."""
+ADAPTER_METHODS = ("lora", "ia3", "prompt-tuning", "prefix-tuning")
+PROMPT_METHODS = ("prompt-tuning", "prefix-tuning")  # virtual tokens, not weights: nothing to merge, no packing
 
+
+class LoraSettings(_Section):
+    """The adapter injected into the base: LoRA (and its DoRA / rsLoRA variants), IA3, prompt tuning or prefix tuning,
+    all through PEFT. Each field says which methods it applies to."""
+
+    method: Literal["lora", "ia3", "prompt-tuning", "prefix-tuning"] = Field(
+        "lora", title="Method",
+        description="lora: low-rank updates of the target layers (with use_dora / use_rslora for its variants). ia3: "
+        "learned rescaling of attention keys/values and the feed-forward input (far fewer parameters). prompt-tuning: "
+        "num_virtual_tokens trained input embeddings. prefix-tuning: trained keys and values in every layer. "
+        "Prompt and prefix tuning train SFT only, without packing, and cannot be merged.")
     r: int = Field(8, title="Rank (r)", ge=1, description="LoRA rank.")
     alpha: int = Field(16, title="Alpha", ge=1, description="LoRA alpha (scaling = alpha / r).")
     # 0, not the alpaca-lora/QLoRA recipes' 0.05 (torchtune's LoRA recipes use 0 too): on a CPU, drawing the dropout
@@ -131,6 +147,49 @@ class LoraSettings(_Section):
         "ipex-llm). attention-qv: the query and value projections (alpaca-lora, FastChat). "
         "Or an explicit list of module names.",
     )
+
+    use_dora: bool = Field(False, title="DoRA (LoRA only)", description="Weight-decomposed LoRA: a trained magnitude per "
+                           "output beside the low-rank direction (DoRA paper); more accurate at low ranks, slower steps.")
+    use_rslora: bool = Field(False, title="rsLoRA (LoRA only)", description="Scale updates by alpha/sqrt(r) instead of "
+                             "alpha/r, so that high ranks keep learning (rsLoRA paper).")
+    init: Literal["default", "gaussian"] = Field(
+        "default", title="LoRA init (LoRA only)",
+        description="default: A random (Kaiming), B zero, so training starts from the base itself. gaussian: A drawn from "
+        "a Gaussian scaled by the rank. (PiSSA and OLoRA rewrite the base weights and need a full-precision base; LoftQ "
+        "needs the unquantized weights beside the NF4 base: not offered yet.)")
+    num_virtual_tokens: int = Field(20, title="Virtual tokens (prompt/prefix tuning)", ge=1, le=512,
+                                    description="Trained virtual tokens put before every input.")
+    prompt_init_text: str = Field(
+        "", title="Initial prompt text (prompt tuning)",
+        description="Start the virtual tokens from this text's token embeddings (e.g. 'Answer the question helpfully:'); "
+        "empty: random. The text is tokenized with the run's tokenizer and repeated to num_virtual_tokens.")
+
+    @property
+    def mergeable(self) -> bool:
+        return self.method not in PROMPT_METHODS
+
+    def describe(self, targets: str) -> str:
+        """The adapter in a few words, as the logs and the summary name it: `DoRA r8/alpha16 on q_proj, v_proj`."""
+        if self.method == "lora":
+            extras = [word for word, on in (("rsLoRA scaling", self.use_rslora), (f"{self.init} init", self.init != "default"),
+                                            (f"dropout {self.dropout}", self.dropout)) if on]
+            return f"{'DoRA' if self.use_dora else 'LoRA'} r{self.r}/alpha{self.alpha}" + (f" ({', '.join(extras)})" if extras else "") + f" on {targets}"
+        if self.method == "ia3":
+            return f"IA3 on {targets}"
+        initial = f", started from the text {self.prompt_init_text!r}" if self.prompt_init_text else ""
+        return f"{self.method.replace('-', ' ')} with {self.num_virtual_tokens} virtual tokens{initial}"
+
+    @model_validator(mode="after")
+    def _fields_of_the_method(self) -> LoraSettings:
+        """A field set for a method it does not apply to is a mistake worth saying (a DoRA run that is plain IA3)."""
+        applies = {"use_dora": ("lora",), "use_rslora": ("lora",), "init": ("lora",), "prompt_init_text": ("prompt-tuning",),
+                   "num_virtual_tokens": PROMPT_METHODS}
+        wrong = [name for name, methods in applies.items() if self.method not in methods and getattr(self, name) != type(self).model_fields[name].default]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} do{'es' if len(wrong) == 1 else ''} not apply to method {self.method}: "
+                             f"remove {'it' if len(wrong) == 1 else 'them'}, or choose the method "
+                             f"{' or '.join(applies[wrong[0]])}")
+        return self
 
     @field_validator("target", mode="before")
     @classmethod
@@ -392,6 +451,13 @@ class FinetuneConfig(_Section):
                              "or train.early_stopping_patience: 0")
         if self.model.quantization == "nf4" and self.train.precision == "fp16":
             raise ValueError("precision fp16 with an NF4 base is unstable in the QLoRA recipe; use bf16 or fp32")
+        if self.data.new_tokens and self.lora.method in PROMPT_METHODS:
+            raise ValueError(f"data.new_tokens trains the embeddings of the new tokens with the adapter, which "
+                             f"{self.lora.method} cannot (it trains virtual tokens only): choose lora.method lora or ia3, "
+                             "or remove data.new_tokens")
+        if self.objective == "dpo" and self.lora.method in PROMPT_METHODS:
+            raise ValueError(f"lora.method {self.lora.method} is for SFT: TRL's DPOTrainer trains LoRA or IA3 adapters; "
+                             "choose lora.method lora or ia3")
         return self
 
 

@@ -117,14 +117,11 @@ def _mean_token_loss(model, tokenizer, texts: list[str]) -> float:
 def evaluate_adapter(settings, base_dir: Path, adapter_dir: Path, data_format: str, template: str, device: str,
                      precision: str, out: Path, trust_remote_code: bool = False, log=print) -> dict:
     """Write outputs.jsonl (every prompt's reference, before and after answers) into out; return the metrics."""
-    from peft import PeftModel
-
     from loraflow.data.tokenize import load_tokenizer
     from loraflow.models import native
 
-    model = PeftModel.from_pretrained(native.load_causal_lm(base_dir, device, precision, None, trust_remote_code),
-                                      str(adapter_dir)).eval()
     tokenizer = load_tokenizer(str(adapter_dir))  # the export stage keeps the tokenizer the run trained with
+    model = native.with_adapter(native.load_causal_lm(base_dir, device, precision, None, trust_remote_code), adapter_dir, tokenizer).eval()
     metrics: dict = {}
     if settings.tasks_path:
         pairs = read_tasks(settings.tasks_path, settings.max_rows)

@@ -46,17 +46,15 @@ def generate(storage: str, run: str, prompts: list[str], max_new_tokens: int = 1
     config = json.loads((adapter_dir / "loraflow_config.json").read_text())
     device = native.available_device()
     precision = native.resolve_precision("auto", device)
+    tokenizer = load_tokenizer(str(adapter_dir))  # the export stage keeps the tokenizer the run trained with
     if merged:
         if "merged" not in outputs:
             raise LoraflowError(f"run {run} has no merged model (merge.enabled was false); drop --merged to use base + adapter")
         model = native.load_causal_lm(store.local_copy(outputs["merged"]), device, precision, None, trust_remote_code)
     else:
-        from peft import PeftModel
-
         base = native.load_causal_lm(Path(native.resolve_model_path(config["model"]["base"])), device, precision, None, trust_remote_code)
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
+        model = native.with_adapter(base, adapter_dir, tokenizer)
     model.eval()
-    tokenizer = load_tokenizer(str(adapter_dir))  # the export stage keeps the tokenizer the run trained with
     templated = [generation_prompt(config["data"]["format"], config["data"]["template"], text) for text in prompts]
     return answer(model, tokenizer, templated, max_new_tokens, on_text, on_start=on_prompt and (lambda index: on_prompt(prompts[index])))
 

@@ -21,13 +21,13 @@ TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
 
 def merge_adapter(base_path: Path, adapter_dir: Path, out_dir: Path, device: str, precision: str,
                   check_rows: list[list[int]], trust_remote_code: bool = False) -> dict:
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     if precision not in TOLERANCE:
         raise LoraflowError(f"merge precision {precision} is not supported; use bf16 or fp32")
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))  # the run's (with any tokens it added)
     base = native.load_causal_lm(base_path, device, precision, None, trust_remote_code)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    model = native.with_adapter(base, adapter_dir, tokenizer).eval()
     batch = [torch.tensor([row], device=base.device) for row in check_rows]
     with torch.no_grad():
         reference = [model(input_ids=ids).logits.float() for ids in batch]
@@ -43,5 +43,5 @@ def merge_adapter(base_path: Path, adapter_dir: Path, out_dir: Path, device: str
             f"({adapter_dir}); set merge.enabled: false to skip merging"
         )
     merged.save_pretrained(str(out_dir))
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
     return {"max_abs_logit_diff": difference, "tolerance": allowed, "check_rows": len(check_rows), "dtype": precision}

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loraflow.config import PROMPT_METHODS
+from loraflow.models import native
+
 # Reference forward passes this process ran (each over one batch): 0 when training reads precomputed log-probs.
 REFERENCE_FORWARDS = 0
 
@@ -52,7 +55,9 @@ class Sft:
 
     def __init__(self, spec):
         self.spec = spec
-        self.packed = spec.train.packing
+        # Prompt and prefix tuning put their virtual tokens before each row, which would be before the first of a
+        # packed row's examples only: those rows are padded.
+        self.packed = spec.train.packing and spec.adapter_method not in PROMPT_METHODS
         self.row_tokens = 0
 
     def tokens_per_example(self, train_set) -> int:
@@ -140,16 +145,16 @@ class Dpo:
     def trainer(self, run, model, args, train_set, val_set, tokenizer, callbacks):
         ref_model = None  # the policy with its adapter disabled (TRL's PEFT reference), unless:
         if self.dpo.reference == "separate":
-            from loraflow.models import native  # the recipe's second, frozen copy of the base (twice the memory)
+            # the recipe's second, frozen copy of the base (twice the memory)
 
             ref_model = native.load_causal_lm(run.base_dir(), run.device, run.precision, None, run.trust_remote_code).eval()
             native.keep_4bit_training_kernels(ref_model)
             if self.dpo.start_from:  # the reference is the base with the SFT adapter training starts from
-                from peft import PeftModel
-
                 from loraflow.train import starting_adapter_dir
 
-                ref_model = PeftModel.from_pretrained(ref_model, str(starting_adapter_dir(run))).eval()
+                ref_model = native.with_adapter(ref_model, starting_adapter_dir(run), tokenizer).eval()
+            else:
+                native.fit_vocabulary(ref_model, tokenizer)  # (rows of new tokens: the policy's are trained, these unused)
         return _dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=train_set,
                                     eval_dataset=val_set, processing_class=tokenizer, callbacks=callbacks)
 

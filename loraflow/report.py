@@ -16,6 +16,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+from loraflow.config import LoraSettings
 from loraflow.storage import ArtifactStore, StageRecord, browser_url
 from loraflow.registry import ADAPTER, BASE, DATASET, EVALUATION, LORA, MERGED, TRAIN
 
@@ -216,6 +217,8 @@ def usage_snippet(config: dict, records: dict[str, StageRecord], example: str = 
     lines += [
         "tokenizer = AutoTokenizer.from_pretrained(adapter)",
         f"base = AutoModelForCausalLM.from_pretrained({config['model']['base']!r}, dtype=torch.float32)",
+        *(["base.resize_token_embeddings(len(tokenizer))  # the tokens the run added (data.new_tokens)"]
+          if config["data"].get("new_tokens") else []),
         "model = PeftModel.from_pretrained(base, adapter).eval()  # the base with the trained adapter",
         "",
         f"prompt = {prompt!r}  # the run's template ({config['data']['template']})",
@@ -287,6 +290,7 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
     dropped = ", ".join(f"{count} {reason}" for reason, count in data.get("rows_dropped", {}).items()) or "none"
     percentiles = data.get("token_length_percentiles", {})
     resumed = _resume_note(train)
+    adapter = LoraSettings.model_validate(config["lora"])
     lines = [
         f"# Fine-tune `{run_uri.rsplit('/', 1)[-1]}`",
         "",
@@ -331,11 +335,13 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
         "",
         (f"- started from the adapter {_link(lora['start_from'])}: LoRA r{lora.get('r')} on {', '.join(lora.get('target_modules', []))}"
          if lora.get("start_from") else
-         f"- LoRA r{config['lora']['r']}/alpha{config['lora']['alpha']}/dropout {config['lora']['dropout']} on "
-         f"{', '.join(lora.get('target_modules', []))}: {lora.get('trainable_params'):,} trainable of "
+         f"- {adapter.describe(', '.join(lora.get('target_modules', [])))}: {lora.get('trainable_params'):,} trainable of "
          f"{lora.get('total_params'):,} parameters ({lora.get('trainable_percent')}%)"),
         f"- base quantization: {records[BASE.name].metrics.get('quantization')}",
     ]
+    if not adapter.mergeable:
+        lines.append(f"- not merged: {adapter.method.replace('-', ' ')} trains virtual tokens, not weights, so there is nothing "
+                     "to fold into the base; load the adapter with PeftModel.from_pretrained, as above")
     if merged is not None:
         lines.append(f"- merged model checked: max |logit difference| {_fmt(merged.metrics.get('max_abs_logit_diff'), 3)} "
                      f"(allowed {_fmt(merged.metrics.get('tolerance'), 3)}, {merged.metrics.get('dtype')})")

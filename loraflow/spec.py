@@ -26,6 +26,7 @@ class RunSpec(BaseModel):
     base_in_store: bool
     quantized: bool
     lora_uri: str  # the adapter training starts from: a fresh LoRA init, or (DPO) an SFT run's adapter
+    adapter_method: Literal["lora", "ia3", "prompt-tuning", "prefix-tuning"] = "lora"
     train: TrainSettings  # device and precision resolved on the host that checked the environment
     dpo: DpoSettings | None = None
     precision_reason: str = ""  # why train.precision is what it is (the env stage's choice on auto)

@@ -23,6 +23,7 @@ from loraflow import export as export_stage
 from loraflow import merge as merge_stage
 from loraflow.config import FinetuneConfig
 from loraflow.data.preference import prepare_preference_dataset
+from loraflow.data.tokenize import load_tokenizer
 from loraflow.envcheck import check_environment
 from loraflow.errors import LoraflowError
 from loraflow.evaluate import evaluate_adapter
@@ -84,7 +85,7 @@ def inspect_sources(config: FinetuneConfig) -> StageRecord:
         "model_key": sha256_hex(native.model_fingerprint(model_path)),
     }
     # Checked on the architecture alone (meta device), before any stage reads weights.
-    metrics["lora_targets"] = native.targets_without_weights(model_path, config.lora.target, config.model.trust_remote_code)
+    metrics["lora_targets"] = native.targets_without_weights(model_path, config.lora, config.model.trust_remote_code)
     tokenizer = native.tokenizer_identity(model_path)
     metrics.update(tokenizer_key=sha256_hex(tokenizer), tokenizer_class=tokenizer["class"], tokenizer_size=tokenizer["size"],
                    model_vocab_size=native.config_vocab_size(model_path))
@@ -99,8 +100,10 @@ def check_token_ids(dataset: StageRecord, sources: StageRecord) -> None:
         return
     tokenizer = f"the tokenizer ({sources.metrics.get('tokenizer_class')}, {sources.metrics.get('tokenizer_size')} tokens)"
     where = f"{sources.metrics['model_path']}/config.json"
+    # (data.new_tokens have ids past the vocabulary until the lora stage grows the embeddings to fit them)
+    limit = max([vocab - 1, *dataset.metrics.get("new_token_ids", {}).values()]) + 1
     for what, token_id in (("token id", dataset.metrics.get("max_token_id")), ("pad token id", dataset.metrics.get("pad_token_id"))):
-        if token_id is not None and token_id >= vocab:
+        if token_id is not None and token_id >= limit:
             raise LoraflowError(
                 f"{what} {token_id} in the tokenized data ({dataset.uri}) is outside the model's vocabulary of {vocab} "
                 f"(vocab_size in {where}): {tokenizer} does not belong to this model; use the model's own tokenizer files"
@@ -121,7 +124,9 @@ def quantize_key(config: FinetuneConfig, env: StageRecord, sources: StageRecord)
 
 
 def lora_key(config: FinetuneConfig, base: StageRecord) -> str:
-    return LORA.key(base.key, config.lora.model_dump(), config.train.seed)
+    # (new tokens grow the embeddings the adapter trains; a key without them stays what it was)
+    grown = [{"new_tokens": config.data.new_tokens}] if config.data.new_tokens else []
+    return LORA.key(base.key, config.lora.model_dump(), config.train.seed, *grown)
 
 
 def training_fields(config: FinetuneConfig) -> dict:
@@ -208,7 +213,7 @@ def initial_adapter(config: FinetuneConfig, env: StageRecord, sources: StageReco
     """The lora stage: the adapter training starts from, a fresh LoRA init or (DPO with start_from) an SFT run's."""
     if config.starts_from_an_adapter:
         return starting_adapter(config, sources, log)
-    return inject_lora(config, env, base, log)
+    return inject_adapter(config, env, sources, base, log)
 
 
 def lora_cache_key(config: FinetuneConfig, base: StageRecord) -> str | None:
@@ -223,16 +228,21 @@ def _base_dir(store: ArtifactStore, base: StageRecord) -> Path:
     return store.local_copy(base.uri) if base.metrics.get("in_store") else Path(base.uri)
 
 
-def inject_lora(config: FinetuneConfig, env: StageRecord, base: StageRecord, log: Log = print) -> StageRecord:
+def inject_adapter(config: FinetuneConfig, env: StageRecord, sources: StageRecord, base: StageRecord, log: Log = print) -> StageRecord:
+    """A fresh adapter of lora.method on the base, saved as a PEFT folder: what training starts from."""
     store = ArtifactStore(config.storage)
     key = lora_key(config, base)
 
     def build(out: Path) -> dict:
         model = native.load_causal_lm(_base_dir(store, base), env.metrics["device"], env.metrics["precision"], None, config.model.trust_remote_code)
         model = native.prepare_for_training(model, base.metrics["in_store"], gradient_checkpointing=False)  # (init only)
-        peft_model, report = native.inject_lora(model, config.lora, config.train.seed)
+        # (the model's own tokenizer: prompt tuning may start its virtual tokens from a text's embeddings)
+        new_vocabulary = native.fit_vocabulary(model, load_tokenizer(sources.metrics["model_path"], config.data.new_tokens), initialise=True)
+        peft_model, report = native.inject_adapter(model, config.lora, config.train.seed, Path(sources.metrics["model_path"]),
+                                                   train_embeddings=new_vocabulary)
         peft_model.save_pretrained(str(out / "adapter"))
-        log(f"LoRA on {native.describe_targets(report['target_modules'])}: {report['trainable_params']:,} trainable of {report['total_params']:,} parameters ({report['trainable_percent']}%)")
+        log(f"{config.lora.describe(native.describe_targets(report['target_modules']))}: {report['trainable_params']:,} trainable of "
+            f"{report['total_params']:,} parameters ({report['trainable_percent']}%)")
         return report
 
     return reuse_or_build(store, LORA.name, key, LORA.uri(store, key), build, log)
@@ -253,6 +263,7 @@ def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, b
         base_in_store=bool(base.metrics.get("in_store")),
         quantized=base.metrics.get("quantization") == "nf4",
         lora_uri=lora.uri,
+        adapter_method=config.lora.method,
         train=config.train.model_copy(update={"device": env.metrics["device"], "precision": env.metrics["precision"]}),
         precision_reason=env.metrics.get("precision_reason", ""),
         dpo=config.dpo if config.objective == "dpo" else None,

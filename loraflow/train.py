@@ -31,6 +31,7 @@ import torch
 
 from loraflow import objectives, tracking
 from loraflow.data.tokenize import load_tokenizer
+from loraflow.config import PROMPT_METHODS
 from loraflow.errors import LoraflowError
 from loraflow.evaluate import perplexity
 from loraflow.launch import SPEC_FROM_STDIN
@@ -265,11 +266,9 @@ def setup_run(spec: RunSpec, trust_remote_code: bool = False) -> RunContext:
                       trust_remote_code, _memory_report("cpu")["peak_rss_mb"], spec.precision_reason or reason)
 
 
-def setup_model(run: RunContext, tokens_per_example: int):
+def setup_model(run: RunContext, tokens_per_example: int, tokenizer):
     """The base with the starting adapter, trainable; micro batch and gradient checkpointing as the memory plan
     decides (loraflow.plan) once the weights are loaded."""
-    from peft import PeftModel
-
     spec = run.spec
     model = native.load_causal_lm(run.base_dir(), run.device, run.precision, None, run.trust_remote_code)
     run.plan = plan_memory(run.base_dir(), run.device, run.precision, spec.train.batch_size // run.ranks["world_size"] or 1,
@@ -280,7 +279,20 @@ def setup_model(run: RunContext, tokens_per_example: int):
     adapter_dir = starting_adapter_dir(run)
     # (DPO: TRL adds a frozen copy of this starting adapter, named "ref", as the reference: the base plus a fresh
     # adapter is the base itself; plus an SFT run's adapter, the model DPO starts from.)
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    if spec.adapter_method not in PROMPT_METHODS:
+        return native.with_adapter(model, adapter_dir, tokenizer, trainable=True)
+    # PEFT loads a saved prompt or prefix adapter for inference only ("cannot set a prompt learning adapter to
+    # trainable"): the same adapter, built trainable and given the saved weights.
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    config.inference_mode = False
+    if getattr(config, "prompt_tuning_init", None) is not None:
+        config.prompt_tuning_init = "RANDOM"  # (not from the init text's tokenizer, which may be on another host: the saved weights follow)
+    trainable = get_peft_model(model, config)
+    set_peft_model_state_dict(trainable, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    return trainable
 
 
 def starting_adapter_dir(run: RunContext) -> Path:
@@ -361,7 +373,7 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
     run = setup_run(spec, trust_remote_code)
     objective = OBJECTIVES[spec.objective](spec)
     tokenizer, train_set, val_set = setup_data(run)
-    model = setup_model(run, objective.tokens_per_example(train_set))
+    model = setup_model(run, objective.tokens_per_example(train_set), tokenizer)
 
     resume_uri, resume_dir = resumable_checkpoint(run.store, spec.run_uri, run.work)
     if resume_uri:
@@ -390,7 +402,9 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
     print(
         f"training ({objective.name}) on {run.device} ({run.precision}), rank {run.ranks['rank']}/{run.ranks['world_size']}, "
         f"{len(train_set)} train rows, micro batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps}"
-        + (", packed" if objective.packed else ", padded"),
+        + (", packed" if objective.packed else ", padded")
+        + (f" ({spec.adapter_method.replace('-', ' ')} puts its virtual tokens before every row: no packing)"
+           if spec.train.packing and not objective.packed and spec.objective == "sft" else ""),
         flush=True,
     )
     print(f"precision {run.precision}: {run.precision_reason}", flush=True)
@@ -534,7 +548,7 @@ def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = 
     run = setup_run(spec, trust_remote_code)
     objective = Dpo(spec)
     tokenizer, train_set, val_set = setup_data(run)
-    model = setup_model(run, objective.tokens_per_example(train_set))
+    model = setup_model(run, objective.tokens_per_example(train_set), tokenizer)
     args = objective.arguments(training_arguments(run, val_set is not None), precompute=True)
     trainer = objective.trainer(run, model, args, train_set, val_set, tokenizer, [])  # TRL computes them on init
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ import torch
 
 from loraflow.config import LoraSettings
 from loraflow.errors import LoraflowError
-from loraflow.models.native import inject_lora, target_modules
+from loraflow.models.native import inject_adapter, target_modules
 
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
 LLAMA_LIKE = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -48,11 +48,11 @@ def test_explicit_list_is_checked_against_the_model():
 
 
 def test_injection_counts_trainable_parameters_and_is_seeded():
-    first, report = inject_lora(build("llama"), LoraSettings(), seed=7)
+    first, report = inject_adapter(build("llama"), LoraSettings(), seed=7)
     # r=8 on 7 projections of one layer: q(32→32), k(32→16), v(32→16), o(32→32), gate/up(32→64), down(64→32)
     expected = sum(8 * (i + o) for i, o in [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)])
     assert report["trainable_params"] == expected and report["total_params"] > expected
-    second, _ = inject_lora(build("llama"), LoraSettings(), seed=7)
+    second, _ = inject_adapter(build("llama"), LoraSettings(), seed=7)
     a = dict(first.named_parameters())
     b = dict(second.named_parameters())
     lora_a = [n for n in a if "lora_A" in n]
@@ -64,9 +64,9 @@ def test_targets_resolve_from_the_config_alone_and_a_fused_projection_is_named_a
     from loraflow.models.native import describe_targets, targets_without_weights
 
     build(kind).config.save_pretrained(tmp_path)  # config.json only: no weight file exists
-    assert targets_without_weights(tmp_path, "attention-qv") == qv
+    assert targets_without_weights(tmp_path, LoraSettings(target="attention-qv")) == qv
     with pytest.raises(LoraflowError, match="lora.target names nope, which this model does not have"):
-        targets_without_weights(tmp_path, ["nope"])
+        targets_without_weights(tmp_path, LoraSettings(target=["nope"]))
     assert describe_targets(["c_attn"]) == "c_attn (query, key and value in one fused projection, a Conv1D in GPT-2)"
     assert describe_targets(["q_proj", "v_proj"]) == "q_proj, v_proj"
 

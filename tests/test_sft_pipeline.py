@@ -239,7 +239,7 @@ def test_plain_lora_uses_the_original_base_without_quantizing(tiny_model, tmp_pa
     base = stages.quantize_base(config, env, StageRecord(stage="sources", key="s", metrics=sources_metrics), log=lambda _: None)
     assert base.uri == str(tiny_model) and base.metrics == {"quantization": "none", "in_store": False}
     assert not (tmp_path / "base").exists()
-    lora = stages.inject_lora(config, env, base, log=lambda _: None)
+    lora = stages.inject_adapter(config, env, StageRecord(stage="sources", key="s", metrics=sources_metrics), base, log=lambda _: None)
     assert ArtifactStore(str(tmp_path)).is_committed(lora.uri)
     assert lora.metrics["trainable_params"] == 32768
 

@@ -41,13 +41,14 @@ def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=
     if shape := detect_preference_format(rows[0]):
         raise LoraflowError(f"{data.path}: its rows are preference pairs ({shape}: chosen and rejected answers), not SFT rows; "
                             "set objective: dpo to preference-tune on them")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, data.new_tokens)
     train_on_inputs = data.effective_train_on_inputs
     split_markers = template_markers_not_in_vocabulary(data.template, tokenizer)
     if split_markers:
         log(f"warning: the {data.template} template's markers {', '.join(split_markers)} are not tokens of this tokenizer "
-            f"({type(tokenizer).__name__}): they are trained as plain multi-token text. Use a base whose tokenizer has them, "
-            "or a template it knows (vicuna_v1.1 needs no special tokens).")
+            f"({type(tokenizer).__name__}): they are trained as plain multi-token text. Add them as new tokens "
+            f"(data.new_tokens: {json.dumps(split_markers)}), use a base whose tokenizer has them, or a template it knows "
+            "(vicuna_v1.1 needs no special tokens).")
 
     rows_read = len(rows)
     chunks, dropped, formatted_count = [], Counter(), 0
@@ -121,6 +122,7 @@ def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=
         "pad_token_id": tokenizer.pad_token_id,
         "pad_is_eos": tokenizer.pad_token_id == tokenizer.eos_token_id,
         "max_token_id": int(ids.max()) if len(ids) else -1,
+        "new_token_ids": {token: tokenizer.convert_tokens_to_ids(token) for token in data.new_tokens},
         "tokenizer_class": type(tokenizer).__name__,
         "template_markers_split": split_markers,
     }

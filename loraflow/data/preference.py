@@ -249,7 +249,7 @@ def prepare_preference_dataset(data, dpo, tokenizer_path: str, out_dir, log=prin
     if shape is None:
         raise LoraflowError(f"{data.path}: the first row is not a preference pair (fields: {', '.join(sorted(rows[0])) or 'none'}); "
                             f"DPO takes {', '.join(PREFERENCE_FORMATS)} rows (see data.format), or set objective: sft")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, data.new_tokens)
     pairs = to_pairs(data.path, rows, shape)
     own_template = bool(getattr(tokenizer, "chat_template", None))
     template = "the tokenizer's chat template" if own_template else data.template
@@ -294,6 +294,7 @@ def prepare_preference_dataset(data, dpo, tokenizer_path: str, out_dir, log=prin
         "pad_token": tokenizer.pad_token,
         "pad_token_id": tokenizer.pad_token_id,
         "max_token_id": max(all_ids),
+        "new_token_ids": {token: tokenizer.convert_tokens_to_ids(token) for token in data.new_tokens},
         "tokenizer_class": type(tokenizer).__name__,
         "template_markers_split": split_markers,
     }

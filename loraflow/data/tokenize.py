@@ -19,8 +19,10 @@ IGNORE_INDEX = -100
 TOKENIZE_CALLS = 0
 
 
-def load_tokenizer(path: str):
-    """The model's fast tokenizer, with a pad token chosen so that padding never hides EOS from the loss.
+def load_tokenizer(path: str, new_tokens: list[str] | tuple = ()):
+    """The model's fast tokenizer, with a pad token chosen so that padding never hides EOS from the loss, and
+    new_tokens (data.new_tokens) added as special tokens: each one token, never split (the model's embeddings grow to
+    match in the lora stage, native.fit_vocabulary).
 
     Padding is handled by DataCollatorForSeq2Seq, which pads labels with -100 rather than with the pad id,
     so reusing EOS as pad would be harmless there; still, collators that mask `labels == pad_id` exist,
@@ -44,6 +46,8 @@ def load_tokenizer(path: str):
         else:
             tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    if new_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(new_tokens)}, replace_extra_special_tokens=False)
     return tokenizer
 
 

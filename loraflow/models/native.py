@@ -238,16 +238,19 @@ def describe_targets(targets: list[str]) -> str:
     return ", ".join(f"{name} ({FUSED_ATTENTION[name]})" if name in FUSED_ATTENTION else name for name in targets)
 
 
-def targets_without_weights(model_path: str | Path, target, trust_remote_code: bool = False) -> list[str]:
-    """lora.target resolved on the model's architecture built on the meta device (no weights read, no memory):
-    a wrong module name is reported before anything is quantized or trained."""
+def targets_without_weights(model_path: str | Path, lora, trust_remote_code: bool = False) -> list[str]:
+    """The adapter's target modules (lora.target for LoRA, IA3's modules; none for prompt and prefix tuning) resolved on
+    the model's architecture built on the meta device (no weights read, no memory): a wrong module name is reported
+    before anything is quantized or trained."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if lora.method not in ("lora", "ia3"):
+        return []
     config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return target_modules(model, target)
+    return ia3_modules(model, lora.target)[0] if lora.method == "ia3" else target_modules(model, lora.target)
 
 
 def keep_4bit_training_kernels(model) -> None:
@@ -273,16 +276,96 @@ def prepare_for_training(model, quantized: bool, gradient_checkpointing: bool):
     return model
 
 
-def inject_lora(model, lora, seed: int):
-    from peft import LoraConfig, get_peft_model
+def adapter_config(model, lora, tokenizer_dir: Path | None = None):
+    """The PEFT config of the adapter lora.method asks for, on this model (its targets resolved)."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
 
-    targets = target_modules(model, lora.target)
+    if lora.method == "lora":
+        return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target_modules(model, lora.target),
+                          bias="none", task_type="CAUSAL_LM", use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+                          init_lora_weights=True if lora.init == "default" else lora.init)
+    if lora.method == "ia3":
+        targets, feedforward = ia3_modules(model, lora.target)
+        return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
+    if lora.method == "prompt-tuning":
+        from_text = dict(prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=lora.prompt_init_text,
+                         tokenizer_name_or_path=str(tokenizer_dir)) if lora.prompt_init_text else {}
+        return PromptTuningConfig(num_virtual_tokens=lora.num_virtual_tokens, task_type="CAUSAL_LM", **from_text)
+    return PrefixTuningConfig(num_virtual_tokens=lora.num_virtual_tokens, task_type="CAUSAL_LM")
+
+
+# IA3 rescales the keys and values of attention and the input of the feed-forward block's output projection (the IA3
+# paper's choice). PEFT knows these per architecture; a list in lora.target picks them by hand, and the feed-forward
+# ones among them are recognised by these names (the down projection of Llama/Mistral/Qwen, GPT-2's and Falcon's).
+FEEDFORWARD_OUTPUT_NAMES = ("down_proj", "fc2", "c_proj", "w2", "dense_4h_to_h", "fc_out")
+
+
+def ia3_modules(model, target) -> tuple[list[str], list[str]]:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
+
+    if isinstance(target, list):
+        targets = target_modules(model, target)
+        return targets, [name for name in targets if name in FEEDFORWARD_OUTPUT_NAMES]
+    model_type = model.config.model_type
+    if target == "attention-qv" or model_type not in TARGETS:
+        raise LoraflowError(f"IA3 on {model_type}: {'PEFT has no default modules for this architecture; ' if model_type not in TARGETS else ''}"
+                            f"lora.target {target} does not apply to IA3: list the attention key/value and feed-forward "
+                            f"output modules in lora.target (its linear layers: {', '.join(sorted(_linear_module_names(model)))})")
+    targets = list(TARGETS[model_type])
+    return targets, [name for name in FEEDFORWARD[model_type] if name in targets]
+
+
+def fit_vocabulary(model, tokenizer, initialise: bool = False) -> bool:
+    """Grow the model's embeddings and output head to the tokenizer's size when data.new_tokens made it larger; True
+    if it grew. initialise: new rows drawn around the mean of the old ones (transformers' mean resizing), for a fresh
+    adapter; elsewhere the adapter brings its trained rows and the base's new rows are never used."""
+    if len(tokenizer) <= model.get_input_embeddings().num_embeddings:
+        return False
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=initialise)
+    return True
+
+
+def with_adapter(base, adapter_dir: Path, tokenizer, trainable: bool = False):
+    """base + the saved adapter (PeftModel.from_pretrained), the base's embeddings first grown to the run's tokenizer
+    when it added tokens (the adapter holds their trained rows, and PEFT needs the shapes to match)."""
+    from peft import PeftModel
+
+    fit_vocabulary(base, tokenizer)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    if trainable:
+        save_embeddings_once(model)
+    return model
+
+
+def save_embeddings_once(model) -> None:
+    """Grown embeddings are trained and saved as the adapter's modules_to_save. PEFT's save_pretrained would also save
+    the whole embedding modules a second and third time (its save_embedding_layers="auto" sees a vocabulary larger
+    than the base's config: 3 copies, gigabytes on a real model), and the Trainer saves without a way to say otherwise:
+    this model's save_pretrained says it."""
+    import functools
+
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+
+def embedding_module_names(model) -> list[str]:
+    """The input embeddings' and output head's module names (e.g. embed_tokens, lm_head): what PEFT trains in full
+    (modules_to_save) when new tokens were added."""
+    wanted = {id(model.get_input_embeddings()): None, id(model.get_output_embeddings()): None}
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if id(module) in wanted})
+
+
+def inject_adapter(model, lora, seed: int, tokenizer_dir: Path | None = None, train_embeddings: bool = False):
+    """The base with a fresh adapter of lora.method (seeded), and what it trains: its parameters against the model's.
+    train_embeddings: the embeddings and output head are trained in full too (new tokens were added)."""
+    from peft import get_peft_model
+
+    config = adapter_config(model, lora, tokenizer_dir)
+    if train_embeddings:
+        config.modules_to_save = embedding_module_names(model)
     torch.manual_seed(seed)
-    config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-        bias="none", task_type="CAUSAL_LM",
-    )
     peft_model = get_peft_model(model, config)
+    save_embeddings_once(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    return peft_model, {"target_modules": targets, "trainable_params": trainable, "total_params": total,
+    targets = sorted(config.target_modules) if getattr(config, "target_modules", None) else []
+    return peft_model, {"method": lora.method, "target_modules": targets, "trainable_params": trainable, "total_params": total,
                         "trainable_percent": round(100 * trainable / total, 4)}

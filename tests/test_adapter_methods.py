@@ -1,0 +1,187 @@
+"""Every adapter method (lora.method and the LoRA variants) through PEFT: it trains, its saved folder loads on the
+original base with PeftModel.from_pretrained and reproduces the trained model, and mergeable methods merge."""
+
+import pytest
+import torch
+
+from loraflow.config import LoraSettings
+from loraflow.models import native
+
+METHODS = {
+    "lora": LoraSettings(),
+    "dora": LoraSettings(use_dora=True),
+    "rslora": LoraSettings(use_rslora=True, r=16),
+    "lora-gaussian-init": LoraSettings(init="gaussian"),
+    "ia3": LoraSettings(method="ia3"),
+    "prompt-tuning": LoraSettings(method="prompt-tuning", num_virtual_tokens=8, prompt_init_text="Answer the question:"),
+    "prefix-tuning": LoraSettings(method="prefix-tuning", num_virtual_tokens=8),
+}
+
+
+def _load(tiny_model, quantized: bool):
+    bnb = native.bnb_config(False, "fp32") if quantized else None
+    model = native.load_causal_lm(tiny_model, "cpu", "fp32", bnb)
+    return native.prepare_for_training(model, quantized=quantized, gradient_checkpointing=False)
+
+
+def _batch(tokenizer):
+    texts = ["The capital of France is Paris.", "Two plus two is four, and three plus three is six."]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return {**batch, "labels": labels}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_each_method_trains_and_its_saved_adapter_reproduces_the_trained_model(name, tiny_model, tokenizer, tmp_path):
+    from peft import PeftModel
+
+    settings = METHODS[name]
+    model, report = native.inject_adapter(_load(tiny_model, quantized=False), settings, seed=0, tokenizer_dir=tiny_model)
+    assert report["method"] == settings.method and 0 < report["trainable_params"] < report["total_params"]
+    batch = _batch(tokenizer)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    model.train()
+    for _ in range(6):
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] * 0.9, losses  # it learns
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.save_pretrained(str(tmp_path / "adapter"))
+
+    loaded = PeftModel.from_pretrained(native.load_causal_lm(tiny_model, "cpu", "fp32", None), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        again = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert torch.allclose(again, trained, atol=1e-5), (again - trained).abs().max()
+        if settings.mergeable:
+            merged = loaded.merge_and_unload()
+            assert torch.allclose(merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, trained, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_each_method_trains_on_an_nf4_base(name, tiny_model, tokenizer):
+    model, _ = native.inject_adapter(_load(tiny_model, quantized=True), METHODS[name], seed=0, tokenizer_dir=tiny_model)
+    batch = _batch(tokenizer)
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_prompt_tuning_starts_from_the_texts_embeddings(tiny_model, tokenizer):
+    settings = LoraSettings(method="prompt-tuning", num_virtual_tokens=8, prompt_init_text="Answer the question:")
+    model, _ = native.inject_adapter(_load(tiny_model, quantized=False), settings, seed=0, tokenizer_dir=tiny_model)
+    ids = tokenizer("Answer the question:")["input_ids"]  # (as PEFT tokenizes it: with the BOS token)
+    expected = (ids * 8)[:8]  # repeated up to num_virtual_tokens
+    start = model.prompt_encoder["default"].embedding.weight
+    assert torch.equal(start, model.get_input_embeddings().weight[expected])
+
+
+def test_a_setting_of_another_method_is_refused_with_the_method_it_belongs_to():
+    from loraflow.config import build_config
+    from loraflow.errors import LoraflowError
+
+    base = {"model": {"base": "m"}, "data": {"path": "d.json"}}
+    with pytest.raises(LoraflowError, match=r"lora: use_dora does not apply to method ia3: remove it, or choose the method lora"):
+        build_config({**base, "lora": {"method": "ia3", "use_dora": True}})
+    with pytest.raises(LoraflowError, match=r"lora.method prefix-tuning is for SFT: TRL's DPOTrainer trains LoRA or IA3 adapters"):
+        build_config({**base, "objective": "dpo", "lora": {"method": "prefix-tuning"}})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [{"method": "ia3"}, {"method": "prompt-tuning", "num_virtual_tokens": 8},
+                                  {"method": "prefix-tuning", "num_virtual_tokens": 8}], ids=lambda lora: lora["method"])
+def test_the_sft_flow_trains_exports_and_merges_each_method(prefect_server, tiny_model, tmp_path, lora):
+    """Through every stage on a plain base: the loss goes down, the exported adapter loads with PEFT onto the original
+    base, the evaluation stage generates with it and without it, IA3 is merged (the merge stage checks its logits), prompt and prefix tuning are not (and train padded), and
+    the summary names the method with its trainable parameters. (LoRA and its variants: tests/test_sft_pipeline.py
+    and the in-process tests above.)"""
+    import json
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from loraflow.config import build_config
+    from test_sft_pipeline import run_sft, sft_config
+
+    tree = sft_config(tiny_model, tmp_path / "store").model_dump(mode="json")
+    tree["model"]["quantization"] = "none"
+    tree["lora"] = lora
+    tree["data"]["val_set_size"] = 8
+    # The evaluation stage too: generation and the forgetting check with the adapter on and off.
+    (tmp_path / "tasks.jsonl").write_text(json.dumps({"prompt": "What is 2 plus 2?", "answer": "4"}) + "\n")
+    (tmp_path / "general.txt").write_text("The river runs to the sea.\n")
+    tree["evaluation"] = {"tasks_path": str(tmp_path / "tasks.jsonl"), "general_text_path": str(tmp_path / "general.txt"),
+                          "max_new_tokens": 4}
+    tree["train"].update(batch_size=4, micro_batch_size=4, max_steps=4, eval_steps=4, save_steps=4, learning_rate=5e-2)
+    records, states = run_sft(build_config(tree))
+    train = records["train"].metrics
+    assert train["final_loss"] < train["first_loss"] and train["eval_loss"] < train["eval_loss_before"], train
+    method = lora["method"]
+    evaluation = records["evaluation"].metrics
+    assert evaluation["task_rows"] == 1 and evaluation["general_loss_after"] != evaluation["general_loss_before"]
+    assert records["lora"].metrics["method"] == method
+    adapter = json.loads(Path(records["adapter"].uri, "adapter_config.json").read_text())
+    assert adapter["peft_type"] == {"ia3": "IA3", "prompt-tuning": "PROMPT_TUNING", "prefix-tuning": "PREFIX_TUNING"}[method]
+    model = PeftModel.from_pretrained(native.load_causal_lm(tiny_model, "cpu", "fp32", None), records["adapter"].uri)
+    assert model.peft_config["default"].peft_type.value == adapter["peft_type"]
+    summary = Path(records["adapter"].uri).parent.joinpath("summary.md").read_text()
+    trainable = f"{records['lora'].metrics['trainable_params']:,} trainable of"
+    if method in ("prompt-tuning", "prefix-tuning"):
+        assert "merged" not in records and states.get("merged") is None
+        assert f"with 8 virtual tokens: {trainable}" in summary and "- not merged: " in summary
+    else:
+        assert records["merged"].metrics["max_abs_logit_diff"] <= records["merged"].metrics["tolerance"]
+        assert f"IA3 on down_proj, k_proj, v_proj: {trainable}" in summary
+
+
+@pytest.mark.slow
+def test_new_tokens_become_single_trained_tokens_of_the_adapter_and_the_merged_model(prefect_server, tiny_model, tmp_path):
+    """chatml conversations on a base whose tokenizer lacks the chatml markers, as QLoRA (NF4 base): with data.new_tokens
+    each marker is one token, the embeddings and output head grow and train with the adapter, and the merged model has
+    them."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraflow.config import build_config
+    from conftest import SAMPLE
+    from test_sft_pipeline import run_sft, sft_config
+
+    conversations = tmp_path / "chats.json"
+    conversations.write_text(json.dumps([{"messages": [{"role": "user", "content": row["instruction"]},
+                                                       {"role": "assistant", "content": row["output"]}]}
+                                         for row in json.loads(Path(SAMPLE).read_text())[:48]]))
+    markers = ["<|im_start|>", "<|im_end|>"]
+    tree = sft_config(tiny_model, tmp_path / "store", path=str(conversations), format="messages", template="chatml",
+                      val_set_size=8).model_dump(mode="json")
+    tree["data"]["new_tokens"] = markers
+    tree["train"].update(batch_size=4, micro_batch_size=4, max_steps=4, eval_steps=4, save_steps=4, learning_rate=5e-2)
+    records, _ = run_sft(build_config(tree))
+
+    dataset = records["dataset"].metrics
+    assert dataset["template_markers_split"] == [] and dataset["new_token_ids"] == {"<|im_start|>": 2048, "<|im_end|>": 2049}
+    assert records["base"].metrics["quantization"] == "nf4"
+    tokenizer = AutoTokenizer.from_pretrained(records["adapter"].uri)
+    assert [tokenizer(marker, add_special_tokens=False)["input_ids"] for marker in markers] == [[2048], [2049]]
+
+    def embedding_rows(folder):
+        with safe_open(str(Path(folder, "adapter_model.safetensors")), "pt") as tensors:
+            assert [key for key in tensors.keys() if "lora_" not in key] == [  # each trained once, nothing else
+                "base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"]
+            return tensors.get_tensor("base_model.model.model.embed_tokens.weight")
+
+    [initial] = (tmp_path / "store" / "lora").glob("*/adapter")
+    before, after = embedding_rows(initial), embedding_rows(records["adapter"].uri)
+    assert before.shape == after.shape == (2050, 128)
+    assert not torch.allclose(before[2048:], after[2048:])  # the new tokens' embeddings were trained
+    merged = AutoModelForCausalLM.from_pretrained(records["merged"].uri)
+    assert merged.get_input_embeddings().num_embeddings == 2050 and merged.get_output_embeddings().out_features == 2050
+    assert torch.allclose(merged.get_input_embeddings().weight[2048:], after[2048:].float())
