@@ -185,3 +185,29 @@ def test_new_tokens_become_single_trained_tokens_of_the_adapter_and_the_merged_m
     merged = AutoModelForCausalLM.from_pretrained(records["merged"].uri)
     assert merged.get_input_embeddings().num_embeddings == 2050 and merged.get_output_embeddings().out_features == 2050
     assert torch.allclose(merged.get_input_embeddings().weight[2048:], after[2048:].float())
+
+
+@pytest.mark.slow
+def test_dpo_trains_an_ia3_adapter(tiny_model, tmp_path):
+    """DPO with IA3: TRL's reference is the policy with the adapter off, so a fresh IA3 adapter (all ones) starts with
+    rewards of exactly zero, and the rewards move apart as it trains."""
+    import json
+    from pathlib import Path
+
+    from conftest import REPO
+    from loraflow import stages
+    from loraflow.config import build_config
+    from loraflow.launch import Topology, build_command, run_streaming
+
+    config = build_config({
+        "name": "prefs", "objective": "dpo", "storage": str(tmp_path / "store"), "model": {"base": str(tiny_model)},
+        "data": {"path": str(REPO / "loraflow/data/sample/orca_dpo_pairs_sample.jsonl"), "val_set_size": 0},
+        "dpo": {"max_prompt_length": 64, "max_length": 128, "reference": "adapter-disabled"}, "lora": {"method": "ia3"},
+        "train": {"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 4, "max_steps": 4, "save_steps": 4,
+                  "warmup": 0, "lr_scheduler": "constant", "gradient_checkpointing": "off"}})
+    _, _, run, spec_uri = stages.prepare_training(config, log=lambda _: None)
+    lines: list[str] = []
+    assert run_streaming(build_command(Topology(), spec_uri), lines.append, timeout=300) == 0, "\n".join(lines[-30:])
+    steps = [row for row in map(json.loads, Path(run, "metrics", "metrics.jsonl").read_text().splitlines()) if "rewards/margins" in row]
+    assert steps[0]["rewards/margins"] == 0 and steps[-1]["rewards/margins"] > 0
+    assert json.loads(Path(run, "checkpoints", "final", "adapter_config.json").read_text())["peft_type"] == "IA3"
