@@ -141,6 +141,9 @@ def cmd_sweep(args) -> int:
     """The sweep flow on a config and a grid given as --grid KEY=[V1,V2] (YAML lists)."""
     import tasks.common
     from flows.sweep import rank_variants, sweep
+    from loraflow.compare import differing, read_run
+    from loraflow.storage import ArtifactStore
+    from loraflow.sweep import describe
     from loraflow.config import load_config, parse_overrides
 
     config = load_config(args.config, args.set or [])
@@ -155,9 +158,14 @@ def cmd_sweep(args) -> int:
     if state.is_failed():
         raise _failure_reason(state)
     results = state.result()
+    # Each variant's settings that differ from the others' (as the store records them: also what a search chose)
+    store = ArtifactStore(config.storage)
+    runs = {name: read_run(store, records["adapter"].uri.rsplit("/", 2)[-2]) for name, records in results.items()}
+    changed = differing(list(runs.values()))
     print(f"\nvariants ranked by {args.metric} ({'higher' if args.higher_is_better else 'lower'} is better):")
     for place, (name, value) in enumerate(rank_variants(results, args.metric, args.higher_is_better), start=1):
-        print(f"  {place}. {name:<20} {value:.4g}  {results[name]['adapter'].uri}")
+        settings = describe({key: runs[name].settings.get(key) for key in changed})
+        print(f"  {place}. {name:<20} {value:.4g}  {settings}  {results[name]['adapter'].uri}")
     return 0
 
 
@@ -318,7 +326,8 @@ def cmd_generate(args) -> int:
         raise LoraflowError("nothing to generate: give --prompt TEXT (repeatable) or --prompts-file FILE (one prompt a line)")
     # One load of the model for every prompt; a wrong run id fails before anything is printed.
     generate(args.storage, args.run, prompts, args.max_new_tokens, args.merged, args.trust_remote_code,
-             on_text=lambda text: print(text, end="", flush=True), on_prompt=lambda prompt: print(f"\n>>> {prompt}\n", flush=True))
+             on_text=lambda text: print(text, end="", flush=True), on_prompt=lambda prompt: print(f"\n>>> {prompt}\n", flush=True),
+             log=lambda line: print(line, flush=True))
     return 0
 
 
@@ -468,7 +477,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set train.learning_rate=1e-4")
     run.set_defaults(handler=cmd_run)
 
-    sweep = commands.add_parser("sweep", help="fine-tune every combination of --grid values on one config (shared data and base), ranked")
+    sweep = commands.add_parser("sweep", help="fine-tune every combination of --grid values (or an Optuna --search) on one "
+                                "config, sharing data and base; the variants ranked")
     sweep.add_argument("config", help="YAML config: the base every variant changes")
     sweep.add_argument("--grid", action="append", metavar="KEY=[V1,V2]", help="a setting and its values, e.g. --grid lora.r=[8,16] (repeatable)")
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the base config")

@@ -73,6 +73,7 @@ def read_run(store: ArtifactStore, run: str) -> RunFacts:
                      "lora.alpha": adapter.get("lora_alpha"), "lora.dropout": adapter.get("lora_dropout"),
                      "lora.use_dora": adapter.get("use_dora"), "lora.use_rslora": adapter.get("use_rslora"),
                      "lora.num_virtual_tokens": adapter.get("num_virtual_tokens"),
+                     "lora.prompt_init_text": adapter.get("prompt_tuning_init_text"),
                      "lora.target": sorted(adapter.get("target_modules") or [])}
     except (FileNotFoundError, KeyError):
         pass

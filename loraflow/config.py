@@ -134,18 +134,18 @@ class LoraSettings(_Section):
         "learned rescaling of attention keys/values and the feed-forward input (far fewer parameters). prompt-tuning: "
         "num_virtual_tokens trained input embeddings. prefix-tuning: trained keys and values in every layer. "
         "Prompt and prefix tuning train SFT only, without packing, and cannot be merged.")
-    r: int = Field(8, title="Rank (r)", ge=1, description="LoRA rank.")
-    alpha: int = Field(16, title="Alpha", ge=1, description="LoRA alpha (scaling = alpha / r).")
+    r: int = Field(8, title="Rank (r) (LoRA only)", ge=1, description="LoRA rank.")
+    alpha: int = Field(16, title="Alpha (LoRA only)", ge=1, description="LoRA alpha (scaling = alpha / r).")
     # 0, not the alpaca-lora/QLoRA recipes' 0.05 (torchtune's LoRA recipes use 0 too): on a CPU, drawing the dropout
     # mask of every LoRA input took a quarter of each training step (bench/train.py), for a regularisation short
     # fine-tunes rarely need.
-    dropout: float = Field(0.0, title="Dropout", ge=0, lt=1, description="Dropout on the LoRA input (0: none; 0.05 is the "
+    dropout: float = Field(0.0, title="Dropout (LoRA only)", ge=0, lt=1, description="Dropout on the LoRA input (0: none; 0.05 is the "
                            "QLoRA recipe's, which costs a quarter of a CPU training step).")
     target: Literal["all-linear", "attention-qv"] | list[str] = Field(
-        "all-linear", title="Target modules",
+        "all-linear", title="Target modules (LoRA, IA3)",
         description="all-linear: every linear projection except the output head (QLoRA paper, "
-        "ipex-llm). attention-qv: the query and value projections (alpaca-lora, FastChat). "
-        "Or an explicit list of module names.",
+        "ipex-llm); for IA3, PEFT's attention key/value and feed-forward modules of the architecture. attention-qv: "
+        "the query and value projections (alpaca-lora, FastChat). Or an explicit list of module names.",
     )
 
     use_dora: bool = Field(False, title="DoRA (LoRA only)", description="Weight-decomposed LoRA: a trained magnitude per "
@@ -182,7 +182,8 @@ class LoraSettings(_Section):
     @model_validator(mode="after")
     def _fields_of_the_method(self) -> LoraSettings:
         """A field set for a method it does not apply to is a mistake worth saying (a DoRA run that is plain IA3)."""
-        applies = {"use_dora": ("lora",), "use_rslora": ("lora",), "init": ("lora",), "prompt_init_text": ("prompt-tuning",),
+        applies = {"r": ("lora",), "alpha": ("lora",), "dropout": ("lora",), "use_dora": ("lora",), "use_rslora": ("lora",),
+                   "init": ("lora",), "target": ("lora", "ia3"), "prompt_init_text": ("prompt-tuning",),
                    "num_virtual_tokens": PROMPT_METHODS}
         wrong = [name for name, methods in applies.items() if self.method not in methods and getattr(self, name) != type(self).model_fields[name].default]
         if wrong:

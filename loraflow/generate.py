@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from loraflow.config import PROMPT_METHODS
 from loraflow.data.templates import generation_prompt
 from loraflow.errors import LoraflowError
 from loraflow.models import native
@@ -35,9 +36,11 @@ def run_outputs(store: ArtifactStore, run: str) -> dict[str, str]:
 
 def generate(storage: str, run: str, prompts: list[str], max_new_tokens: int = 128, merged: bool = False,
              trust_remote_code: bool = False, on_text: Callable[[str], None] | None = None,
-             on_prompt: Callable[[str], None] | None = None) -> list[str]:
+             on_prompt: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None) -> list[str]:
     """Greedy completions of `prompts` by the run's model, loaded once; on_prompt is called before each
-    prompt's answer, and with on_text each answer is streamed to it as it is generated."""
+    prompt's answer, and with on_text each answer is streamed to it as it is generated; log hears what was loaded."""
+    import warnings
+
     from loraflow.data.tokenize import load_tokenizer
 
     store = ArtifactStore(storage)
@@ -49,14 +52,22 @@ def generate(storage: str, run: str, prompts: list[str], max_new_tokens: int = 1
     tokenizer = load_tokenizer(str(adapter_dir))  # the export stage keeps the tokenizer the run trained with
     if merged:
         if "merged" not in outputs:
-            raise LoraflowError(f"run {run} has no merged model (merge.enabled was false); drop --merged to use base + adapter")
+            why = ("its adapter is " + config["lora"]["method"].replace("-", " ") + ", which cannot be merged"
+                   if config["lora"].get("method", "lora") in PROMPT_METHODS else "merge.enabled was false")
+            raise LoraflowError(f"run {run} has no merged model ({why}); drop --merged to use base + adapter")
         model = native.load_causal_lm(store.local_copy(outputs["merged"]), device, precision, None, trust_remote_code)
     else:
         base = native.load_causal_lm(Path(native.resolve_model_path(config["model"]["base"])), device, precision, None, trust_remote_code)
         model = native.with_adapter(base, adapter_dir, tokenizer)
     model.eval()
+    if log:
+        log(f"{run}: {'the merged model' if merged else 'base + adapter'} on {device} in {precision}"
+            + (" (the summary's Python snippet loads fp32: its answers may differ)" if precision != "fp32" else ""))
     templated = [generation_prompt(config["data"]["format"], config["data"]["template"], text) for text in prompts]
-    return answer(model, tokenizer, templated, max_new_tokens, on_text, on_start=on_prompt and (lambda index: on_prompt(prompts[index])))
+    with warnings.catch_warnings():
+        # (PEFT's prompt-learning notes on position ids and the deprecated cache argument: about its internals)
+        warnings.filterwarnings("ignore", message=".*(Position ids are not supported|past_key_values).*")
+        return answer(model, tokenizer, templated, max_new_tokens, on_text, on_start=on_prompt and (lambda index: on_prompt(prompts[index])))
 
 
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int, on_text: Callable[[str], None] | None = None,
@@ -69,6 +80,9 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int, on_text: C
 
     tokenizer.padding_side = "left"
     size = 1 if on_text or on_start else BATCH
+    # A prefix-tuning adapter is the key/value cache PEFT hands the model; transformers 5's generate builds its own cache
+    # and ignores PEFT's (the answer would be the base model's), unless generation runs without a cache.
+    use_cache = not is_prefix_tuning(model)
     answers = []
     for start in range(0, len(prompts), size):
         if on_start:
@@ -76,11 +90,16 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int, on_text: C
         batch = tokenizer(prompts[start:start + size], return_tensors="pt", padding=True).to(model.device)
         with torch.no_grad():
             ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 streamer=_CallbackStreamer(tokenizer, on_text) if on_text else None,
+                                 streamer=_CallbackStreamer(tokenizer, on_text) if on_text else None, use_cache=use_cache,
                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
         answers += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return answers
+
+
+def is_prefix_tuning(model) -> bool:
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    return config is not None and config.peft_type.value == "PREFIX_TUNING"
 
 
 def _CallbackStreamer(tokenizer, on_text):

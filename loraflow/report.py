@@ -45,7 +45,8 @@ def run_plan_lines(train: dict) -> list[str]:
     if "memory_plan" not in train:
         return []
     return [f"- {train.get('device')}, {train.get('precision')} ({train.get('precision_reason')}), "
-            f"{'packed' if train.get('packed') else 'padded'} micro batches, {train.get('world_size')} process(es)",
+            f"{'packed' if train.get('packed') else 'padded'} micro batches{train.get('padded_because', '')}, "
+            f"{train.get('world_size')} process(es)",
             f"- memory plan: {train['memory_plan']}"]
 
 
@@ -223,7 +224,10 @@ def usage_snippet(config: dict, records: dict[str, StageRecord], example: str = 
         "",
         f"prompt = {prompt!r}  # the run's template ({config['data']['template']})",
         "inputs = tokenizer(prompt, return_tensors='pt')",
-        "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
+        *(["# (no cache: transformers' own would replace the prefix-tuning adapter's keys and values)",
+           "output = model.generate(**inputs, max_new_tokens=64, do_sample=False, use_cache=False)"]
+          if config["lora"].get("method") == "prefix-tuning" else
+          ["output = model.generate(**inputs, max_new_tokens=64, do_sample=False)"]),
         "print(tokenizer.decode(output[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
     ]
     if merged is not None and "://" not in merged.uri:
@@ -308,7 +312,7 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
         usage_snippet(config, records),
         "```",
         "",
-        "Or in a terminal (streams the answer; `--merged` uses the merged model):",
+        "Or in a terminal (streams the answer" + ("; `--merged` uses the merged model):" if merged is not None else "):"),
         "",
         "```bash",
         generate_command(config, records),

@@ -53,6 +53,17 @@ def test_each_method_trains_and_its_saved_adapter_reproduces_the_trained_model(n
     with torch.no_grad():
         trained = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     model.save_pretrained(str(tmp_path / "adapter"))
+    # Generation (loraflow generate, the evaluation stage) answers with the trained adapter: its first token is the
+    # forward pass's most likely one (prefix tuning: not the base's, which transformers' own cache would give).
+    from loraflow.generate import answer
+
+    prompt = tokenizer(["The capital of France"], return_tensors="pt")
+    with torch.no_grad():
+        expected = int(model(**prompt).logits[0, -1].argmax())
+        with model.disable_adapter():
+            assert expected != int(model(**prompt).logits[0, -1].argmax())  # (else this check could not tell them apart)
+    assert answer(model, tokenizer, ["The capital of France"], max_new_tokens=1) == [tokenizer.decode([expected], skip_special_tokens=True)]
+    tokenizer.padding_side = "right"
 
     loaded = PeftModel.from_pretrained(native.load_causal_lm(tiny_model, "cpu", "fp32", None), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
@@ -89,6 +100,8 @@ def test_a_setting_of_another_method_is_refused_with_the_method_it_belongs_to():
     base = {"model": {"base": "m"}, "data": {"path": "d.json"}}
     with pytest.raises(LoraflowError, match=r"lora: use_dora does not apply to method ia3: remove it, or choose the method lora"):
         build_config({**base, "lora": {"method": "ia3", "use_dora": True}})
+    with pytest.raises(LoraflowError, match=r"lora: r does not apply to method prompt-tuning: remove it, or choose the method lora"):
+        build_config({**base, "lora": {"method": "prompt-tuning", "r": 16}})
     with pytest.raises(LoraflowError, match=r"lora.method prefix-tuning is for SFT: TRL's DPOTrainer trains LoRA or IA3 adapters"):
         build_config({**base, "objective": "dpo", "lora": {"method": "prefix-tuning"}})
 
@@ -134,6 +147,11 @@ def test_the_sft_flow_trains_exports_and_merges_each_method(prefect_server, tiny
     trainable = f"{records['lora'].metrics['trainable_params']:,} trainable of"
     if method in ("prompt-tuning", "prefix-tuning"):
         assert "merged" not in records and states.get("merged") is None
+        from loraflow.errors import LoraflowError
+        from loraflow.generate import generate
+
+        with pytest.raises(LoraflowError, match=f"has no merged model \\(its adapter is {method.replace('-', ' ')}, which cannot be merged\\)"):
+            generate(tree["storage"], Path(records["adapter"].uri).parent.name, ["Hi"], max_new_tokens=2, merged=True)
         assert f"with 8 virtual tokens: {trainable}" in summary and "- not merged: " in summary
     else:
         assert records["merged"].metrics["max_abs_logit_diff"] <= records["merged"].metrics["tolerance"]

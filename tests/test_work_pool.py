@@ -304,6 +304,7 @@ def test_a_parallel_sweep_runs_its_variants_at_once_and_the_pools_limit_trains_o
         with server.client_settings(), get_client(sync_client=True) as client:
             client.update_work_pool("xpu", WorkPoolUpdate(concurrency_limit=None))
     assert "variants ranked by train_loss" in result.stdout, result.stdout[-3000:]
+    assert "train.learning_rate=0.01" in result.stdout and "train.learning_rate=0.02" in result.stdout  # what each variant changed
 
     def intervals(flow_name):
         runs = [run for run in _flow_runs(server, flow_name) if run.parameters["config"]["name"] in ("swept-v1", "swept-v2")]

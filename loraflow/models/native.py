@@ -310,8 +310,8 @@ def ia3_modules(model, target) -> tuple[list[str], list[str]]:
     model_type = model.config.model_type
     if target == "attention-qv" or model_type not in TARGETS:
         raise LoraflowError(f"IA3 on {model_type}: {'PEFT has no default modules for this architecture; ' if model_type not in TARGETS else ''}"
-                            f"lora.target {target} does not apply to IA3: list the attention key/value and feed-forward "
-                            f"output modules in lora.target (its linear layers: {', '.join(sorted(_linear_module_names(model)))})")
+                            f"lora.target {target} does not apply to IA3: list the attention key/value modules and the "
+                            f"feed-forward down projection (its input is rescaled) in lora.target (its linear layers: {', '.join(sorted(_linear_module_names(model)))})")
     targets = list(TARGETS[model_type])
     return targets, [name for name in FEEDFORWARD[model_type] if name in targets]
 
