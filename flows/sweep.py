@@ -138,7 +138,10 @@ def _search(config, space: dict[str, Any], trials: int, metric: str, higher_is_b
         finished, broken = _run_variants(batch, variants, parallel)
         for trial, variant in zip(asked, variants):
             value = metric_value(finished.get(variant.name), metric)
-            study.tell(trial, value) if value is not None else study.tell(trial, state=TrialState.FAIL)
+            if value is None:  # failed, or finished without the metric
+                study.tell(trial, state=TrialState.FAIL)
+            else:
+                study.tell(trial, value)
         overrides, configs, results, failed = overrides + batch, configs + variants, results | finished, failed | broken
     return overrides, configs, results, failed
 

@@ -58,6 +58,8 @@ class Sft:
         # Prompt and prefix tuning put their virtual tokens before each row, which would be before the first of a
         # packed row's examples only: those rows are padded.
         self.packed = spec.train.packing and spec.adapter_method not in PROMPT_METHODS
+        self.padded_because = "" if self.packed or not spec.train.packing else \
+            f"{spec.adapter_method.replace('-', ' ')} puts its virtual tokens before every row"
         self.row_tokens = 0
 
     def tokens_per_example(self, train_set) -> int:
@@ -126,6 +128,7 @@ class Dpo:
     reports_perplexity = False  # its eval loss is the preference loss, not a token loss
 
     packed = False  # TRL pads the pairs
+    padded_because = ""
 
     def __init__(self, spec):
         self.spec = spec

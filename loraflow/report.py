@@ -45,7 +45,8 @@ def run_plan_lines(train: dict) -> list[str]:
     if "memory_plan" not in train:
         return []
     return [f"- {train.get('device')}, {train.get('precision')} ({train.get('precision_reason')}), "
-            f"{'packed' if train.get('packed') else 'padded'} micro batches{train.get('padded_because', '')}, "
+            f"{'packed' if train.get('packed') else 'padded'} micro batches"
+            f"{' (' + train['padded_because'] + ')' if train.get('padded_because') else ''}, "
             f"{train.get('world_size')} process(es)",
             f"- memory plan: {train['memory_plan']}"]
 

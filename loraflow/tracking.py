@@ -15,7 +15,6 @@ import json
 import os
 from pathlib import Path
 
-TRACKERS = ("tensorboard", "mlflow")
 TENSORBOARD_FOLDER = "tensorboard"  # in the run's metrics folder
 MLFLOW_RUN = "mlflow_run.json"  # in the run's metrics folder: the MLflow run a resumed attempt goes on with
 INSTALL = "pip install 'loraflow[tracking]'"

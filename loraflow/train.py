@@ -403,8 +403,7 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
         f"training ({objective.name}) on {run.device} ({run.precision}), rank {run.ranks['rank']}/{run.ranks['world_size']}, "
         f"{len(train_set)} train rows, micro batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps}"
         + (", packed" if objective.packed else ", padded")
-        + (f" ({spec.adapter_method.replace('-', ' ')} puts its virtual tokens before every row: no packing)"
-           if spec.train.packing and not objective.packed and objective.name == "sft" else ""),
+        + (f" ({objective.padded_because}: no packing)" if objective.padded_because else ""),
         flush=True,
     )
     print(f"precision {run.precision}: {run.precision_reason}", flush=True)
@@ -487,8 +486,7 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
         "gradient_checkpointing": run.plan.gradient_checkpointing,
         "memory_plan": run.plan.reason,
         "packed": objective.packed,
-        **({"padded_because": f" ({run.spec.adapter_method.replace('-', ' ')} puts its virtual tokens before every row)"}
-           if run.spec.train.packing and not objective.packed and objective.name == "sft" else {}),
+        **({"padded_because": objective.padded_because} if objective.padded_because else {}),
         "world_size": run.ranks["world_size"],
         "resumed_from": resume_uri,
         **_memory_report(run.device),

@@ -153,6 +153,7 @@ def test_the_sft_flow_trains_exports_and_merges_each_method(prefect_server, tiny
         with pytest.raises(LoraflowError, match=f"has no merged model \\(its adapter is {method.replace('-', ' ')}, which cannot be merged\\)"):
             generate(tree["storage"], Path(records["adapter"].uri).parent.name, ["Hi"], max_new_tokens=2, merged=True)
         assert f"with 8 virtual tokens: {trainable}" in summary and "- not merged: " in summary
+        assert f"padded micro batches ({method.replace('-', ' ')} puts its virtual tokens before every row)" in summary
     else:
         assert records["merged"].metrics["max_abs_logit_diff"] <= records["merged"].metrics["tolerance"]
         assert f"IA3 on down_proj, k_proj, v_proj: {trainable}" in summary

@@ -347,6 +347,7 @@ def save_embeddings_once(model) -> None:
 
     model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
 
+
 def embedding_module_names(model) -> list[str]:
     """The input embeddings' and output head's module names (e.g. embed_tokens, lm_head): what PEFT trains in full
     (modules_to_save) when new tokens were added."""
