@@ -461,6 +461,24 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """The training footprint of a config, estimated from the model's config alone: nothing is loaded or run."""
+    from loraflow.config import load_config
+    from loraflow.models import native
+    from loraflow.plan import check_fits, choose_precision, estimate_memory, free_memory_bytes
+
+    config = load_config(args.config, args.set or [])
+    device = native.resolve_device(config.train.device)
+    precision, why = choose_precision(config.train.precision, device, native.bf16_supported(device))
+    estimate = estimate_memory(config, native.resolve_model_path(config.model.base), precision)
+    print(f"{config.model.base} on {device} ({precision}: {why}), {config.lora.method} adapter, "
+          f"quantization {config.model.quantization}:")
+    print("\n".join(estimate.lines()))
+    fits, said = check_fits(estimate, device, free_memory_bytes(device), config.train.nproc_per_node if device == "cpu" else 1)
+    print(said if not fits else f"fits: {said}")
+    return 0 if fits else 1
+
+
 def cmd_doctor(args) -> int:
     from loraflow.envcheck import describe_environment
 
@@ -558,6 +576,11 @@ def parser() -> argparse.ArgumentParser:
     gc.add_argument("--apply", action="store_true", help="remove what the dry run lists")
     gc.set_defaults(handler=cmd_gc)
 
+    plan = commands.add_parser("plan", help="estimate a config's training memory (weights, adapter, gradients, optimizer, "
+                               "activations) from the model's config alone, against this device's free memory")
+    plan.add_argument("config", help="YAML config")
+    plan.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field")
+    plan.set_defaults(handler=cmd_plan)
     doctor = commands.add_parser("doctor", help="print what this machine offers (devices, versions, launchers)")
     doctor.set_defaults(handler=cmd_doctor)
     return root

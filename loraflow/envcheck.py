@@ -12,7 +12,7 @@ from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.launch import LAUNCHER_BINARIES, distributed_backend, launcher_available
 from loraflow.models import native
-from loraflow.plan import choose_precision
+from loraflow.plan import check_fits, choose_precision, estimate_memory, free_memory_bytes
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed", "prefect")
 
@@ -47,6 +47,27 @@ def describe_environment() -> dict:
     }
 
 
+def memory_check(config: FinetuneConfig, device: str, precision: str) -> tuple[bool, str]:
+    """(fits, what to say): the training footprint estimated from the model's config (loraflow.plan) against this
+    device's free memory. A run stops here only when even its least footprint (gradient checkpointing on, a micro
+    batch of one) does not fit; the configured footprint not fitting is a warning. The estimate is a lower bound: on
+    this repository's CPU it missed about 170 MB of the process's own and half the activations (bench/memory.py), so
+    a run it stops would not have fitted either. (True, why not) when the model's config cannot be read yet (the sources stage says why)."""
+    try:
+        model_path = native.resolve_model_path(config.model.base)
+        least = estimate_memory(config, model_path, precision, checkpointing=True, micro_batch_size=1)
+        configured = estimate_memory(config, model_path, precision)
+    except Exception as error:  # an estimate never stops a run: the stages that read the model say what is wrong
+        return True, f"not estimated ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
+    processes_here = config.train.nproc_per_node if device == "cpu" else 1
+    free = free_memory_bytes(device)
+    fits, said = check_fits(least, device, free, processes_here)
+    if not fits:
+        return False, said + " (even with gradient checkpointing and a micro batch of one)"
+    fits, said = check_fits(configured, device, free, processes_here)
+    return True, said if fits else f"warning: {said}"
+
+
 def check_environment(config: FinetuneConfig) -> dict:
     """The environment report, or a LoraflowError naming what the config asks for and the machine lacks."""
     report = describe_environment()
@@ -66,6 +87,10 @@ def check_environment(config: FinetuneConfig) -> dict:
         problems.append(f"train.nproc_per_node={config.train.nproc_per_node} but this host has {report['device_count']} {device} device(s)")
     if not config.train.pool:  # (a pool's job runs on a worker host: the trainer checks there)
         problems += tracking.problems(config.train.report_to)
+        fits, said = memory_check(config, device, report["precision"])
+        report["memory"] = said
+        if not fits:
+            problems.append(said)
     if problems:
         raise LoraflowError("environment check failed:\n  " + "\n  ".join(problems))
     return report

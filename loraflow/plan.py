@@ -123,3 +123,106 @@ def plan_memory(model_dir: Path, device: str, precision: str, per_device_batch: 
         f"its activations ({size * tokens_per_example:,} tokens: about {need / mb:,.0f} MB) {verdict} in half the "
         f"{free / mb:,.0f} MB free on this {device}")
     return MemoryPlan(size, checkpointing, reason, need / mb, free / mb)
+
+
+# ---- the footprint before any weights are loaded -------------------------------------------------
+GB = 1024 ** 3
+# Bytes per NF4 weight: 4 bits, plus one fp32 absmax per block of 64 (double quantization: an 8-bit absmax per block
+# and one fp32 per 256 blocks), as bitsandbytes stores them.
+NF4_BYTES = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64 + 4 / (64 * 256)}
+OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "sgd": 0}  # per trained parameter
+# What fits: the estimate against the memory free on the device, with this share kept for what it misses (the
+# allocator's fragmentation, the framework's own buffers).
+FIT_SHARE = 0.9
+
+
+def size_text(size: float) -> str:
+    return f"{size / GB:.2f} GB" if size >= GB / 4 else f"{size / 2 ** 20:,.0f} MB"
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per training process, by part; from the model's config alone (its architecture on the meta device)."""
+
+    parts: dict[str, float]
+    micro_batch_size: int
+    tokens_per_example: int
+    gradient_checkpointing: bool
+    world_size: int
+    zero: int
+    quantized: bool
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def lines(self) -> list[str]:
+        shown = [f"  {name:<12} {size_text(size):>10}" for name, size in self.parts.items()]
+        return shown + [f"  {'total':<12} {size_text(self.total):>10} per process (micro batch {self.micro_batch_size} x "
+                        f"{self.tokens_per_example} tokens, gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+                        + (f", ZeRO-{self.zero} over {self.world_size} ranks" if self.zero else "") + ")"]
+
+
+def estimate_memory(config, model_path: str | Path, precision: str, checkpointing: bool | None = None,
+                    micro_batch_size: int | None = None) -> MemoryEstimate:
+    """The training footprint of one process: the base's weights at the chosen quantization, the adapter, its
+    gradients and optimizer state (split over the ranks under ZeRO), and the activations of one micro batch of
+    cutoff-length examples (micro_batch_size 0, auto, counts the smallest: 1; checkpointing auto counts it on, the
+    least the run can need). Nothing is loaded: the model is built on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loraflow.models import native
+
+    train = config.train
+    trust = config.model.trust_remote_code
+    model_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust)
+    element_bytes = 4 if precision == "fp32" else 2
+    head = model.get_output_embeddings()
+    quantized = config.model.quantization == "nf4"
+    weights = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and quantized:
+            weights += module.weight.numel() * NF4_BYTES[config.model.double_quant] + (module.bias.numel() * element_bytes if module.bias is not None else 0)
+        else:
+            weights += sum(p.numel() for p in module.parameters(recurse=False)) * element_bytes
+    _, report = native.inject_adapter(model, config.lora, train.seed)
+    trained = report["trainable_params"]
+    world = train.nproc_per_node * max(1, len(train.hosts))
+    sharded = world if train.deepspeed_zero else 1  # ZeRO-2 and -3 split gradients and optimizer state
+    if train.deepspeed_zero == 3:
+        weights /= world
+    checkpointing = train.gradient_checkpointing != "off" if checkpointing is None else checkpointing
+    micro = micro_batch_size or train.micro_batch_size or 1
+    tokens = 2 * config.dpo.max_length if config.objective == "dpo" else config.data.cutoff_len  # (DPO: chosen and rejected)
+    flat = model_config.to_dict()
+    flat = flat.get("text_config", flat)
+    offloaded = train.deepspeed_offload_optimizer
+    parts = {"weights": weights, "adapter": trained * 4.0, "gradients": trained * 4.0 / sharded,
+             "optimizer": 0.0 if offloaded else trained * OPTIMIZER_BYTES.get(train.optim, 8) / sharded,
+             "activations": float(activation_bytes(flat, micro * tokens, element_bytes, checkpointing))}
+    return MemoryEstimate(parts, micro, tokens, checkpointing, world, train.deepspeed_zero, quantized)
+
+
+def check_fits(estimate: MemoryEstimate, device: str, free: float, processes_here: int) -> tuple[bool, str]:
+    """(fits, what to say): the estimate against the memory free on this device (the host's for a CPU, shared by the
+    processes on it; one card each on an accelerator), with what would make it fit when it does not."""
+    need = estimate.total * (processes_here if device == "cpu" else 1)
+    verdict = f"training needs about {size_text(need)} on this {device} and {size_text(free)} are free"
+    if need <= FIT_SHARE * free:
+        return True, verdict
+    parts = estimate.parts
+    ways = []
+    if not estimate.gradient_checkpointing:
+        ways.append("train.gradient_checkpointing: on (or auto)")
+    if estimate.micro_batch_size > 1:
+        ways.append("a smaller train.micro_batch_size")
+    ways.append(f"a shorter data.cutoff_len (now {estimate.tokens_per_example} tokens an example)")
+    if parts["gradients"] + parts["optimizer"] > 0.1 * need and not estimate.zero:
+        ways.append("DeepSpeed ZeRO-2 with deepspeed_offload_optimizer (launcher deepspeed, deepspeed_zero 2)")
+    if not estimate.quantized:
+        ways.append("model.quantization: nf4 (QLoRA: a quarter of the weights' memory)")
+    ways.append("more ranks (nproc_per_node, hosts) with DeepSpeed ZeRO, or a device with more memory")
+    return False, f"{verdict}: it does not fit ({', '.join(f'{n} {size_text(v)}' for n, v in parts.items())}). Try: {'; '.join(ways)}"

@@ -9,7 +9,12 @@ from loraflow.storage import StageRecord
 @task(name=ENV.task, description=ENV.summary)
 def check_env(config: FinetuneConfig) -> StageRecord:
     """Device, memory, library versions, distributed backend; fails early on what the machine lacks."""
-    return stages.env_check(config)
+    from prefect import get_run_logger
+
+    record = stages.env_check(config)
+    if record.metrics.get("memory", "").startswith("warning: "):
+        get_run_logger().warning(record.metrics["memory"].removeprefix("warning: "))
+    return record
 
 
 @task(name=SOURCES.task, description=SOURCES.summary)

@@ -67,3 +67,73 @@ def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch):
     assert plan.choose_precision("auto", "cpu", True) == ("bf16", "this CPU has AVX512-BF16/AMX instructions")
     monkeypatch.setattr(plan, "cpu_has_fast_bf16", lambda: False)
     assert plan.choose_precision("auto", "cpu", True)[0] == "fp32"
+
+
+# ---- the footprint before loading -----------------------------------------------------------------
+LLAMA_2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+              "max_position_embeddings": 4096}
+
+
+@pytest.fixture
+def llama_7b(tmp_path):
+    """Llama-2-7B's config.json alone: no weights exist, and none are read."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_2_7B))
+    return tmp_path
+
+
+def _config(tmp_path, **train):
+    from loraflow.config import build_config
+
+    return build_config({"storage": str(tmp_path), "model": {"base": "unused"}, "data": {"path": "d.json", "cutoff_len": 256},
+                         "train": {"micro_batch_size": 2, "batch_size": 16, **train}})
+
+
+def test_the_estimate_of_a_7b_qlora_counts_nf4_weights_and_the_adapter_exactly(llama_7b, tmp_path):
+    estimate = plan.estimate_memory(_config(tmp_path, gradient_checkpointing="on"), llama_7b, "bf16")
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # q, k, v, o and gate, up, down of every layer
+    unquantized = 2 * 32000 * 4096 + (2 * 32 + 1) * 4096  # embeddings, head, norms (bf16)
+    assert estimate.parts["weights"] == pytest.approx(linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + unquantized * 2)
+    assert 3.5 * GIB < estimate.parts["weights"] < 3.7 * GIB  # (the QLoRA paper's 7B base: about 3.9 GB, 3.6 GiB)
+    lora_r8 = 32 * 8 * (4 * (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))  # r x (in + out) of each projection
+    assert lora_r8 == 19_988_480
+    assert (estimate.parts["adapter"], estimate.parts["gradients"], estimate.parts["optimizer"]) == (lora_r8 * 4, lora_r8 * 4, lora_r8 * 8)
+    assert estimate.parts["activations"] == plan.activation_bytes(LLAMA_2_7B, 2 * 256, 2, checkpointing=True)
+
+
+def test_zero_2_splits_gradients_and_optimizer_state_over_the_ranks(llama_7b, tmp_path):
+    one = plan.estimate_memory(_config(tmp_path), llama_7b, "bf16")
+    two = plan.estimate_memory(_config(tmp_path, launcher="deepspeed", nproc_per_node=2, deepspeed_zero=2), llama_7b, "bf16")
+    assert two.parts["weights"] == one.parts["weights"] and two.parts["gradients"] == one.parts["gradients"] / 2
+    assert two.parts["optimizer"] == one.parts["optimizer"] / 2 and "ZeRO-2 over 2 ranks" in two.lines()[-1]
+
+
+def test_a_config_that_cannot_fit_stops_in_the_env_check_and_one_that_may_not_is_warned_about(llama_7b, tmp_path, monkeypatch):
+    from loraflow import envcheck
+
+    config = _config(tmp_path, gradient_checkpointing="off").model_copy(deep=True)
+    config.model.base = str(llama_7b)
+    monkeypatch.setattr(envcheck, "free_memory_bytes", lambda device: 4 * GIB)  # not even the NF4 weights and the adapter
+    with pytest.raises(LoraflowError, match=r"training needs about [\d.]+ GB on this cpu and 4.00 GB are free: it does not fit "
+                                             r"\(weights 3.6\d GB, .*\)\. Try: a shorter data.cutoff_len \(now 256 tokens an example\); more ranks "
+                                             r"\(nproc_per_node, hosts\) with DeepSpeed ZeRO, or a device with more memory "
+                                             r"\(even with gradient checkpointing and a micro batch of one\)"):
+        envcheck.check_environment(config)
+    monkeypatch.setattr(envcheck, "free_memory_bytes", lambda device: 8 * GIB)  # the least fits, micro batch 2 unchecked may not
+    said = envcheck.check_environment(config)["memory"]
+    assert said.startswith("warning: training needs about ") and "Try: train.gradient_checkpointing: on (or auto)" in said
+    monkeypatch.setattr(envcheck, "free_memory_bytes", lambda device: 64 * GIB)
+    assert envcheck.check_environment(config)["memory"].startswith("training needs about ")
+
+
+def test_loraflow_plan_prints_the_parts_without_loading_anything(llama_7b, tmp_path, capsys):
+    import yaml
+
+    from loraflow.cli import main
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": {"base": str(llama_7b)}, "data": {"path": "d.json"},
+                                                     "storage": str(tmp_path)}))
+    code = main(["plan", str(tmp_path / "c.yaml"), "--set", "train.micro_batch_size=1"])
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[1:7]] == ["weights", "adapter", "gradients", "optimizer", "activations", "total"]
+    assert code == (0 if "fits: " in out else 1)
