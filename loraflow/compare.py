@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraflow.errors import LoraflowError
-from loraflow.registry import RUNS_FOLDER, TRAIN
+from loraflow.registry import EVALUATION, RUNS_FOLDER, TRAIN
 from loraflow.report import _fmt, read_metrics
 from loraflow.storage import ArtifactStore
 
@@ -25,6 +25,9 @@ RESULTS = (
     ("train loss (last logged)", "final_loss", 4), ("steps", "global_step", None), ("kept step (early stopping)", "kept_step", None),
     # DPO: TRL's rewards at the last logged training step (the policy's log-ratio against the reference, times beta)
     ("reward margin (last step)", "final_reward_margins", 4), ("reward accuracy (last step)", "final_reward_accuracies", 4),
+    ("exact match before", "exact_match_before", 3), ("exact match", "exact_match_after", 3),
+    ("ROUGE-L before", "rouge_l_before", 3), ("ROUGE-L", "rouge_l_after", 3),
+    ("general-text loss before", "general_loss_before", 4), ("general-text loss", "general_loss_after", 4),
     ("trainable parameters", "trainable_params", None), ("trainable %", "trainable_percent", 4),
     ("tokens/s", "tokens_per_s", 5), ("peak RSS MB", "peak_rss_mb", 5), ("peak device MB", "peak_device_mb", 5),
     ("training s", "train_runtime_s", 4),
@@ -79,6 +82,10 @@ def read_run(store: ArtifactStore, run: str) -> RunFacts:
         pass
     lora_stage = (store.manifest(spec["lora_uri"]) or {}).get("metrics", {})  # (what the adapter trains: methods differ most here)
     results = {**results, **{key: lora_stage[key] for key in ("trainable_params", "trainable_percent") if key in lora_stage}}
+    # The evaluation stage's task metrics and forgetting check: its newest output (one per evaluation setting)
+    evaluations = [store.manifest(uri) or {} for uri in store.list_committed(f"{run_uri}/{EVALUATION.folder}")]
+    if evaluations:
+        results = {**max(evaluations, key=lambda manifest: manifest.get("committed_at", "")).get("metrics", {}), **results}
     settings = {key: value for key, value in settings.items() if key not in _NOT_SETTINGS}
     return RunFacts(run, settings, results, read_metrics(store, run_uri))
 

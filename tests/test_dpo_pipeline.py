@@ -114,6 +114,10 @@ def test_a_new_beta_reuses_the_pairs_and_the_reference_log_probs(first_dpo):
     runs = [read_run(store, record.uri.rsplit("/", 2)[-2]) for record in (first_dpo["records"]["adapter"], records["adapter"])]
     table = {line.split(" | ")[0].strip("| *"): line.split(" | ")[1:] for line in comparison_markdown(runs).splitlines() if line.startswith("| ")}
     assert [cell.strip(" |") for cell in table["dpo.beta"]] == ["0.1", "0.3"]
+    # (the evaluation stage's results too: both runs have one)
+    evaluated = [first_dpo["records"]["evaluation"].metrics, records["evaluation"].metrics]
+    assert [float(cell.strip(" |*")) for cell in table["general-text loss"]] == pytest.approx(
+        [metrics["general_loss_after"] for metrics in evaluated], rel=1e-3)
     for label, key in (("reward margin (last step)", "final_reward_margins"), ("reward accuracy (last step)", "final_reward_accuracies")):
         assert [float(cell.strip(" |*")) for cell in table[label]] == pytest.approx([r.results[key] for r in runs], rel=1e-3), label
 
