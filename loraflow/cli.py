@@ -465,7 +465,7 @@ def cmd_plan(args) -> int:
     """The training footprint of a config, estimated from the model's config alone: nothing is loaded or run."""
     from loraflow.config import load_config
     from loraflow.models import native
-    from loraflow.plan import check_fits, choose_precision, estimate_memory, free_memory_bytes
+    from loraflow.plan import check_fits, choose_precision, context_warning, estimate_memory, free_memory_bytes
 
     config = load_config(args.config, args.set or [])
     device = native.resolve_device(config.train.device)
@@ -475,7 +475,10 @@ def cmd_plan(args) -> int:
           f"quantization {config.model.quantization}:")
     print("\n".join(estimate.lines()))
     fits, said = check_fits(estimate, device, free_memory_bytes(device), config.train.nproc_per_node if device == "cpu" else 1)
-    print(said if not fits else f"fits: {said}")
+    print(said if not fits else f"fits: {said} (the estimate is a lower bound: the process itself adds about 170 MiB on a "
+                                 "CPU, and activations can take twice the estimate; bench/memory.py)")
+    if beyond := context_warning(estimate):
+        print(f"warning: {beyond}")
     return 0 if fits else 1
 
 

@@ -12,7 +12,7 @@ from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.launch import LAUNCHER_BINARIES, distributed_backend, launcher_available
 from loraflow.models import native
-from loraflow.plan import check_fits, choose_precision, estimate_memory, free_memory_bytes
+from loraflow.plan import check_fits, choose_precision, context_warning, estimate_memory, free_memory_bytes
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed", "prefect")
 
@@ -48,24 +48,20 @@ def describe_environment() -> dict:
 
 
 def memory_check(config: FinetuneConfig, device: str, precision: str) -> tuple[bool, str]:
-    """(fits, what to say): the training footprint estimated from the model's config (loraflow.plan) against this
-    device's free memory. A run stops here only when even its least footprint (gradient checkpointing on, a micro
-    batch of one) does not fit; the configured footprint not fitting is a warning. The estimate is a lower bound: on
-    this repository's CPU it missed about 170 MB of the process's own and half the activations (bench/memory.py), so
-    a run it stops would not have fitted either. (True, why not) when the model's config cannot be read yet (the sources stage says why)."""
+    """(fits, what to say): the training footprint estimated from the model's config (loraflow.plan; settings on auto
+    decided as the trainer will) against this device's free memory. The estimate is a lower bound: on this
+    repository's CPU it missed about 170 MB of the process's own and half the activations (bench/memory.py), so a run
+    it stops would not have fitted either. (True, why not) when the model's config cannot be read yet: the stages
+    that read the model say what is wrong."""
     try:
-        model_path = native.resolve_model_path(config.model.base)
-        least = estimate_memory(config, model_path, precision, checkpointing=True, micro_batch_size=1)
-        configured = estimate_memory(config, model_path, precision)
-    except Exception as error:  # an estimate never stops a run: the stages that read the model say what is wrong
+        estimate = estimate_memory(config, native.resolve_model_path(config.model.base), precision)
+    except Exception as error:  # an estimate never stops a run by failing
         return True, f"not estimated ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
     processes_here = config.train.nproc_per_node if device == "cpu" else 1
-    free = free_memory_bytes(device)
-    fits, said = check_fits(least, device, free, processes_here)
-    if not fits:
-        return False, said + " (even with gradient checkpointing and a micro batch of one)"
-    fits, said = check_fits(configured, device, free, processes_here)
-    return True, said if fits else f"warning: {said}"
+    fits, said = check_fits(estimate, device, free_memory_bytes(device), processes_here)
+    if fits and (beyond := context_warning(estimate)):
+        said = f"warning: {beyond}; {said}"
+    return fits, said
 
 
 def check_environment(config: FinetuneConfig) -> dict:

@@ -84,17 +84,17 @@ def activation_bytes(model_config: dict, tokens: int, element_bytes: int, checkp
 
 
 def plan_memory(model_dir: Path, device: str, precision: str, per_device_batch: int, tokens_per_example: int,
-                micro_batch_size: int = 0, gradient_checkpointing: str = "auto") -> MemoryPlan:
+                micro_batch_size: int = 0, gradient_checkpointing: str = "auto", free: float | None = None) -> MemoryPlan:
     """Micro batch size (0: auto) and gradient checkpointing (auto|on|off) for this device, with the reason.
 
     Auto prefers no checkpointing with the largest micro batch (a divisor of the per-device batch) whose activations
     fit in ACTIVATIONS_SHARE of the free memory: fewer, larger steps run faster, most of all on a CPU. Checkpointing
     turns on only when not even a micro batch of one example fits without it. Call with the model loaded (its
-    weights are then no longer free memory)."""
+    weights are then no longer free memory), or before with `free`: what would be free once they are."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     config = config.get("text_config", config)  # (multimodal configs nest the language model's)
     element_bytes = 4 if precision == "fp32" else 2
-    free = free_memory_bytes(device)
+    free = free_memory_bytes(device) if free is None else max(free, 0)
     budget = ACTIVATIONS_SHARE * free
     sizes = [micro_batch_size] if micro_batch_size else [n for n in range(per_device_batch, 0, -1) if per_device_batch % n == 0]
     if not micro_batch_size and device == "cpu":
@@ -137,7 +137,7 @@ FIT_SHARE = 0.9
 
 
 def size_text(size: float) -> str:
-    return f"{size / GB:.2f} GB" if size >= GB / 4 else f"{size / 2 ** 20:,.0f} MB"
+    return f"{size / GB:.2f} GiB" if size >= GB / 4 else f"{size / 2 ** 20:,.0f} MiB"
 
 
 @dataclass
@@ -151,6 +151,8 @@ class MemoryEstimate:
     world_size: int
     zero: int
     quantized: bool
+    length_setting: str = "data.cutoff_len"  # what sets tokens_per_example
+    max_positions: int | None = None
 
     @property
     def total(self) -> float:
@@ -158,17 +160,18 @@ class MemoryEstimate:
 
     def lines(self) -> list[str]:
         shown = [f"  {name:<12} {size_text(size):>10}" for name, size in self.parts.items()]
-        return shown + [f"  {'total':<12} {size_text(self.total):>10} per process (micro batch {self.micro_batch_size} x "
+        return shown + [f"  {'total':<12} {size_text(self.total):>10} per process, at least (micro batch {self.micro_batch_size} x "
                         f"{self.tokens_per_example} tokens, gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}"
                         + (f", ZeRO-{self.zero} over {self.world_size} ranks" if self.zero else "") + ")"]
 
 
 def estimate_memory(config, model_path: str | Path, precision: str, checkpointing: bool | None = None,
                     micro_batch_size: int | None = None) -> MemoryEstimate:
-    """The training footprint of one process: the base's weights at the chosen quantization, the adapter, its
-    gradients and optimizer state (split over the ranks under ZeRO), and the activations of one micro batch of
-    cutoff-length examples (micro_batch_size 0, auto, counts the smallest: 1; checkpointing auto counts it on, the
-    least the run can need). Nothing is loaded: the model is built on the meta device."""
+    """The training footprint of one process: the base's weights at the chosen quantization (twice for DPO's separate
+    reference), the adapter, its gradients and optimizer state (split over the ranks under ZeRO), and the activations
+    of one micro batch of full-length examples. Nothing is loaded: the model is built on the meta device. Settings on
+    auto (micro batch 0, gradient checkpointing auto) are decided as the trainer's memory plan would decide them with
+    the memory free once the rest is in place (plan_memory); checkpointing and micro_batch_size override them."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -194,23 +197,34 @@ def estimate_memory(config, model_path: str | Path, precision: str, checkpointin
     sharded = world if train.deepspeed_zero else 1  # ZeRO-2 and -3 split gradients and optimizer state
     if train.deepspeed_zero == 3:
         weights /= world
-    checkpointing = train.gradient_checkpointing != "off" if checkpointing is None else checkpointing
-    micro = micro_batch_size or train.micro_batch_size or 1
-    tokens = 2 * config.dpo.max_length if config.objective == "dpo" else config.data.cutoff_len  # (DPO: chosen and rejected)
+    dpo = config.objective == "dpo"
+    tokens = 2 * config.dpo.max_length if dpo else config.data.cutoff_len  # (DPO: chosen and rejected)
+    parts = {"weights": weights}
+    if dpo and config.dpo.reference == "separate":
+        parts["reference"] = weights  # the recipe's second, frozen copy of the base
+    parts |= {"adapter": trained * 4.0, "gradients": trained * 4.0 / sharded,
+              "optimizer": 0.0 if train.deepspeed_offload_optimizer else trained * OPTIMIZER_BYTES.get(train.optim, 8) / sharded}
     flat = model_config.to_dict()
     flat = flat.get("text_config", flat)
-    offloaded = train.deepspeed_offload_optimizer
-    parts = {"weights": weights, "adapter": trained * 4.0, "gradients": trained * 4.0 / sharded,
-             "optimizer": 0.0 if offloaded else trained * OPTIMIZER_BYTES.get(train.optim, 8) / sharded,
-             "activations": float(activation_bytes(flat, micro * tokens, element_bytes, checkpointing))}
-    return MemoryEstimate(parts, micro, tokens, checkpointing, world, train.deepspeed_zero, quantized)
+    if checkpointing is None or micro_batch_size is None:
+        per_device = train.batch_size // world or 1
+        decided = plan_memory(Path(model_path), native.resolve_device(train.device), precision, per_device, tokens,
+                              train.micro_batch_size, train.gradient_checkpointing,
+                              free=free_memory_bytes(native.resolve_device(train.device)) - sum(parts.values()))
+        checkpointing = decided.gradient_checkpointing if checkpointing is None else checkpointing
+        micro_batch_size = decided.micro_batch_size if micro_batch_size is None else micro_batch_size
+    parts["activations"] = float(activation_bytes(flat, micro_batch_size * tokens, element_bytes, checkpointing))
+    return MemoryEstimate(parts, micro_batch_size, tokens, checkpointing, world, train.deepspeed_zero, quantized,
+                          "dpo.max_length" if dpo else "data.cutoff_len", flat.get("max_position_embeddings"))
 
 
 def check_fits(estimate: MemoryEstimate, device: str, free: float, processes_here: int) -> tuple[bool, str]:
     """(fits, what to say): the estimate against the memory free on this device (the host's for a CPU, shared by the
-    processes on it; one card each on an accelerator), with what would make it fit when it does not."""
+    processes on it; one card each on an accelerator), with what would make it fit when it does not. The estimate is
+    a lower bound (bench/memory.py), so one that does not fit cannot."""
     need = estimate.total * (processes_here if device == "cpu" else 1)
-    verdict = f"training needs about {size_text(need)} on this {device} and {size_text(free)} are free"
+    per = f" ({processes_here} processes of {size_text(estimate.total)})" if device == "cpu" and processes_here > 1 else ""
+    verdict = f"training needs at least {size_text(need)}{per} on this {device} and {size_text(free)} are free"
     if need <= FIT_SHARE * free:
         return True, verdict
     parts = estimate.parts
@@ -218,11 +232,25 @@ def check_fits(estimate: MemoryEstimate, device: str, free: float, processes_her
     if not estimate.gradient_checkpointing:
         ways.append("train.gradient_checkpointing: on (or auto)")
     if estimate.micro_batch_size > 1:
-        ways.append("a smaller train.micro_batch_size")
-    ways.append(f"a shorter data.cutoff_len (now {estimate.tokens_per_example} tokens an example)")
-    if parts["gradients"] + parts["optimizer"] > 0.1 * need and not estimate.zero:
-        ways.append("DeepSpeed ZeRO-2 with deepspeed_offload_optimizer (launcher deepspeed, deepspeed_zero 2)")
+        ways.append("a smaller train.micro_batch_size (or 0: auto)")
+    what = "tokens a pair: chosen and rejected" if estimate.length_setting.startswith("dpo") else "tokens an example"
+    ways.append(f"a shorter {estimate.length_setting} (now {estimate.tokens_per_example} {what})")
+    if "reference" in parts:
+        ways.append("dpo.reference: precomputed (no second copy of the base)")
     if not estimate.quantized:
-        ways.append("model.quantization: nf4 (QLoRA: a quarter of the weights' memory)")
-    ways.append("more ranks (nproc_per_node, hosts) with DeepSpeed ZeRO, or a device with more memory")
+        ways.append("model.quantization: nf4 (QLoRA: about a quarter of the weights' memory)")
+    if device != "cpu":  # (on one CPU host more processes only add up)
+        if parts["gradients"] + parts["optimizer"] > 0.1 * need and not estimate.zero:
+            ways.append("DeepSpeed ZeRO-2 with deepspeed_offload_optimizer (launcher deepspeed, deepspeed_zero 2)")
+        ways.append("more cards or hosts with DeepSpeed " + ("ZeRO-3 (it splits the weights too)" if not estimate.quantized else "ZeRO-2"))
+    ways.append("a device with more memory")
     return False, f"{verdict}: it does not fit ({', '.join(f'{n} {size_text(v)}' for n, v in parts.items())}). Try: {'; '.join(ways)}"
+
+
+def context_warning(estimate: MemoryEstimate) -> str:
+    """A length setting beyond the model's context window: training would see positions it never learned."""
+    longest = estimate.tokens_per_example // (2 if estimate.length_setting.startswith("dpo") else 1)
+    limit = estimate.max_positions
+    if limit and longest > limit:
+        return f"{estimate.length_setting} {longest} is beyond the model's context window of {limit} tokens (max_position_embeddings)"
+    return ""

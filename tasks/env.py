@@ -12,8 +12,11 @@ def check_env(config: FinetuneConfig) -> StageRecord:
     from prefect import get_run_logger
 
     record = stages.env_check(config)
-    if record.metrics.get("memory", "").startswith("warning: "):
-        get_run_logger().warning(record.metrics["memory"].removeprefix("warning: "))
+    said = record.metrics.get("memory", "")
+    if said.startswith("warning: "):
+        get_run_logger().warning(said.removeprefix("warning: "))
+    elif said:
+        get_run_logger().info(f"memory: {said}")
     return record
 
 

@@ -48,7 +48,7 @@ def test_the_server_accepts_it_as_a_kubernetes_pool_and_the_worker_renders_an_in
     [container] = pod["containers"]
     assert manifest["metadata"]["namespace"] == "training" and container["image"] == "registry.example/loraflow:xpu"
     assert container["resources"]["limits"] == {"gpu.intel.com/xe": 2}
-    assert container["envFrom"] == [{"secretRef": {"name": "loraflow-store", "optional": True}}]
+    assert container["envFrom"] == [{"secretRef": {"name": "loraflow-store", "optional": False}}]
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["ZE_AFFINITY_MASK"] == "0,1" and env["OMP_NUM_THREADS"] == "16" and env["HF_HUB_OFFLINE"] == "1"
     assert env["CCL_ATL_TRANSPORT"] == "ofi" and env["FI_PROVIDER"] == "tcp" and env["LORAFLOW_SCRATCH"] == "/scratch"

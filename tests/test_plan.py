@@ -108,22 +108,39 @@ def test_zero_2_splits_gradients_and_optimizer_state_over_the_ranks(llama_7b, tm
     assert two.parts["optimizer"] == one.parts["optimizer"] / 2 and "ZeRO-2 over 2 ranks" in two.lines()[-1]
 
 
-def test_a_config_that_cannot_fit_stops_in_the_env_check_and_one_that_may_not_is_warned_about(llama_7b, tmp_path, monkeypatch):
-    from loraflow import envcheck
+def test_a_config_that_cannot_fit_stops_in_the_env_check_with_what_would_make_it_fit(llama_7b, tmp_path, monkeypatch):
+    """The estimate is a lower bound: settings given in the config that exceed the free memory cannot fit (stop);
+    settings on auto are decided as the trainer will decide them, for the memory there is."""
+    from loraflow import envcheck, plan
 
     config = _config(tmp_path, gradient_checkpointing="off").model_copy(deep=True)
     config.model.base = str(llama_7b)
-    monkeypatch.setattr(envcheck, "free_memory_bytes", lambda device: 4 * GIB)  # not even the NF4 weights and the adapter
-    with pytest.raises(LoraflowError, match=r"training needs about [\d.]+ GB on this cpu and 4.00 GB are free: it does not fit "
-                                             r"\(weights 3.6\d GB, .*\)\. Try: a shorter data.cutoff_len \(now 256 tokens an example\); more ranks "
-                                             r"\(nproc_per_node, hosts\) with DeepSpeed ZeRO, or a device with more memory "
-                                             r"\(even with gradient checkpointing and a micro batch of one\)"):
+    for module in (envcheck, plan):
+        monkeypatch.setattr(module, "free_memory_bytes", lambda device: 6 * GIB)
+    with pytest.raises(LoraflowError, match=r"training needs at least [\d.]+ GiB on this cpu and 6.00 GiB are free: it does not "
+                                             r"fit \(weights 3.6\d GiB, .*\)\. Try: train.gradient_checkpointing: on \(or auto\); "
+                                             r"a smaller train.micro_batch_size \(or 0: auto\); a shorter data.cutoff_len \(now 256 "
+                                             r"tokens an example\); a device with more memory$"):
         envcheck.check_environment(config)
-    monkeypatch.setattr(envcheck, "free_memory_bytes", lambda device: 8 * GIB)  # the least fits, micro batch 2 unchecked may not
-    said = envcheck.check_environment(config)["memory"]
-    assert said.startswith("warning: training needs about ") and "Try: train.gradient_checkpointing: on (or auto)" in said
-    monkeypatch.setattr(envcheck, "free_memory_bytes", lambda device: 64 * GIB)
-    assert envcheck.check_environment(config)["memory"].startswith("training needs about ")
+    auto = config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": "auto", "micro_batch_size": 0})})
+    assert envcheck.check_environment(auto)["memory"].startswith("training needs at least ")  # auto checkpoints to fit
+    long = auto.model_copy(update={"data": auto.data.model_copy(update={"cutoff_len": 8192})})
+    for module in (envcheck, plan):
+        monkeypatch.setattr(module, "free_memory_bytes", lambda device: 400 * GIB)
+    assert envcheck.check_environment(long)["memory"].startswith(
+        "warning: data.cutoff_len 8192 is beyond the model's context window of 4096 tokens (max_position_embeddings); ")
+
+
+def test_a_separate_dpo_reference_counts_a_second_base_and_the_advice_names_the_dpo_lengths(llama_7b, tmp_path):
+    from loraflow.config import build_config
+
+    config = build_config({"objective": "dpo", "storage": str(tmp_path), "model": {"base": "unused"}, "data": {"path": "d.json"},
+                           "dpo": {"reference": "separate", "max_length": 1536}, "train": {"micro_batch_size": 4, "gradient_checkpointing": "off"}})
+    estimate = plan.estimate_memory(config, llama_7b, "bf16")
+    assert estimate.parts["reference"] == estimate.parts["weights"] and estimate.tokens_per_example == 3072
+    fits, said = plan.check_fits(estimate, "xpu", 8 * GIB, 1)
+    assert not fits and "a shorter dpo.max_length (now 3072 tokens a pair: chosen and rejected)" in said
+    assert "dpo.reference: precomputed (no second copy of the base)" in said and "more cards or hosts with DeepSpeed ZeRO-2" in said
 
 
 def test_loraflow_plan_prints_the_parts_without_loading_anything(llama_7b, tmp_path, capsys):
@@ -136,4 +153,5 @@ def test_loraflow_plan_prints_the_parts_without_loading_anything(llama_7b, tmp_p
     code = main(["plan", str(tmp_path / "c.yaml"), "--set", "train.micro_batch_size=1"])
     out = capsys.readouterr().out
     assert [line.split()[0] for line in out.splitlines()[1:7]] == ["weights", "adapter", "gradients", "optimizer", "activations", "total"]
+    assert "GiB per process, at least (micro batch 1 x 256 tokens" in out
     assert code == (0 if "fits: " in out else 1)
