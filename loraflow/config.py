@@ -187,9 +187,10 @@ class LoraSettings(_Section):
                    "num_virtual_tokens": PROMPT_METHODS}
         wrong = [name for name, methods in applies.items() if self.method not in methods and getattr(self, name) != type(self).model_fields[name].default]
         if wrong:
+            defaults = ", ".join(f"{name}={type(self).model_fields[name].default!r}" for name in wrong)
             raise ValueError(f"{', '.join(wrong)} do{'es' if len(wrong) == 1 else ''} not apply to method {self.method}: "
-                             f"remove {'it' if len(wrong) == 1 else 'them'}, or choose the method "
-                             f"{' or '.join(applies[wrong[0]])}")
+                             f"remove {'it' if len(wrong) == 1 else 'them'} (or --set the default: {defaults}), or choose "
+                             f"the method {' or '.join(applies[wrong[0]])}")
         return self
 
     @field_validator("target", mode="before")

@@ -191,7 +191,10 @@ def estimate_memory(config, model_path: str | Path, precision: str, checkpointin
             weights += module.weight.numel() * NF4_BYTES[config.model.double_quant] + (module.bias.numel() * element_bytes if module.bias is not None else 0)
         else:
             weights += sum(p.numel() for p in module.parameters(recurse=False)) * element_bytes
-    _, report = native.inject_adapter(model, config.lora, train.seed)
+    # (the same adapter, counted on the meta model: a prompt's initial text changes no count; new tokens train the
+    # embeddings and output head in full)
+    counted = config.lora.model_copy(update={"prompt_init_text": ""}) if config.lora.method == "prompt-tuning" else config.lora
+    _, report = native.inject_adapter(model, counted, train.seed, train_embeddings=bool(config.data.new_tokens))
     trained = report["trainable_params"]
     world = train.nproc_per_node * max(1, len(train.hosts))
     sharded = world if train.deepspeed_zero else 1  # ZeRO-2 and -3 split gradients and optimizer state

@@ -98,9 +98,9 @@ def test_a_setting_of_another_method_is_refused_with_the_method_it_belongs_to():
     from loraflow.errors import LoraflowError
 
     base = {"model": {"base": "m"}, "data": {"path": "d.json"}}
-    with pytest.raises(LoraflowError, match=r"lora: use_dora does not apply to method ia3: remove it, or choose the method lora"):
+    with pytest.raises(LoraflowError, match=r"lora: use_dora does not apply to method ia3: remove it \(or --set the default: use_dora=False\), or choose the method lora"):
         build_config({**base, "lora": {"method": "ia3", "use_dora": True}})
-    with pytest.raises(LoraflowError, match=r"lora: r does not apply to method prompt-tuning: remove it, or choose the method lora"):
+    with pytest.raises(LoraflowError, match=r"lora: r does not apply to method prompt-tuning: remove it \(or --set the default: r=8\), or choose the method lora"):
         build_config({**base, "lora": {"method": "prompt-tuning", "r": 16}})
     with pytest.raises(LoraflowError, match=r"lora.method prefix-tuning is for SFT: TRL's DPOTrainer trains LoRA or IA3 adapters"):
         build_config({**base, "objective": "dpo", "lora": {"method": "prefix-tuning"}})
