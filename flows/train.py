@@ -9,6 +9,7 @@ a second one; while it waits it relays that job's log and progress into the fine
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from tasks.train import TrainingProgress, train_adapter
 
 TRAIN_FLOW = "loraflow-train"
 RECORDS = "train-records"  # <store>/train-records/<flow run id>.json: what a pool job trained
+RELAY_OVERLAP_S = 30  # how far before the newest relayed line each read of a pool job's log starts again
 
 
 # A parallel sweep runs its variants' fine-tunes in threads of one process. Importing the libraries and loading models
@@ -148,7 +150,7 @@ def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord
                 time.sleep(2)
                 run = client.read_flow_run(run.id)
             # The job's last lines reach the server after its final state: wait (briefly) for its closing line.
-            deadline = time.time() + 15
+            deadline = time.time() + 30
             while not relay.poll(client) and time.time() < deadline:
                 time.sleep(0.5)
     except BaseException:
@@ -179,20 +181,25 @@ class _LogRelay:
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTimestamp
         from prefect.client.schemas.sorting import LogSort
 
+        # Lines reach the server in batches, each stamped when it was logged: one may arrive after a later one was
+        # read. So each poll reads again from a while before the newest line seen (the ids already relayed are
+        # skipped), page by page.
+        after = self.since - datetime.timedelta(seconds=RELAY_OVERLAP_S) if self.since else None
+        offset = 0
         while True:
             logs = client.read_logs(
                 log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[self.flow_run_id]),
-                                     timestamp=LogFilterTimestamp(after_=self.since) if self.since else None),
-                sort=LogSort.TIMESTAMP_ASC, limit=200)
-            fresh = [log for log in logs if log.id not in self.seen]
-            for log in fresh:
-                self.seen.add(log.id)
-                self.progress.on_line(log.message)
-                self.finished |= log.task_run_id is None and log.message.startswith("Finished in state")
-            if logs:
-                self.since = logs[-1].timestamp
-            if len(logs) < 200 or not fresh:
+                                     timestamp=LogFilterTimestamp(after_=after) if after else None),
+                sort=LogSort.TIMESTAMP_ASC, limit=200, offset=offset)
+            for log in logs:
+                if log.id not in self.seen:
+                    self.seen.add(log.id)
+                    self.progress.on_line(log.message)
+                    self.finished |= log.task_run_id is None and log.message.startswith("Finished in state")
+                    self.since = max(self.since or log.timestamp, log.timestamp)
+            if len(logs) < 200:
                 return self.finished
+            offset += len(logs)
 
 
 def _read_record(store: ArtifactStore, flow_run_id) -> StageRecord | None:

@@ -29,11 +29,19 @@ def _flow_runs(server, flow_name: str):
 
 
 def _logs(server, flow_run_id):
+    """Every log line of a flow run, oldest first (the API answers 200 at a time; a fine-tune logs more)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
 
+    logs = []
     with server.client_settings(), get_client(sync_client=True) as client:
-        return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        while page := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                       sort=LogSort.TIMESTAMP_ASC, limit=200, offset=len(logs)):
+            logs += page
+            if len(page) < 200:
+                break
+    return logs
 
 
 def _artifacts(server, flow_run_id):
@@ -338,7 +346,7 @@ def test_dpo_hands_training_to_the_pool_with_its_precomputed_reference(pool, tin
     with server.client_settings():
         assert task_states(job.id)["reference"] == "Completed"  # a task of the pool job, not of the fine-tune
     messages = [log.message for log in _logs(server, run.id)]
-    assert any(m.startswith("[pool job] trained adapter committed") for m in messages), messages[-20:]
+    assert any(m.startswith("[pool job] trained adapter committed") for m in messages), (len(messages), messages[-20:])
     [summary] = (tmp_path / "store" / "runs").glob("pooled-dpo-*/checkpoints/final/train_summary.json")
     assert json.loads(summary.read_text())["reference_forwards"] == 0
 
