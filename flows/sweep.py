@@ -26,7 +26,8 @@ from flows.train import local_work_one_at_a_time
 from loraflow.compare import comparison_artifact, read_run
 from loraflow.config import AnyFinetuneConfig
 from loraflow.errors import LoraflowError
-from loraflow.registry import ADAPTER, EVALUATION
+from loraflow.registry import EVALUATION
+from loraflow.report import run_uri_of
 from loraflow.storage import ArtifactStore
 from loraflow.sweep import describe, search_distributions, variant_configs, variant_overrides
 from tasks.common import hide_user_error_tracebacks
@@ -76,7 +77,7 @@ def sweep(config: AnyFinetuneConfig, grid: dict[str, list] = {}, variants: list[
     ranking = rank_variants(results, metric, higher_is_better)
     settings_of = {variant.name: settings for settings, variant in zip(overrides, configs)}
     store = ArtifactStore(config.storage)
-    runs = [read_run(store, records[ADAPTER.name].uri.rsplit("/", 2)[-2]) for records in results.values()]
+    runs = [read_run(store, run_uri_of(records).rsplit("/", 1)[-1]) for records in results.values()]
     how = f"an Optuna search (TPE, seed {config.train.seed}) of" if search_space else ""
     lines = ["# Sweep", "", f"{how} {len(configs)} variants of `{config.name}`, ranked by {metric} "
              f"({'higher' if higher_is_better else 'lower'} is better):".strip(), ""]

@@ -142,6 +142,7 @@ def cmd_sweep(args) -> int:
     import tasks.common
     from flows.sweep import rank_variants, sweep
     from loraflow.compare import differing, read_run
+    from loraflow.report import run_uri_of
     from loraflow.storage import ArtifactStore
     from loraflow.sweep import describe
     from loraflow.config import load_config, parse_overrides
@@ -160,7 +161,7 @@ def cmd_sweep(args) -> int:
     results = state.result()
     # Each variant's settings that differ from the others' (as the store records them: also what a search chose)
     store = ArtifactStore(config.storage)
-    runs = {name: read_run(store, records["adapter"].uri.rsplit("/", 2)[-2]) for name, records in results.items()}
+    runs = {name: read_run(store, run_uri_of(records).rsplit("/", 1)[-1]) for name, records in results.items()}
     changed = differing(list(runs.values()))
     print(f"\nvariants ranked by {args.metric} ({'higher' if args.higher_is_better else 'lower'} is better):")
     for place, (name, value) in enumerate(rank_variants(results, args.metric, args.higher_is_better), start=1):
@@ -474,7 +475,7 @@ def cmd_plan(args) -> int:
     print(f"{config.model.base} on {device} ({precision}: {why}), {config.lora.method} adapter, "
           f"quantization {config.model.quantization}:")
     print("\n".join(estimate.lines()))
-    fits, said = check_fits(estimate, device, free_memory_bytes(device), config.train.nproc_per_node if device == "cpu" else 1)
+    fits, said = check_fits(estimate, device, free_memory_bytes(device))
     print(said if not fits else f"fits: {said} (the estimate is a lower bound: the process itself adds about 170 MiB on a "
                                  "CPU, and activations can take twice the estimate; bench/memory.py)")
     if beyond := context_warning(estimate):

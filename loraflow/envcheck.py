@@ -57,8 +57,7 @@ def memory_check(config: FinetuneConfig, device: str, precision: str) -> tuple[b
         estimate = estimate_memory(config, native.resolve_model_path(config.model.base), precision)
     except Exception as error:  # an estimate never stops a run by failing
         return True, f"not estimated ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
-    processes_here = config.train.nproc_per_node if device == "cpu" else 1
-    fits, said = check_fits(estimate, device, free_memory_bytes(device), processes_here)
+    fits, said = check_fits(estimate, device, free_memory_bytes(device))
     if fits and (beyond := context_warning(estimate)):
         said = f"warning: {beyond}; {said}"
     return fits, said

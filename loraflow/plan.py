@@ -153,6 +153,7 @@ class MemoryEstimate:
     quantized: bool
     length_setting: str = "data.cutoff_len"  # what sets tokens_per_example
     max_positions: int | None = None
+    processes_per_host: int = 1  # (on a CPU they share the host's memory)
 
     @property
     def total(self) -> float:
@@ -172,16 +173,10 @@ def estimate_memory(config, model_path: str | Path, precision: str, checkpointin
     of one micro batch of full-length examples. Nothing is loaded: the model is built on the meta device. Settings on
     auto (micro batch 0, gradient checkpointing auto) are decided as the trainer's memory plan would decide them with
     the memory free once the rest is in place (plan_memory); checkpointing and micro_batch_size override them."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from loraflow.models import native
 
     train = config.train
-    trust = config.model.trust_remote_code
-    model_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust)
+    model = native.meta_model(model_path, config.model.trust_remote_code)
     element_bytes = 4 if precision == "fp32" else 2
     head = model.get_output_embeddings()
     quantized = config.model.quantization == "nf4"
@@ -207,26 +202,27 @@ def estimate_memory(config, model_path: str | Path, precision: str, checkpointin
         parts["reference"] = weights  # the recipe's second, frozen copy of the base
     parts |= {"adapter": trained * 4.0, "gradients": trained * 4.0 / sharded,
               "optimizer": 0.0 if train.deepspeed_offload_optimizer else trained * OPTIMIZER_BYTES.get(train.optim, 8) / sharded}
-    flat = model_config.to_dict()
+    flat = model.config.to_dict()
     flat = flat.get("text_config", flat)
     if checkpointing is None or micro_batch_size is None:
         per_device = train.batch_size // world or 1
-        decided = plan_memory(Path(model_path), native.resolve_device(train.device), precision, per_device, tokens,
-                              train.micro_batch_size, train.gradient_checkpointing,
-                              free=free_memory_bytes(native.resolve_device(train.device)) - sum(parts.values()))
+        device = native.resolve_device(train.device)
+        decided = plan_memory(Path(model_path), device, precision, per_device, tokens, train.micro_batch_size,
+                              train.gradient_checkpointing, free=free_memory_bytes(device) - sum(parts.values()))
         checkpointing = decided.gradient_checkpointing if checkpointing is None else checkpointing
         micro_batch_size = decided.micro_batch_size if micro_batch_size is None else micro_batch_size
     parts["activations"] = float(activation_bytes(flat, micro_batch_size * tokens, element_bytes, checkpointing))
     return MemoryEstimate(parts, micro_batch_size, tokens, checkpointing, world, train.deepspeed_zero, quantized,
-                          "dpo.max_length" if dpo else "data.cutoff_len", flat.get("max_position_embeddings"))
+                          "dpo.max_length" if dpo else "data.cutoff_len", flat.get("max_position_embeddings"), train.nproc_per_node)
 
 
-def check_fits(estimate: MemoryEstimate, device: str, free: float, processes_here: int) -> tuple[bool, str]:
+def check_fits(estimate: MemoryEstimate, device: str, free: float) -> tuple[bool, str]:
     """(fits, what to say): the estimate against the memory free on this device (the host's for a CPU, shared by the
     processes on it; one card each on an accelerator), with what would make it fit when it does not. The estimate is
     a lower bound (bench/memory.py), so one that does not fit cannot."""
-    need = estimate.total * (processes_here if device == "cpu" else 1)
-    per = f" ({processes_here} processes of {size_text(estimate.total)})" if device == "cpu" and processes_here > 1 else ""
+    processes_here = estimate.processes_per_host if device == "cpu" else 1
+    need = estimate.total * processes_here
+    per = f" ({processes_here} processes of {size_text(estimate.total)})" if processes_here > 1 else ""
     verdict = f"training needs at least {size_text(need)}{per} on this {device} and {size_text(free)} are free"
     if need <= FIT_SHARE * free:
         return True, verdict

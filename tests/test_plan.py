@@ -138,7 +138,7 @@ def test_a_separate_dpo_reference_counts_a_second_base_and_the_advice_names_the_
                            "dpo": {"reference": "separate", "max_length": 1536}, "train": {"micro_batch_size": 4, "gradient_checkpointing": "off"}})
     estimate = plan.estimate_memory(config, llama_7b, "bf16")
     assert estimate.parts["reference"] == estimate.parts["weights"] and estimate.tokens_per_example == 3072
-    fits, said = plan.check_fits(estimate, "xpu", 8 * GIB, 1)
+    fits, said = plan.check_fits(estimate, "xpu", 8 * GIB)
     assert not fits and "a shorter dpo.max_length (now 3072 tokens a pair: chosen and rejected)" in said
     assert "dpo.reference: precomputed (no second copy of the base)" in said and "more cards or hosts with DeepSpeed ZeRO-2" in said
 

@@ -238,18 +238,23 @@ def describe_targets(targets: list[str]) -> str:
     return ", ".join(f"{name} ({FUSED_ATTENTION[name]})" if name in FUSED_ATTENTION else name for name in targets)
 
 
+def meta_model(model_path: str | Path, trust_remote_code: bool = False):
+    """The model's architecture from its config alone, on the meta device: no weights read, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def targets_without_weights(model_path: str | Path, lora, trust_remote_code: bool = False) -> list[str]:
     """The adapter's target modules (lora.target for LoRA, IA3's modules; none for prompt and prefix tuning) resolved on
     the model's architecture built on the meta device (no weights read, no memory): a wrong module name is reported
     before anything is quantized or trained."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if lora.method not in ("lora", "ia3"):
         return []
-    config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(model_path, trust_remote_code)
     return ia3_modules(model, lora.target)[0] if lora.method == "ia3" else target_modules(model, lora.target)
 
 
