@@ -15,9 +15,9 @@ from flows.sft import sft as sft_flow
 from loraflow.config import DpoFinetuneConfig, FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import StageRecord
-from tasks.common import hide_user_error_tracebacks
+from tasks.common import prepare_flow_process
 
-hide_user_error_tracebacks()
+prepare_flow_process()
 
 
 @flow(name="loraflow-align", flow_run_name=finetune_run_name,

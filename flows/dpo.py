@@ -16,10 +16,10 @@ from loraflow.config import DpoFinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import StageRecord
 from loraflow.registry import BASE, DATASET, ENV, LORA, REFERENCE, TRAIN
-from tasks.common import hide_user_error_tracebacks, stage_options
+from tasks.common import prepare_flow_process, stage_options
 from tasks.model import reference_logps
 
-hide_user_error_tracebacks()
+prepare_flow_process()
 
 
 @flow(name="loraflow-dpo", flow_run_name=finetune_run_name,

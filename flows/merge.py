@@ -13,12 +13,12 @@ from loraflow.errors import LoraflowError
 from loraflow.registry import ADAPTER
 from loraflow.stages import check_token_ids
 from loraflow.storage import ArtifactStore, StageRecord
-from tasks.common import hide_user_error_tracebacks, stage_options
+from tasks.common import prepare_flow_process, stage_options
 from tasks.data import prepare_dataset
 from tasks.env import check_env, inspect_sources
 from tasks.export import merge_adapter
 
-hide_user_error_tracebacks()
+prepare_flow_process()
 
 
 @flow(name="loraflow-merge", description="Merge an exported adapter into its base and verify the merged model's logits.")

@@ -16,9 +16,9 @@ from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import StageRecord
 from loraflow.registry import TRAIN
-from tasks.common import hide_user_error_tracebacks
+from tasks.common import prepare_flow_process
 
-hide_user_error_tracebacks()
+prepare_flow_process()
 
 
 @flow(name="loraflow-sft", flow_run_name=finetune_run_name,

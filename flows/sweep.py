@@ -30,10 +30,10 @@ from loraflow.registry import EVALUATION
 from loraflow.report import run_uri_of
 from loraflow.storage import ArtifactStore
 from loraflow.sweep import describe, search_distributions, variant_configs, variant_overrides
-from tasks.common import hide_user_error_tracebacks
+from tasks.common import prepare_flow_process
 from tasks.report import artifact_key
 
-hide_user_error_tracebacks()
+prepare_flow_process()
 
 
 def sweep_run_name() -> str:

@@ -23,7 +23,7 @@ from loraflow.launch import Topology, deepspeed_config, start_warm_trainer, stop
 from loraflow.registry import BASE, DATASET, ENV, LORA, REFERENCE
 from loraflow.stages import training_fields
 from loraflow.storage import ArtifactStore, StageRecord, sha256_hex
-from tasks.common import retry_unless_user_error, stage_options
+from tasks.common import prepare_flow_process, retry_unless_user_error, stage_options
 from tasks.env import check_env
 from tasks.model import reference_logps
 from tasks.train import TrainingProgress, train_adapter
@@ -31,6 +31,8 @@ from tasks.train import TrainingProgress, train_adapter
 TRAIN_FLOW = "loraflow-train"
 RECORDS = "train-records"  # <store>/train-records/<flow run id>.json: what a pool job trained
 RELAY_OVERLAP_S = 30  # how far before the newest relayed line each read of a pool job's log starts again
+
+prepare_flow_process()
 
 
 # A parallel sweep runs its variants' fine-tunes in threads of one process. Importing the libraries and loading models

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
+
 from prefect.logging import get_run_logger
 
 from loraflow.errors import LoraflowError
@@ -92,3 +96,38 @@ def hide_user_error_tracebacks() -> None:
                 handler.addFilter(_UserErrorWithoutTraceback())
             if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _UserErrorOnceOnConsole) for f in handler.filters):
                 handler.addFilter(_UserErrorOnceOnConsole())
+
+
+class _ResendLostTerminationSignal:
+    """sys.unraisablehook: a SIGTERM whose TerminationSignal was swallowed is sent again.
+
+    Prefect turns SIGTERM into an exception (TerminationSignal) raised wherever the main thread is when the handler
+    runs. Where that is a weakref callback or a __del__ (an import's module-lock cleanup, a finaliser), CPython only
+    prints the exception ("Exception ignored in …") and the run goes on: a worker that stops would wait for a flow
+    run that never ends, its trainer still training. Sending the signal again lets the handler run at the next
+    ordinary line, where the exception ends the run as Crashed (only a swallowed one: a second SIGTERM while the
+    engine reports the crash would interrupt that report). Anything else goes to the hook this one replaced.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        from prefect.exceptions import TerminationSignal
+
+        if isinstance(unraisable.exc_value, TerminationSignal):
+            # From another thread, a moment later: sent from here, the handler would run inside this hook, where its
+            # exception is swallowed as well.
+            resend = threading.Timer(0.05, os.kill, (os.getpid(), unraisable.exc_value.signal))
+            resend.daemon = True
+            resend.start()
+        else:
+            self.previous(unraisable)
+
+
+def prepare_flow_process() -> None:
+    """What a process that runs loraflow's flows needs (idempotent): user errors shown without tracebacks, and a stop
+    signal that is never lost."""
+    hide_user_error_tracebacks()
+    if not isinstance(sys.unraisablehook, _ResendLostTerminationSignal):
+        sys.unraisablehook = _ResendLostTerminationSignal(sys.unraisablehook)

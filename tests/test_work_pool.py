@@ -381,3 +381,39 @@ def test_stopping_the_worker_ends_its_running_fine_tune_as_crashed_within_second
     assert _wait_final(server, run.id, timeout=30).state.name == "Crashed"
     gone, alive = psutil.wait_procs(trainers, timeout=30)
     assert not alive, [p.pid for p in alive]
+
+
+LOST_SIGTERM = r'''
+import os, signal, sys, time, weakref
+from prefect.exceptions import TerminationSignal
+from prefect.utilities.engine import _prefect_sigterm_handler
+if sys.argv[1] == "prepared":
+    from tasks.common import prepare_flow_process
+    prepare_flow_process()
+signal.signal(signal.SIGTERM, _prefect_sigterm_handler)  # as a flow run's engine installs it
+class Imported: pass
+module = Imported()
+# The handler runs inside this callback (as inside an import's module-lock cleanup), where CPython only prints its error.
+cleanup = weakref.ref(module, lambda _: os.kill(os.getpid(), signal.SIGTERM))
+try:
+    del module
+    time.sleep(3)  # (a signal's handler runs as soon as it arrives: the sleep ends early)
+except TerminationSignal:
+    print("the run ends")
+else:
+    print("the run goes on")
+'''
+
+
+def test_a_stop_signal_swallowed_where_python_only_prints_errors_is_sent_again():
+    """A worker's SIGTERM once reached a flow run during an import: the TerminationSignal raised in importlib's cleanup
+    callback was only printed and the run trained on. A flow process re-sends it, so the run ends."""
+    import subprocess
+    import sys
+
+    def run(mode: str) -> str:
+        return subprocess.run([sys.executable, "-c", LOST_SIGTERM, mode], cwd=REPO, capture_output=True, text=True,
+                              timeout=120).stdout.strip()
+
+    assert run("plain") == "the run goes on"  # the loss this guards against, as plain CPython and Prefect have it
+    assert run("prepared") == "the run ends"
