@@ -78,7 +78,8 @@ def trainer_started_early(config: FinetuneConfig, trains_here: bool):
     train task hands it the run spec (loraflow.launch), and it is ended with the block if nothing did. Only where
     this process launches the trainer itself: the local launcher, no DeepSpeed."""
     train = config.train
-    if not trains_here or Topology.from_train(train).launcher != "local" or deepspeed_config(train.deepspeed_zero) is not None:
+    if (not trains_here or Topology.from_train(train).launcher != "local" or deepspeed_config(train.deepspeed_zero) is not None
+            or config.model.backend != "native"):  # (the ipex-llm backend's trainer runs in its own environment)
         yield
         return
     process = start_warm_trainer(config.storage, config.model.trust_remote_code)

@@ -46,6 +46,12 @@ class ModelSettings(_Section):
     )
     double_quant: bool = Field(True, title="Double quantization", description="Quantize the 4-bit scales too (QLoRA paper; saves ~0.4 bit/param).")
     trust_remote_code: bool = Field(False, title="Trust remote code", description="Allow model code shipped with the checkpoint to run.")
+    backend: Literal["native", "ipex-llm"] = Field(
+        "native", title="Backend",
+        description="native: transformers + bitsandbytes + PEFT (XPU, CUDA, CPU). ipex-llm: Intel's ipex-llm 2.2 low-bit "
+        "base (NF4 on an Intel GPU, sym_int4 on a CPU) and QLoRA layers, run in its own environment "
+        "(infra/envs/ipex-llm; SFT with LoRA only).",
+    )
 
 
 class DataSettings(_Section):
@@ -457,10 +463,31 @@ class FinetuneConfig(_Section):
             raise ValueError(f"data.new_tokens trains the embeddings of the new tokens with the adapter, which "
                              f"{self.lora.method} cannot (it trains virtual tokens only): choose lora.method lora or ia3, "
                              "or remove data.new_tokens")
+        if self.model.backend == "ipex-llm":
+            _ipex_llm_supports(self)
         if self.objective == "dpo" and self.lora.method in PROMPT_METHODS:
             raise ValueError(f"lora.method {self.lora.method} is for SFT: TRL's DPOTrainer trains LoRA or IA3 adapters; "
                              "choose lora.method lora or ia3")
         return self
+
+
+def _ipex_llm_supports(config: FinetuneConfig) -> None:
+    """model.backend ipex-llm trains what ipex-llm 2.2's QLoRA and the libraries of its environment can: an SFT LoRA on its
+    low-bit base, without the features that need the main environment's newer libraries."""
+    unsupported = [
+        (config.objective != "sft", f"objective {config.objective} (TRL's DPOTrainer needs the main environment)", "model.backend: native"),
+        (config.model.quantization != "nf4", "quantization none (the backend trains its own low-bit base)", "model.quantization: nf4"),
+        (config.lora.method != "lora" or config.lora.use_dora or config.lora.use_rslora or config.lora.init != "default",
+         "adapter methods other than plain LoRA (ipex-llm's QLoRA layers are LoRA's)",
+         "lora.method: lora without use_dora, use_rslora or init"),
+        (bool(config.data.new_tokens), "data.new_tokens", "remove data.new_tokens"),
+        (config.train.launcher == "deepspeed" or bool(config.train.deepspeed_zero), "DeepSpeed", "train.launcher: local, torchrun or mpirun"),
+        (bool(config.train.report_to), "train.report_to (the trackers are not in its environment)", "train.report_to: []"),
+        (config.evaluation.enabled, "the evaluation stage (it loads the low-bit base in the main environment)", "evaluation off"),
+    ]
+    problems = [f"{what} (use {fix})" for wrong, what, fix in unsupported if wrong]
+    if problems:
+        raise ValueError("model.backend ipex-llm does not support " + "; ".join(problems))
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:

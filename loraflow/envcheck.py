@@ -17,7 +17,7 @@ from loraflow.plan import check_fits, choose_precision, context_warning, estimat
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed", "prefect")
 
 
-def _version(package: str) -> str | None:
+def installed_version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -42,9 +42,22 @@ def describe_environment() -> dict:
         "bf16_supported": native.bf16_supported(device),
         "distributed_backend": distributed_backend(device),
         "backend": "native",
-        "versions": {name: _version(name) for name in PACKAGES},
+        "versions": {name: installed_version(name) for name in PACKAGES},
         "launchers": {name: launcher_available(name) for name in ("local", *LAUNCHER_BINARIES)},
     }
+
+
+def _ipex_llm_device(config: FinetuneConfig, report: dict) -> str:
+    """model.backend ipex-llm: the device and libraries of its own environment are the ones training uses."""
+    from loraflow.models import ipex_llm
+
+    pinned = ipex_llm.probe(log=lambda line: None)
+    report.update(backend="ipex-llm", backend_python=pinned["python"], backend_versions=pinned["versions"])
+    if config.train.device not in ("auto", pinned["device"]):
+        raise LoraflowError(f"train.device is {config.train.device}, but the ipex-llm environment ({pinned['python']}) finds "
+                            f"only the {pinned['device']}; set train.device: auto, or install ipex-llm's XPU build there "
+                            "(infra/envs/ipex-llm/README.md)")
+    return pinned["device"]
 
 
 def memory_check(config: FinetuneConfig, device: str, precision: str) -> tuple[bool, str]:
@@ -66,13 +79,16 @@ def memory_check(config: FinetuneConfig, device: str, precision: str) -> tuple[b
 def check_environment(config: FinetuneConfig) -> dict:
     """The environment report, or a LoraflowError naming what the config asks for and the machine lacks."""
     report = describe_environment()
-    device = native.resolve_device(config.train.device)
+    if config.model.backend == "ipex-llm":
+        device = _ipex_llm_device(config, report)
+    else:
+        device = native.resolve_device(config.train.device)
     report["device"] = device
     report["distributed_backend"] = distributed_backend(device)
     # (a bf16 the device lacks is refused here, before any stage)
     report["precision"], report["precision_reason"] = choose_precision(config.train.precision, device, native.bf16_supported(device))
     problems = []
-    if config.model.quantization == "nf4" and report["versions"]["bitsandbytes"] is None:
+    if config.model.quantization == "nf4" and config.model.backend == "native" and report["versions"]["bitsandbytes"] is None:
         problems.append("quantization nf4 needs bitsandbytes (pip install 'bitsandbytes>=0.48'), or set model.quantization: none")
     if not report["launchers"][config.train.launcher]:
         problems.append(f"train.launcher is {config.train.launcher}, but {LAUNCHER_BINARIES[config.train.launcher]} is not on PATH nor beside this Python")

@@ -49,6 +49,25 @@ def _longest(dataset, *columns: str) -> int:
     return int(pc.max(total).as_py() or 0)
 
 
+def arguments_for(cls, fields: dict):
+    """cls(**fields) with the TrainingArguments of the installed transformers. The ipex-llm backend's environment has
+    transformers 4.36, which names some fields otherwise and lacks others: what it lacks is left out and said."""
+    import dataclasses
+    import transformers
+
+    known = {field.name for field in dataclasses.fields(cls)}
+    if "eval_strategy" not in known:  # (renamed in transformers 4.41)
+        fields = {("evaluation_strategy" if name == "eval_strategy" else name): value for name, value in fields.items()}
+    if "train_sampling_strategy" not in known and "train_sampling_strategy" in fields:  # (before: a flag)
+        fields["group_by_length"] = fields.pop("train_sampling_strategy") == "group_by_length"
+    lacking = {name: value for name, value in fields.items() if name not in known}
+    if wanted := [name for name, value in lacking.items() if value]:
+        print(f"transformers {transformers.__version__} has no {', '.join(sorted(wanted))}: "
+              f"{'the starting model is not evaluated (no baseline eval loss); ' if 'eval_on_start' in wanted else ''}"
+              "training goes on without it", flush=True)
+    return cls(**{name: value for name, value in fields.items() if name in known})
+
+
 class Sft:
     name = "sft"
     reports_perplexity = True  # exp(eval loss): the mean token loss on the validation split
@@ -56,10 +75,12 @@ class Sft:
     def __init__(self, spec):
         self.spec = spec
         # Prompt and prefix tuning put their virtual tokens before each row, which would be before the first of a
-        # packed row's examples only: those rows are padded.
-        self.packed = spec.train.packing and spec.adapter_method not in PROMPT_METHODS
-        self.padded_because = "" if self.packed or not spec.train.packing else \
-            f"{spec.adapter_method.replace('-', ' ')} puts its virtual tokens before every row"
+        # packed row's examples only: those rows are padded. So are the ipex-llm backend's: its transformers (4.36)
+        # builds no attention mask that keeps a packed row's examples apart.
+        self.padded_because = "" if not spec.train.packing else \
+            f"{spec.adapter_method.replace('-', ' ')} puts its virtual tokens before every row" if spec.adapter_method in PROMPT_METHODS else \
+            "the ipex-llm backend's transformers 4.36 cannot keep packed examples apart" if spec.backend == "ipex-llm" else ""
+        self.packed = spec.train.packing and not self.padded_because
         self.row_tokens = 0
 
     def tokens_per_example(self, train_set) -> int:
@@ -70,7 +91,7 @@ class Sft:
     def arguments(self, common: dict):
         from transformers import TrainingArguments
 
-        return TrainingArguments(**common, include_num_input_tokens_seen="non_padding")
+        return arguments_for(TrainingArguments, {**common, "include_num_input_tokens_seen": "non_padding"})
 
     def trainer(self, run, model, args, train_set, val_set, tokenizer, callbacks):
         from transformers import DataCollatorForSeq2Seq, Trainer
@@ -81,11 +102,15 @@ class Sft:
             collator = PackedCollator(tokenizer.pad_token_id, row_tokens=self.row_tokens or _longest(train_set, "input_ids"))
         else:
             collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+        import inspect
+
+        # (transformers before 4.46, in the ipex-llm backend's environment, calls the tokenizer `tokenizer`)
+        tokenizer_name = "processing_class" if "processing_class" in inspect.signature(Trainer.__init__).parameters else "tokenizer"
         return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set, callbacks=callbacks,
-                       processing_class=tokenizer, data_collator=collator)
+                       data_collator=collator, **{tokenizer_name: tokenizer})
 
     def tokens_seen(self, trainer) -> int:
-        return trainer.state.num_input_tokens_seen
+        return getattr(trainer.state, "num_input_tokens_seen", 0)  # (transformers 4.36 does not count them)
 
     def summary(self, logged: list[dict]) -> dict:
         return {}

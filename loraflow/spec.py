@@ -25,6 +25,7 @@ class RunSpec(BaseModel):
     base_uri: str
     base_in_store: bool
     quantized: bool
+    backend: Literal["native", "ipex-llm"] = "native"  # model.backend: which library loads the base and its adapter
     lora_uri: str  # the adapter training starts from: a fresh LoRA init, or (DPO) an SFT run's adapter
     adapter_method: Literal["lora", "ia3", "prompt-tuning", "prefix-tuning"] = "lora"
     train: TrainSettings  # device and precision resolved on the host that checked the environment

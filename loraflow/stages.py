@@ -29,7 +29,7 @@ from loraflow.errors import LoraflowError
 from loraflow.evaluate import evaluate_adapter
 from loraflow.launch import Topology, build_command, deepspeed_config, distributed_backend, run_streaming, write_hostfile
 from loraflow.lease import build_once
-from loraflow.models import native
+from loraflow.models import ipex_llm, native
 from loraflow.registry import ADAPTER, BASE, DATASET, ENV, EVALUATION, LORA, MERGED, REFERENCE, RUNS_FOLDER, SOURCES, TRAIN
 from loraflow.spec import RunSpec
 from loraflow.storage import ArtifactStore, StageRecord, hash_uri, remote_failure, sha256_hex
@@ -120,6 +120,8 @@ def dataset_key(config: FinetuneConfig, sources: StageRecord) -> str:
 
 def quantize_key(config: FinetuneConfig, env: StageRecord, sources: StageRecord) -> str:
     fields = config.model.model_dump(include={"quantization", "double_quant"})
+    if config.model.backend != "native":  # (another format of the same base; native keys stay what they were)
+        fields |= {"backend": config.model.backend, "device": env.metrics["device"]}
     return BASE.key(sources.metrics["model_key"], fields, env.metrics["precision"])
 
 
@@ -171,6 +173,12 @@ def quantize_base(config: FinetuneConfig, env: StageRecord, sources: StageRecord
         return StageRecord(stage=BASE.name, key=key, uri=sources.metrics["model_path"], metrics={"quantization": "none", "in_store": False})
 
     def build(out: Path) -> dict:
+        if config.model.backend == "ipex-llm":
+            low_bit = ipex_llm.low_bit_format(env.metrics["device"])
+            log(f"quantizing {sources.metrics['model_path']} to {low_bit} with ipex-llm on {env.metrics['device']}")
+            return {"in_store": True, **ipex_llm.run_command(
+                "quantize", sources.metrics["model_path"], str(out), "--device", env.metrics["device"], "--precision",
+                env.metrics["precision"], *_trust_flag(config), log=log)}
         log(f"quantizing {sources.metrics['model_path']} to NF4 on {env.metrics['device']}")
         return {"quantization": "nf4", "in_store": True, **native.quantize(
             Path(sources.metrics["model_path"]), out, env.metrics["device"], env.metrics["precision"],
@@ -224,6 +232,10 @@ def lora_cache_key(config: FinetuneConfig, base: StageRecord) -> str | None:
     return LORA.cache_key(lora_key(config, base))
 
 
+def _trust_flag(config: FinetuneConfig) -> list[str]:
+    return ["--trust-remote-code"] if config.model.trust_remote_code else []
+
+
 def _base_dir(store: ArtifactStore, base: StageRecord) -> Path:
     return store.local_copy(base.uri) if base.metrics.get("in_store") else Path(base.uri)
 
@@ -234,6 +246,15 @@ def inject_adapter(config: FinetuneConfig, env: StageRecord, sources: StageRecor
     key = lora_key(config, base)
 
     def build(out: Path) -> dict:
+        if config.model.backend == "ipex-llm":
+            lora = {"r": config.lora.r, "lora_alpha": config.lora.alpha, "lora_dropout": config.lora.dropout,
+                    "target_modules": sources.metrics["lora_targets"]}
+            report = ipex_llm.run_command("init-adapter", str(_base_dir(store, base)), str(out), "--device", env.metrics["device"],
+                                          "--precision", env.metrics["precision"], "--lora", json.dumps(lora),
+                                          "--seed", str(config.train.seed), *_trust_flag(config), log=log)
+            log(f"{config.lora.describe(native.describe_targets(report['target_modules']))} (ipex-llm QLoRA layers): "
+                f"{report['trainable_params']:,} trainable of {report['total_params']:,} parameters ({report['trainable_percent']}%)")
+            return report
         model = native.load_causal_lm(_base_dir(store, base), env.metrics["device"], env.metrics["precision"], None, config.model.trust_remote_code)
         model = native.prepare_for_training(model, base.metrics["in_store"], gradient_checkpointing=False)  # (init only)
         # (the model's own tokenizer: prompt tuning may start its virtual tokens from a text's embeddings)
@@ -261,7 +282,8 @@ def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, b
         dataset_uri=dataset.uri,
         base_uri=base.uri,
         base_in_store=bool(base.metrics.get("in_store")),
-        quantized=base.metrics.get("quantization") == "nf4",
+        quantized=base.metrics.get("quantization") in ("nf4", "sym_int4"),
+        backend=config.model.backend,
         lora_uri=lora.uri,
         adapter_method=config.lora.method,
         train=config.train.model_copy(update={"device": env.metrics["device"], "precision": env.metrics["precision"]}),
@@ -321,7 +343,8 @@ def train(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: 
         on_line(TRAINING_RUN_LINE.format(run=run.rsplit("/", 1)[-1], uri=run))
         with tempfile.TemporaryDirectory(prefix="loraflow-launch-") as scratch:
             command = build_command(topology, spec_uri, hostfile=write_hostfile(topology, Path(scratch)),
-                                           trust_remote_code=config.model.trust_remote_code)
+                                    python=ipex_llm.python_executable() if config.model.backend == "ipex-llm" else None,
+                                    trust_remote_code=config.model.trust_remote_code)
             log(f"launching: {' '.join(command.argv)}")
             if topology.launcher == "torchrun" and topology.nnodes > 1:
                 trust = " --trust-remote-code" if config.model.trust_remote_code else ""

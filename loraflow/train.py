@@ -151,6 +151,11 @@ def _callbacks(store: ArtifactStore, run_uri: str, metrics_path: Path, device: s
             # exactly those (the run's live metrics may already hold steps past it).
             shutil.copyfile(metrics_path, checkpoint / METRICS)
             (checkpoint / "training_args.bin").unlink(missing_ok=True)  # a pickle nothing reads back; the spec says the same
+            if rng_state_allowlist() is None:
+                # A resume could not read numpy's RNG state back from the store without unpickling it: not committed,
+                # and a resumed run's random state starts again from the seed (its data order does not depend on it).
+                for rng_state in checkpoint.glob("rng_state*.pth"):
+                    rng_state.unlink()
             store.commit(checkpoint, f"{run_uri}/checkpoints/{name}", {"step": state.global_step}, replace=True)
             store.commit(metrics_path.parent, f"{run_uri}/metrics", replace=True)
             print(f"checkpoint {name} committed to {run_uri}/checkpoints/{name}", flush=True)
@@ -191,16 +196,27 @@ def refused_pickles(folder: Path) -> list[str]:
     class or call. A file that opens that way cannot run code when a library loads it again, whatever
     that library's own torch.load settings (DeepSpeed's, for instance).
     """
-    from transformers.trainer_pt_utils import safe_globals
+    import contextlib
 
+    allowlist = rng_state_allowlist()
     refused = []
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES):
         try:
-            with safe_globals():
+            with (allowlist() if allowlist else contextlib.nullcontext()):
                 torch.load(file, map_location="cpu", weights_only=True)
         except Exception as error:  # UnpicklingError, or anything a corrupt file raises
             refused.append(f"{file.relative_to(folder)}: {str(error).splitlines()[0][:200]}")
     return refused
+
+
+def rng_state_allowlist():
+    """transformers' context that lets the restricted unpickler read numpy's RNG state types; None where transformers
+    lacks it (4.36, with torch 2.1, in the ipex-llm backend's environment): there rng_state.pth is refused (see on_save)."""
+    try:
+        from transformers.trainer_pt_utils import safe_globals
+    except ImportError:
+        return None
+    return safe_globals
 
 
 def resumable_checkpoint(store: ArtifactStore, run_uri: str, work: Path) -> tuple[str | None, Path | None]:
@@ -270,17 +286,18 @@ def setup_model(run: RunContext, tokens_per_example: int, tokenizer):
     """The base with the starting adapter, trainable; micro batch and gradient checkpointing as the memory plan
     decides (loraflow.plan) once the weights are loaded."""
     spec = run.spec
-    model = native.load_causal_lm(run.base_dir(), run.device, run.precision, None, run.trust_remote_code)
+    backend = model_backend(spec)
+    model = backend.load_causal_lm(run.base_dir(), run.device, run.precision, trust_remote_code=run.trust_remote_code)
     run.plan = plan_memory(run.base_dir(), run.device, run.precision, spec.train.batch_size // run.ranks["world_size"] or 1,
                            tokens_per_example, spec.train.micro_batch_size, spec.train.gradient_checkpointing)
-    model = native.prepare_for_training(model, spec.quantized, run.plan.gradient_checkpointing)
+    model = backend.prepare_for_training(model, spec.quantized, run.plan.gradient_checkpointing)
     # No KV cache in training: it is never read, and with one transformers builds no block-diagonal mask for packed rows.
     model.config.use_cache = False
     adapter_dir = starting_adapter_dir(run)
     # (DPO: TRL adds a frozen copy of this starting adapter, named "ref", as the reference: the base plus a fresh
     # adapter is the base itself; plus an SFT run's adapter, the model DPO starts from.)
     if spec.adapter_method not in PROMPT_METHODS:
-        return native.with_adapter(model, adapter_dir, tokenizer, trainable=True)
+        return backend.with_adapter(model, adapter_dir, tokenizer, trainable=True)
     # PEFT loads a saved prompt or prefix adapter for inference only ("cannot set a prompt learning adapter to
     # trainable"): the same adapter, built trainable and given the saved weights.
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
@@ -293,6 +310,15 @@ def setup_model(run: RunContext, tokens_per_example: int, tokenizer):
     trainable = get_peft_model(model, config)
     set_peft_model_state_dict(trainable, load_file(str(adapter_dir / "adapter_model.safetensors")))
     return trainable
+
+
+def model_backend(spec: RunSpec):
+    """The module that loads the base and its adapter (loraflow.models.native or .ipex_llm): the same functions."""
+    if spec.backend == "ipex-llm":
+        from loraflow.models import ipex_llm
+
+        return ipex_llm
+    return native
 
 
 def starting_adapter_dir(run: RunContext) -> Path:
@@ -489,6 +515,10 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
         **({"padded_because": objective.padded_because} if objective.padded_because else {}),
         "world_size": run.ranks["world_size"],
         "resumed_from": resume_uri,
+        # Which environment trained it (the ipex-llm backend's is another Python, with older libraries).
+        "backend": run.spec.backend,
+        "python": sys.executable,
+        "libraries": library_versions(run.spec.backend),
         **_memory_report(run.device),
         "imports_rss_mb": run.imports_rss_mb,  # peak_rss_mb minus this: the memory the run itself needed
     }
@@ -526,6 +556,12 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
     if not math.isfinite(summary["train_loss"]):
         raise LoraflowError(f"training diverged: train loss is {summary['train_loss']}; lower train.learning_rate")
     return summary
+
+
+def library_versions(backend: str) -> dict:
+    from loraflow.envcheck import installed_version
+
+    return {name: installed_version(name) for name in ("torch", "transformers", "peft", "ipex-llm" if backend == "ipex-llm" else "bitsandbytes")}
 
 
 def _save_and_commit(run: RunContext, trainer, summary: dict) -> None:

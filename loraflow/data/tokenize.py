@@ -34,7 +34,11 @@ def load_tokenizer(path: str, new_tokens: list[str] | tuple = ()):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
+    except ValueError as error:
+        if "TokenizersBackend" not in str(error) or not (Path(path) / "tokenizer.json").is_file():
+            raise LoraflowError(f"{path}: cannot load a tokenizer ({error})") from None
+        tokenizer = _saved_by_newer_libraries(Path(path))
+    except OSError as error:
         raise LoraflowError(f"{path}: cannot load a tokenizer ({error})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise LoraflowError(f"{path}: loraflow needs a fast tokenizer (tokenizer.json); this one is a slow tokenizer")
@@ -49,6 +53,34 @@ def load_tokenizer(path: str, new_tokens: list[str] | tuple = ()):
     if new_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": list(new_tokens)}, replace_extra_special_tokens=False)
     return tokenizer
+
+
+def _saved_by_newer_libraries(path: Path):
+    """A tokenizer the data stage saved (transformers 5, tokenizers >= 0.20), loaded in the ipex-llm backend's environment
+    (transformers 4.36, tokenizers 0.15). Its class is saved as TokenizersBackend, which 4.36 does not know: the fast
+    class reads the same tokenizer.json. Its BPE merges are [left, right] pairs, which tokenizers 0.15 reads only as
+    "left right" strings: a copy is rewritten that way (the same merges; one with a space in a part is refused)."""
+    import json
+    import shutil
+    import tempfile
+
+    from transformers import PreTrainedTokenizerFast
+
+    from loraflow.errors import LoraflowError
+
+    spec = json.loads((path / "tokenizer.json").read_text())
+    merges = (spec.get("model") or {}).get("merges") or []
+    if merges and isinstance(merges[0], list):
+        if any(" " in part for pair in merges for part in pair):
+            raise LoraflowError(f"{path}/tokenizer.json: a BPE merge has a space in it, which the tokenizers library of the "
+                                "ipex-llm backend's environment cannot read; use model.backend: native for this model")
+        spec["model"]["merges"] = [" ".join(pair) for pair in merges]
+    with tempfile.TemporaryDirectory(prefix="loraflow-tokenizer-") as tmp:
+        for file in path.iterdir():
+            if file.is_file():
+                shutil.copyfile(file, Path(tmp) / file.name)
+        (Path(tmp) / "tokenizer.json").write_text(json.dumps(spec))
+        return PreTrainedTokenizerFast.from_pretrained(tmp)
 
 
 def _first_token_from(encoding, position: int, text_length: int) -> int:
