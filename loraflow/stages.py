@@ -290,11 +290,18 @@ def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, b
         precision_reason=env.metrics.get("precision_reason", ""),
         dpo=config.dpo if config.objective == "dpo" else None,
         reference_uri=reference.uri if reference is not None else "",
-        ddp_backend=distributed_backend(env.metrics["device"]) if Topology.from_train(config.train).world_size > 1 else None,
+        ddp_backend=_ddp_backend(config, env) if Topology.from_train(config.train).world_size > 1 else None,
         deepspeed_config=deepspeed_config(config.train.deepspeed_zero, config.train.deepspeed_offload_optimizer),
         # No trust_remote_code here: the spec is a file in the shared store (see launch.build_command).
     )
     return key, run, spec
+
+
+def _ddp_backend(config: FinetuneConfig, env: StageRecord) -> str:
+    # (the ipex-llm backend's torch 2.1 has no xccl: oneCCL's bindings register ccl there)
+    if config.model.backend == "ipex-llm" and env.metrics["device"] == "xpu":
+        return "ccl"
+    return distributed_backend(env.metrics["device"])
 
 
 def reference_logps(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,

@@ -103,6 +103,18 @@ def test_the_pinned_environment_reads_the_data_stage_tokenizer_as_the_main_one_d
     assert json.loads(pinned.stdout.strip().splitlines()[-1]) == [main(text)["input_ids"], main.pad_token_id, main.eos_token_id], pinned.stderr[-2000:]
 
 
+def test_two_ranks_train_through_torchrun_in_the_pinned_environment(pinned_python, prefect_server, tiny_model, tmp_path):
+    """DDP would broadcast the frozen low-bit weights, whose packed type gloo refuses: only the adapter is synchronised."""
+    from flows.sft import sft
+
+    config = ipex_config(tiny_model, tmp_path / "store", merge={"enabled": False})
+    config["train"] |= {"launcher": "torchrun", "nproc_per_node": 2, "max_steps": 4, "save_steps": 4, "eval_steps": 4}
+    state = sft(build_config(config), return_state=True)
+    assert state.is_completed(), state.message
+    summary = json.loads(Path(state.result()["train"].uri, "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["backend"] == "ipex-llm" and summary["final_loss"] < summary["first_loss"]
+
+
 def test_what_the_backend_cannot_train_is_refused_before_any_stage(tiny_model, tmp_path):
     config = ipex_config(tiny_model, tmp_path, lora={"method": "ia3"})
     config["data"]["new_tokens"] = ["<|im_start|>"]

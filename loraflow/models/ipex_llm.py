@@ -178,12 +178,19 @@ def _lora_config(saved: dict):
 
 def with_adapter(model, adapter_dir: Path, tokenizer=None, trainable: bool = False):
     """The base with ipex-llm's LoRA layers, given the saved adapter's weights."""
+    import torch
     from ipex_llm.transformers.qlora import get_peft_model
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     peft_model = get_peft_model(model, _lora_config(json.loads((adapter_dir / "adapter_config.json").read_text())))
     set_peft_model_state_dict(peft_model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    # DistributedDataParallel broadcasts every parameter and buffer from rank 0 when it wraps the model, and gloo/ccl
+    # refuse the low-bit weights' packed type ("Invalid scalar type"). Only the adapter is trained, and every rank
+    # loaded the same frozen base from the same files: those are left out of DDP's synchronisation.
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        peft_model, [name for name, parameter in peft_model.named_parameters() if not parameter.requires_grad]
+        + [name for name, _ in peft_model.named_buffers()])
     return _saves_standard_config(peft_model)
 
 
