@@ -60,7 +60,9 @@ def read_run(store: ArtifactStore, run: str) -> RunFacts:
     except FileNotFoundError:
         raise LoraflowError(f"{run}: not a finished run in {store.root} (no spec.json or trained adapter there); "
                             "`loraflow du --storage …` lists the runs a store holds") from None
-    settings = {"objective": spec["objective"]} | _flat(spec["train"], "train.")
+    settings = {"objective": spec["objective"], "model.backend": spec.get("backend", "native")} | _flat(spec["train"], "train.")
+    base = (store.manifest(spec["base_uri"]) or {}).get("metrics", {}) if spec.get("base_in_store") else {"quantization": "none"}
+    settings |= {"model.quantization": base.get("quantization"), "model.double_quant": base.get("double_quant")}
     if spec.get("dpo"):
         settings |= _flat(spec["dpo"], "dpo.")
     try:

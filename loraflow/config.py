@@ -44,7 +44,8 @@ class ModelSettings(_Section):
         description="nf4: QLoRA, the base loaded in 4-bit NormalFloat with bitsandbytes and cached "
         "pre-quantized in the store. none: plain LoRA on a bf16/fp32 base.",
     )
-    double_quant: bool = Field(True, title="Double quantization", description="Quantize the 4-bit scales too (QLoRA paper; saves ~0.4 bit/param).")
+    double_quant: bool = Field(True, title="Double quantization", description="Quantize the 4-bit scales too (QLoRA paper; saves ~0.4 bit/param). "
+                               "Native backend only: ipex-llm's low-bit formats have no double quantization.")
     trust_remote_code: bool = Field(False, title="Trust remote code", description="Allow model code shipped with the checkpoint to run.")
     backend: Literal["native", "ipex-llm"] = Field(
         "native", title="Backend",
@@ -474,20 +475,25 @@ class FinetuneConfig(_Section):
 def _ipex_llm_supports(config: FinetuneConfig) -> None:
     """model.backend ipex-llm trains what ipex-llm 2.2's QLoRA and the libraries of its environment can: an SFT LoRA on its
     low-bit base, without the features that need the main environment's newer libraries."""
-    unsupported = [
-        (config.objective != "sft", f"objective {config.objective} (TRL's DPOTrainer needs the main environment)", "model.backend: native"),
-        (config.model.quantization != "nf4", "quantization none (the backend trains its own low-bit base)", "model.quantization: nf4"),
-        (config.lora.method != "lora" or config.lora.use_dora or config.lora.use_rslora or config.lora.init != "default",
-         "adapter methods other than plain LoRA (ipex-llm's QLoRA layers are LoRA's)",
-         "lora.method: lora without use_dora, use_rslora or init"),
-        (bool(config.data.new_tokens), "data.new_tokens", "remove data.new_tokens"),
-        (config.train.launcher == "deepspeed" or bool(config.train.deepspeed_zero), "DeepSpeed", "train.launcher: local, torchrun or mpirun"),
-        (bool(config.train.report_to), "train.report_to (the trackers are not in its environment)", "train.report_to: []"),
-        (config.evaluation.enabled, "the evaluation stage (it loads the low-bit base in the main environment)", "evaluation off"),
+    lora, train = config.lora, config.train
+    unsupported = [  # (the setting as it is, what to do instead)
+        (config.objective != "sft", f"objective {config.objective} (TRL's DPOTrainer is in the main environment)", "use model.backend: native"),
+        (config.model.quantization != "nf4", "model.quantization none (the backend trains its own low-bit base)", "use model.quantization: nf4"),
+        (lora.method != "lora", f"lora.method {lora.method} (ipex-llm's QLoRA layers are LoRA's)", "use lora.method: lora"),
+        (lora.use_dora, "lora.use_dora", "set it to false"),
+        (lora.use_rslora, "lora.use_rslora", "set it to false"),
+        (lora.init != "default", f"lora.init {lora.init}", "use lora.init: default"),
+        (bool(config.data.new_tokens), "data.new_tokens", "remove them"),
+        (train.launcher == "deepspeed" or bool(train.deepspeed_zero), "DeepSpeed (train.launcher, train.deepspeed_zero)",
+         "use train.launcher: local, torchrun or mpirun"),
+        (bool(train.report_to), "train.report_to (the trackers are not in its environment)", "set train.report_to: []"),
+        (train.compile, "train.compile (torch 2.1's compiler fails on its low-bit layers)", "set train.compile: false"),
+        (config.evaluation.enabled, "the evaluation stage (it loads the low-bit base in the main environment)",
+         "clear evaluation.tasks_path and evaluation.general_text_path"),
     ]
-    problems = [f"{what} (use {fix})" for wrong, what, fix in unsupported if wrong]
+    problems = [f"{what}: {fix}" for wrong, what, fix in unsupported if wrong]
     if problems:
-        raise ValueError("model.backend ipex-llm does not support " + "; ".join(problems))
+        raise ValueError("model.backend ipex-llm does not support what this config asks for:" + "".join(f"\n    - {problem}" for problem in problems))
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -519,11 +525,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for problem in error.errors():
-        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        where = ".".join(str(p) for p in problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         given = problem.get("input")
         shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
-        lines.append(f"  {where}: {message}{shown}")
+        # (a check across sections names its fields in the message)
+        lines.append(f"  {where}: {message}{shown}" if where else f"  {message}{shown}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ create-if-absent: a hard link on a local or mounted store, an S3 conditional PUT
 which AWS S3, MinIO and moto honour) on a bucket.
 
 A lease is `<store>/leases/<name>/<generation>.json`. Its holder rewrites it every `ttl/4` seconds;
-one not renewed for `ttl` seconds belongs to a dead holder (a killed process, a lost node), and a
+one not renewed for `ttl` seconds belongs to a dead holder (a killed process, a lost node), as does one whose
+process no longer exists where the waiter can see it (the same machine and PID namespace), and a
 waiter takes over by creating the next generation: exactly one waiter can create it, so a takeover
 never lets two builders in. Holders on different machines compare renewal times across clocks, so
 the TTL also bounds the clock skew tolerated.
@@ -29,6 +30,19 @@ from contextlib import contextmanager
 from loraflow.storage import ArtifactStore
 
 LEASE_SECONDS = float(os.environ.get("LORAFLOW_LEASE_SECONDS", 120))
+
+
+def _process_space() -> str | None:
+    """Which process IDs this process sees: the kernel's boot and this PID namespace (so two containers on one machine,
+    or one hostname on two machines, never take each other's PIDs for their own). None where Linux does not say."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        return f"{socket.gethostname()}/{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+PROCESS_SPACE = _process_space()
 POLL_SECONDS = 1.0
 
 
@@ -36,7 +50,7 @@ class StoreLease:
     def __init__(self, store: ArtifactStore, name: str, ttl: float = LEASE_SECONDS):
         self.store, self.name, self.ttl = store, name, ttl
         self.folder = store.path(store.uri("leases", name))
-        self.holder = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self.holder = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "processes": PROCESS_SPACE}
         self.path: str | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -96,7 +110,16 @@ class StoreLease:
 
     @staticmethod
     def _alive(body: dict | None) -> bool:
-        return bool(body) and time.time() < float(body.get("renewed", 0)) + float(body.get("ttl", 0))
+        if not body or time.time() >= float(body.get("renewed", 0)) + float(body.get("ttl", 0)):
+            return False
+        if PROCESS_SPACE and body.get("processes") == PROCESS_SPACE:  # a holder whose process this one can see: alive
+            try:                                                        # only while its process exists (no TTL wait
+                os.kill(int(body["pid"]), 0)                           # after a kill -9 on this machine)
+            except ProcessLookupError:
+                return False
+            except (PermissionError, KeyError, ValueError):
+                pass
+        return True
 
     # ---- acquire / renew / release --------------------------------------------------------
     def try_acquire(self) -> dict | None:

@@ -9,6 +9,7 @@ setup, resume, checkpoint commits, metrics, ranks) is the shared path in loraflo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from loraflow.config import PROMPT_METHODS
@@ -61,7 +62,7 @@ def arguments_for(cls, fields: dict):
     if "train_sampling_strategy" not in known and "train_sampling_strategy" in fields:  # (before: a flag)
         fields["group_by_length"] = fields.pop("train_sampling_strategy") == "group_by_length"
     lacking = {name: value for name, value in fields.items() if name not in known}
-    if wanted := [name for name, value in lacking.items() if value]:
+    if (wanted := [name for name, value in lacking.items() if value]) and os.environ.get("RANK", "0") == "0":  # (said once)
         print(f"transformers {transformers.__version__} has no {', '.join(sorted(wanted))}: "
               f"{'the starting model is not evaluated (no baseline eval loss); ' if 'eval_on_start' in wanted else ''}"
               "training goes on without it", flush=True)
@@ -74,14 +75,19 @@ class Sft:
 
     def __init__(self, spec):
         self.spec = spec
-        # Prompt and prefix tuning put their virtual tokens before each row, which would be before the first of a
-        # packed row's examples only: those rows are padded. So are the ipex-llm backend's: its transformers (4.36)
-        # builds no attention mask that keeps a packed row's examples apart.
-        self.padded_because = "" if not spec.train.packing else \
-            f"{spec.adapter_method.replace('-', ' ')} puts its virtual tokens before every row" if spec.adapter_method in PROMPT_METHODS else \
-            "the ipex-llm backend's transformers 4.36 cannot keep packed examples apart" if spec.backend == "ipex-llm" else ""
+        self.padded_because = self._why_not_packed(spec) if spec.train.packing else ""
         self.packed = spec.train.packing and not self.padded_because
         self.row_tokens = 0
+
+    @staticmethod
+    def _why_not_packed(spec) -> str:
+        if spec.adapter_method in PROMPT_METHODS:
+            # Their virtual tokens would come before the first of a packed row's examples only.
+            return f"{spec.adapter_method.replace('-', ' ')} puts its virtual tokens before every row"
+        if spec.backend == "ipex-llm":
+            # Packed rows rely on transformers 5 building a mask that keeps a row's examples apart.
+            return "the ipex-llm backend's transformers 4.36 cannot keep packed examples apart"
+        return ""
 
     def tokens_per_example(self, train_set) -> int:
         """For the memory plan: the longest row (a padded micro batch is as wide; packed rows are no wider)."""
@@ -94,6 +100,8 @@ class Sft:
         return arguments_for(TrainingArguments, {**common, "include_num_input_tokens_seen": "non_padding"})
 
     def trainer(self, run, model, args, train_set, val_set, tokenizer, callbacks):
+        import inspect
+
         from transformers import DataCollatorForSeq2Seq, Trainer
 
         if self.packed:  # the same examples per micro batch, in fewer rows (loraflow/data/packing.py)
@@ -102,15 +110,13 @@ class Sft:
             collator = PackedCollator(tokenizer.pad_token_id, row_tokens=self.row_tokens or _longest(train_set, "input_ids"))
         else:
             collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
-        import inspect
-
         # (transformers before 4.46, in the ipex-llm backend's environment, calls the tokenizer `tokenizer`)
         tokenizer_name = "processing_class" if "processing_class" in inspect.signature(Trainer.__init__).parameters else "tokenizer"
         return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set, callbacks=callbacks,
                        data_collator=collator, **{tokenizer_name: tokenizer})
 
     def tokens_seen(self, trainer) -> int:
-        return getattr(trainer.state, "num_input_tokens_seen", 0)  # (transformers 4.36 does not count them)
+        return trainer.state.num_input_tokens_seen
 
     def summary(self, logged: list[dict]) -> dict:
         return {}

@@ -90,11 +90,15 @@ def _optimizer_panel(axes, rows: list[dict]) -> None:
     axes.plot([row["step"] for row in train_rows], [row["learning_rate"] for row in train_rows], color="C2", label="learning rate")
     axes.set_xlabel("step")
     axes.set_ylabel("learning rate")
-    axes.set_title("schedule and gradient norm")
     axes.grid(alpha=0.3)
+    norms = [(row["step"], row["grad_norm"]) for row in train_rows if "grad_norm" in row]
+    if not norms:  # (transformers 4.36, in the ipex-llm backend's environment, logs no gradient norm)
+        axes.set_title("schedule")
+        axes.legend(fontsize=8)
+        return
+    axes.set_title("schedule and gradient norm")
     norm = axes.twinx()
-    norm.plot([row["step"] for row in train_rows if "grad_norm" in row], [row["grad_norm"] for row in train_rows if "grad_norm" in row],
-              color="C3", label="grad norm")
+    norm.plot(*zip(*norms), color="C3", label="grad norm")
     norm.set_ylabel("grad norm")
     lines, extra = axes.get_legend_handles_labels(), norm.get_legend_handles_labels()
     axes.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8)

@@ -121,7 +121,8 @@ def dataset_key(config: FinetuneConfig, sources: StageRecord) -> str:
 def quantize_key(config: FinetuneConfig, env: StageRecord, sources: StageRecord) -> str:
     fields = config.model.model_dump(include={"quantization", "double_quant"})
     if config.model.backend != "native":  # (another format of the same base; native keys stay what they were)
-        fields |= {"backend": config.model.backend, "device": env.metrics["device"]}
+        # (ipex-llm's low-bit format is chosen by the device and has no double quantization)
+        fields = {"quantization": config.model.quantization, "backend": config.model.backend, "device": env.metrics["device"]}
     return BASE.key(sources.metrics["model_key"], fields, env.metrics["precision"])
 
 
@@ -180,7 +181,7 @@ def quantize_base(config: FinetuneConfig, env: StageRecord, sources: StageRecord
                 "quantize", sources.metrics["model_path"], str(out), "--device", env.metrics["device"], "--precision",
                 env.metrics["precision"], *_trust_flag(config), log=log)}
         log(f"quantizing {sources.metrics['model_path']} to NF4 on {env.metrics['device']}")
-        return {"quantization": "nf4", "in_store": True, **native.quantize(
+        return {"quantization": "nf4", "double_quant": config.model.double_quant, "in_store": True, **native.quantize(
             Path(sources.metrics["model_path"]), out, env.metrics["device"], env.metrics["precision"],
             config.model.double_quant, config.model.trust_remote_code)}
 

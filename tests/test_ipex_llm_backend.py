@@ -67,6 +67,12 @@ def test_training_ran_in_the_pinned_environment_and_resumed_after_the_kill(ipex_
     assert summary["global_step"] == 6 and summary["resumed_from"].endswith("checkpoint-3")
     assert summary["final_loss"] < summary["first_loss"]
     assert not summary["packed"] and "transformers 4.36" in summary["padded_because"]
+    # compare (and its artifact) tells this run from a native one by its backend and low-bit format
+    from loraflow.compare import read_run
+    from loraflow.storage import ArtifactStore
+
+    settings = read_run(ArtifactStore(str(ipex_run["store"])), Path(ipex_run["records"]["train"].uri).parents[1].name).settings
+    assert settings["model.backend"] == "ipex-llm" and settings["model.quantization"] == "sym_int4"
     # No numpy RNG state in a committed checkpoint: torch 2.1's restricted unpickler could not read it back.
     checkpoint = Path(ipex_run["records"]["train"].uri).parent / "checkpoint-3"
     assert (checkpoint / "optimizer.pt").is_file() and not list(checkpoint.glob("rng_state*"))
@@ -122,7 +128,8 @@ def test_what_the_backend_cannot_train_is_refused_before_any_stage(tiny_model, t
         build_config(config)
     message = str(refused.value)
     assert "model.backend ipex-llm does not support" in message
-    assert "plain LoRA" in message and "data.new_tokens" in message and "use lora.method: lora" in message
+    assert "- lora.method ia3 (ipex-llm's QLoRA layers are LoRA's): use lora.method: lora" in message
+    assert "- data.new_tokens: remove them" in message and "compile" not in message
 
 
 def test_a_missing_pinned_environment_stops_the_env_check_saying_how_to_build_it(tiny_model, tmp_path, monkeypatch):
@@ -131,3 +138,15 @@ def test_a_missing_pinned_environment_stops_the_env_check_saying_how_to_build_it
     monkeypatch.setenv(ipex_llm.PYTHON_VARIABLE, str(tmp_path / "no-such-env" / "bin" / "python"))
     with pytest.raises(LoraflowError, match="infra/envs/ipex-llm/setup"):
         check_environment(build_config(ipex_config(tiny_model, tmp_path)))
+
+
+def test_a_python_without_ipex_llm_is_refused_by_the_env_check_in_one_line(tiny_model, tmp_path, monkeypatch):
+    import sys
+
+    from loraflow.envcheck import check_environment
+
+    monkeypatch.setenv(ipex_llm.PYTHON_VARIABLE, str(Path(sys.executable).parents[1]))  # (a venv's folder: its bin/python)
+    with pytest.raises(LoraflowError) as refused:
+        check_environment(build_config(ipex_config(tiny_model, tmp_path)))
+    assert str(refused.value).startswith(f"{Path(sys.executable).parents[1]}/bin/python cannot import ipex-llm")
+    assert "Traceback" not in str(refused.value)

@@ -378,7 +378,8 @@ def test_stopping_the_worker_ends_its_running_fine_tune_as_crashed_within_second
     # Exit 0 within seconds: not start-worker's kill after LORAFLOW_WORKER_STOP_SECONDS (exit 1), which is what a
     # worker started with SIGINT ignored needed before start-worker reset it (Prefect stops its worker with SIGINT).
     assert time.time() - started < 15 and worker.returncode == 0, server.worker_log.read_text()[-3000:]
-    assert _wait_final(server, run.id, timeout=30).state.name == "Crashed"
+    final = _wait_final(server, run.id, timeout=30).state
+    assert final.name == "Crashed", (final.message, [log.message for log in _logs(server, run.id)][-15:], server.worker_log.read_text()[-3000:])
     gone, alive = psutil.wait_procs(trainers, timeout=30)
     assert not alive, [p.pid for p in alive]
 

@@ -42,6 +42,8 @@ def python_executable() -> str:
     infra/envs/ipex-llm/setup made beside this checkout."""
     configured = os.environ.get(PYTHON_VARIABLE)
     python = Path(configured) if configured else Path(__file__).resolve().parents[2] / DEFAULT_VENV / "bin" / "python"
+    if python.is_dir() and (python / "bin" / "python").is_file():  # (the environment's folder, given for its Python)
+        python = python / "bin" / "python"
     if not python.is_file():
         where = f"{PYTHON_VARIABLE} is {configured}, which does not exist" if configured else f"there is no {python}"
         raise LoraflowError(f"model.backend ipex-llm runs in its own Python environment, and {where}: build it with "
@@ -63,7 +65,8 @@ def run_command(command: str, *args: str, log=print) -> dict:
             results.append(json.loads(line.removeprefix(RESULT_PREFIX)))
         elif line.strip():
             lines.append(line)
-            log(line)
+            if not line.startswith("error: "):  # (raised below, once)
+                log(line)
 
     code = run_streaming(LaunchCommand([python_executable(), "-m", "loraflow.models.ipex_llm", command, *args]), each_line)
     if code != 0 or not results:
@@ -80,6 +83,13 @@ def probe(log=print) -> dict:
 
 
 # ---- the pinned environment's side ----------------------------------------------------------------
+def _quiet_ipex_llm() -> None:
+    # ipex-llm logs "Converting the current model to sym_int4 format......" with its own timestamp at every load.
+    import logging
+
+    logging.getLogger("ipex_llm").setLevel(logging.WARNING)
+
+
 def low_bit_format(device: str) -> str:
     return "nf4" if device == "xpu" else "sym_int4"
 
@@ -108,6 +118,12 @@ def _available_device() -> str:
 def _probe() -> dict:
     from loraflow.envcheck import installed_version
 
+    try:
+        import ipex_llm.transformers  # noqa: F401  (what the stages use: it fails here, once, if it cannot import)
+    except ImportError as error:
+        raise LoraflowError(f"{sys.executable} cannot import ipex-llm ({error}): it is not the ipex-llm backend's environment; "
+                            f"build that with infra/envs/ipex-llm/setup and point {PYTHON_VARIABLE} at its python, or "
+                            "unset it to use .venv-ipex-llm beside the checkout") from None
     return {"python": sys.executable, "device": _available_device(),
             "versions": {name: installed_version(name) for name in ("ipex-llm", "torch", "transformers", "peft")}}
 
@@ -125,6 +141,7 @@ def quantize(model_path: Path, out: Path, device: str, precision: str, trust_rem
     from ipex_llm.transformers import AutoModelForCausalLM
     from safetensors.torch import save_file
 
+    _quiet_ipex_llm()
     low_bit = low_bit_format(device)
     model = AutoModelForCausalLM.from_pretrained(str(model_path), load_in_low_bit=low_bit, trust_remote_code=trust_remote_code,
                                                  **_from_pretrained_options(precision))
@@ -150,6 +167,7 @@ def load_causal_lm(base_dir: Path, device: str, precision: str, trust_remote_cod
     from safetensors.torch import load_file
 
     _ipex_device(device)
+    _quiet_ipex_llm()
     with tempfile.TemporaryDirectory(prefix="loraflow-ipex-low-bit-") as tmp:
         for name in LOW_BIT_FILES:
             if (base_dir / name).is_file():
