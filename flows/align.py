@@ -32,6 +32,9 @@ def align(config: FinetuneConfig, preferences: DpoFinetuneConfig) -> dict[str, d
     """
     if config.objective != "sft" or preferences.objective != "dpo":
         raise LoraflowError("align takes an SFT config (objective sft) and a DPO config (objective dpo), in that order")
+    if config.model.backend != "native":  # (checked now, not after the SFT half has trained)
+        raise LoraflowError(f"align's DPO half shares the SFT half's model section, and model.backend {config.model.backend} "
+                            "trains SFT only: use model.backend: native")
     supervised = sft_flow(config)
     start = supervised["adapter"].uri
     preferences = preferences.model_copy(update={

@@ -240,9 +240,10 @@ def served_deployments(config: dict, watch_prefix: str | None, interval: float) 
         for name in ("config", "preferences"):
             if name in parameters:
                 own = parameters[name]
-                # A DPO config keeps its own preference data and settings; model and store are the served config's.
+                # A DPO config keeps its own preference data and settings; model and store are the served config's
+                # (on the native backend: the ipex-llm one trains SFT only).
                 parameters[name] = config if own.get("objective") != "dpo" else {
-                    **own, "storage": config["storage"], "model": config["model"],
+                    **own, "storage": config["storage"], "model": {**config["model"], "backend": "native"},
                     "data": {**own["data"], "path": str(DEPLOYMENTS_YAML.parents[1] / own["data"]["path"])}}
         if "prefix" in parameters:
             parameters.update(prefix=watch_prefix or parameters["prefix"], storage=config["storage"])

@@ -150,3 +150,24 @@ def test_a_python_without_ipex_llm_is_refused_by_the_env_check_in_one_line(tiny_
         check_environment(build_config(ipex_config(tiny_model, tmp_path)))
     assert str(refused.value).startswith(f"{Path(sys.executable).parents[1]}/bin/python cannot import ipex-llm")
     assert "Traceback" not in str(refused.value)
+
+
+def test_served_deployments_of_an_ipex_llm_config_keep_dpo_on_the_native_backend(tiny_model, tmp_path):
+    """`loraflow serve --config` with backend ipex-llm: the SFT deployments train through it; the DPO one, whose model
+    section is the served config's, stays on the native backend (ipex-llm trains SFT only) and validates."""
+    from loraflow.cli import served_deployments
+    from loraflow.config import build_config
+
+    served = {deployment.name: deployment for deployment in served_deployments(ipex_config(tiny_model, tmp_path), None, 60)}
+    assert served["sft-local"].parameters["config"]["model"]["backend"] == "ipex-llm"
+    dpo = served["dpo-local"].parameters["config"]
+    assert dpo["model"]["backend"] == "native" and build_config(dpo).objective == "dpo"
+
+
+def test_align_refuses_an_ipex_llm_config_before_training(tiny_model, tmp_path):
+    from flows.align import align
+
+    preferences = {"objective": "dpo", "storage": str(tmp_path), "model": {"base": str(tiny_model)},
+                   "data": {"path": str(REPO / "loraflow/data/sample/orca_dpo_pairs_sample.jsonl")}}
+    with pytest.raises(LoraflowError, match="trains SFT only"):
+        align.fn(build_config(ipex_config(tiny_model, tmp_path)), build_config(preferences))
