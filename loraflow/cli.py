@@ -470,11 +470,18 @@ def cmd_plan(args) -> int:
     from loraflow.plan import check_fits, choose_precision, context_warning, estimate_memory, free_memory_bytes
 
     config = load_config(args.config, args.set or [])
-    device = native.resolve_device(config.train.device)
+    quantization = config.model.quantization
+    if config.model.backend == "ipex-llm":  # (its own environment decides the device and the low-bit format)
+        from loraflow.envcheck import ipex_llm_device
+        from loraflow.models import ipex_llm
+
+        device = ipex_llm_device(config, {})
+        quantization = f"{ipex_llm.low_bit_format(device)} with ipex-llm (estimated as NF4, of about its size)"
+    else:
+        device = native.resolve_device(config.train.device)
     precision, why = choose_precision(config.train.precision, device, native.bf16_supported(device))
     estimate = estimate_memory(config, native.resolve_model_path(config.model.base), precision)
-    print(f"{config.model.base} on {device} ({precision}: {why}), {config.lora.method} adapter, "
-          f"quantization {config.model.quantization}:")
+    print(f"{config.model.base} on {device} ({precision}: {why}), {config.lora.method} adapter, quantization {quantization}:")
     print("\n".join(estimate.lines()))
     fits, said = check_fits(estimate, device, free_memory_bytes(device))
     print(said if not fits else f"fits: {said} (the estimate is a lower bound: the process itself adds about 170 MiB on a "
@@ -486,8 +493,14 @@ def cmd_plan(args) -> int:
 
 def cmd_doctor(args) -> int:
     from loraflow.envcheck import describe_environment
+    from loraflow.models import ipex_llm
 
-    print(json.dumps(describe_environment(), indent=2))
+    report = describe_environment()
+    try:  # the ipex-llm backend's own environment (model.backend: ipex-llm), where there is one
+        report["ipex_llm_environment"] = ipex_llm.probe(log=lambda line: None)
+    except LoraflowError as error:
+        report["ipex_llm_environment"] = f"not available: {error}"
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -47,7 +47,7 @@ def describe_environment() -> dict:
     }
 
 
-def _ipex_llm_device(config: FinetuneConfig, report: dict) -> str:
+def ipex_llm_device(config: FinetuneConfig, report: dict) -> str:
     """model.backend ipex-llm: the device and libraries of its own environment are the ones training uses."""
     from loraflow.models import ipex_llm
 
@@ -80,7 +80,7 @@ def check_environment(config: FinetuneConfig) -> dict:
     """The environment report, or a LoraflowError naming what the config asks for and the machine lacks."""
     report = describe_environment()
     if config.model.backend == "ipex-llm":
-        device = _ipex_llm_device(config, report)
+        device = ipex_llm_device(config, report)
     else:
         device = native.resolve_device(config.train.device)
     report["device"] = device

@@ -171,3 +171,16 @@ def test_align_refuses_an_ipex_llm_config_before_training(tiny_model, tmp_path):
                    "data": {"path": str(REPO / "loraflow/data/sample/orca_dpo_pairs_sample.jsonl")}}
     with pytest.raises(LoraflowError, match="trains SFT only"):
         align.fn(build_config(ipex_config(tiny_model, tmp_path)), build_config(preferences))
+
+
+def test_plan_and_doctor_speak_of_the_pinned_environment(pinned_python, tiny_model, tmp_path, capsys):
+    import yaml
+
+    from loraflow.cli import main
+
+    config = tmp_path / "ipex.yaml"
+    config.write_text(yaml.safe_dump(ipex_config(tiny_model, tmp_path / "store")))
+    assert main(["plan", str(config)]) == 0
+    assert "quantization sym_int4 with ipex-llm" in capsys.readouterr().out.splitlines()[0]
+    assert main(["doctor"]) == 0
+    assert json.loads(capsys.readouterr().out)["ipex_llm_environment"]["python"] == pinned_python
