@@ -152,8 +152,9 @@ def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord
                 relay.poll(client)
                 time.sleep(2)
                 run = client.read_flow_run(run.id)
-            # The job's last lines reach the server after its final state: wait (briefly) for its closing line.
-            deadline = time.time() + 30
+            # The job's last lines reach the server after its final state: wait (briefly) for its closing line. A job
+            # that crashed (its process killed) may never send one: it is waited for only a few seconds.
+            deadline = time.time() + (30 if run.state.is_completed() else 5)
             while not relay.poll(client) and time.time() < deadline:
                 time.sleep(0.5)
     except BaseException:

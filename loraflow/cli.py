@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -629,6 +630,9 @@ def _exit_without_teardown(code: int) -> None:
 def _main(argv: list[str] | None) -> int:
     _quiet_libraries()
     args = parser().parse_args(argv)
+    # SIGTERM (kill, systemd, a job scheduler) ends a command as Ctrl-C does: the run ends Crashed and Prefect's
+    # temporary server is stopped. By default it killed this process at once and left that server running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return args.handler(args)
     except LoraflowError as error:

@@ -1,6 +1,7 @@
 """Retrying a failed run redoes nothing that finished; a killed trainer resumes from the store."""
 
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -152,3 +153,22 @@ def test_train_stage_timeout_through_the_flow_leaves_no_trainer(prefect_server, 
     assert "training exceeded its 8 s timeout (train.timeout_s); its process group was killed" in state.message
     time.sleep(0.5)
     assert not _descendants_alive(str(tmp_path / "store"))
+
+
+def test_the_first_log_after_a_resume_counts_only_its_own_tokens(tmp_path):
+    """A resumed run's state starts at its checkpoint's token count; tokens/s of its first log once counted every token
+    since step 0 (about 30x the real speed)."""
+    from types import SimpleNamespace
+
+    from loraflow.storage import ArtifactStore
+    from loraflow.train import _callbacks
+
+    metrics = tmp_path / "metrics.jsonl"
+    [callback] = _callbacks(ArtifactStore(str(tmp_path / "store")), "unused", metrics, "cpu", True, resumed=True)
+    args = SimpleNamespace(fp16=False, learning_rate=1e-3)
+    callback.on_train_begin(args, SimpleNamespace(num_input_tokens_seen=100_000), None)
+    time.sleep(0.5)
+    callback.on_log(args, SimpleNamespace(global_step=101, epoch=1.0, max_steps=200, num_input_tokens_seen=101_000), None,
+                    logs={"loss": 1.0})
+    speed = json.loads(metrics.read_text().splitlines()[-1])["tokens_per_s"]
+    assert 1_000 / 2 < speed <= 1_000 / 0.5  # 1,000 tokens in about half a second, not 101,000

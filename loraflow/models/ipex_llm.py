@@ -47,8 +47,8 @@ def python_executable() -> str:
     if not python.is_file():
         where = f"{PYTHON_VARIABLE} is {configured}, which does not exist" if configured else f"there is no {python}"
         raise LoraflowError(f"model.backend ipex-llm runs in its own Python environment, and {where}: build it with "
-                            f"infra/envs/ipex-llm/setup (or set {PYTHON_VARIABLE} to that environment's python), or set "
-                            "model.backend: native")
+                            f"infra/envs/ipex-llm/setup (or set {PYTHON_VARIABLE} to that environment's python; on a work "
+                            "pool's host, the pool's ipex_llm_python variable), or set model.backend: native")
     return str(python)
 
 
