@@ -655,6 +655,6 @@ if __name__ == "__main__":
     # Everything is committed to the store and closed by now, and every collective is done (saving the adapter was the
     # last): skip the interpreter's teardown (freeing the model and every library's state: 1.4 s on the CPU). A rank
     # of a process group too: left to the teardown, gloo's threads were once destroyed still running ("terminate
-    # called without an active exception", SIGABRT) in a rank that had finished, and destroy_process_group once hung
-    # a finished rank under torch 2.1 (the ipex-llm backend's environment).
+    # called without an active exception", SIGABRT) in a rank that had finished; with destroy_process_group called
+    # first, a finished rank was once seen hanging under torch 2.1 (the ipex-llm backend's environment).
     os._exit(code)
