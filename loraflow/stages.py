@@ -253,9 +253,14 @@ def inject_adapter(config: FinetuneConfig, env: StageRecord, sources: StageRecor
             report = ipex_llm.run_command("init-adapter", str(_base_dir(store, base)), str(out), "--device", env.metrics["device"],
                                           "--precision", env.metrics["precision"], "--lora", json.dumps(lora),
                                           "--seed", str(config.train.seed), *_trust_flag(config), log=log)
-            log(f"{config.lora.describe(native.describe_targets(report['target_modules']))} (ipex-llm QLoRA layers): "
-                f"{report['trainable_params']:,} trainable of {report['total_params']:,} parameters ({report['trainable_percent']}%)")
-            return report
+            layers = " (ipex-llm QLoRA layers)"
+        else:
+            report, layers = native_adapter(out), ""
+        log(f"{config.lora.describe(native.describe_targets(report['target_modules']))}{layers}: {report['trainable_params']:,} "
+            f"trainable of {report['total_params']:,} parameters ({report['trainable_percent']}%)")
+        return report
+
+    def native_adapter(out: Path) -> dict:
         model = native.load_causal_lm(_base_dir(store, base), env.metrics["device"], env.metrics["precision"], None, config.model.trust_remote_code)
         model = native.prepare_for_training(model, base.metrics["in_store"], gradient_checkpointing=False)  # (init only)
         # (the model's own tokenizer: prompt tuning may start its virtual tokens from a text's embeddings)
@@ -263,8 +268,6 @@ def inject_adapter(config: FinetuneConfig, env: StageRecord, sources: StageRecor
         peft_model, report = native.inject_adapter(model, config.lora, config.train.seed, Path(sources.metrics["model_path"]),
                                                    train_embeddings=new_vocabulary)
         peft_model.save_pretrained(str(out / "adapter"))
-        log(f"{config.lora.describe(native.describe_targets(report['target_modules']))}: {report['trainable_params']:,} trainable of "
-            f"{report['total_params']:,} parameters ({report['trainable_percent']}%)")
         return report
 
     return reuse_or_build(store, LORA.name, key, LORA.uri(store, key), build, log)

@@ -94,12 +94,6 @@ def low_bit_format(device: str) -> str:
     return "nf4" if device == "xpu" else "sym_int4"
 
 
-def _dtype(precision: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
 def _ipex_device(device: str) -> None:
     if device == "xpu":
         import intel_extension_for_pytorch  # noqa: F401  (registers torch.xpu with the torch 2.1 of this environment)
@@ -131,7 +125,9 @@ def _probe() -> dict:
 def _from_pretrained_options(precision: str) -> dict:
     # optimize_model off: ipex-llm's inference rewrites of attention have no backward; the output head stays full
     # precision (as QLoRA keeps it): the settings of ipex-llm's own QLoRA example.
-    return {"optimize_model": False, "torch_dtype": _dtype(precision), "modules_to_not_convert": ["lm_head"]}
+    from loraflow.models.native import torch_dtype
+
+    return {"optimize_model": False, "torch_dtype": torch_dtype(precision), "modules_to_not_convert": ["lm_head"]}
 
 
 def quantize(model_path: Path, out: Path, device: str, precision: str, trust_remote_code: bool = False) -> dict:
@@ -238,11 +234,11 @@ def init_adapter(base_dir: Path, out: Path, device: str, precision: str, lora: d
     torch.manual_seed(seed)
     from ipex_llm.transformers.qlora import get_peft_model
 
+    from loraflow.models.native import trainable_report
+
     peft_model = _saves_standard_config(get_peft_model(model, _lora_config(lora)))
     peft_model.save_pretrained(str(out / "adapter"))
-    trainable, total = peft_model.get_nb_trainable_parameters()
-    return {"method": "lora", "target_modules": sorted(lora["target_modules"]), "trainable_params": trainable,
-            "total_params": total, "trainable_percent": round(100 * trainable / total, 4)}
+    return trainable_report(peft_model, "lora", sorted(lora["target_modules"]))
 
 
 def main(argv: list[str] | None = None) -> int:

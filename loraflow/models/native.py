@@ -371,7 +371,12 @@ def inject_adapter(model, lora, seed: int, tokenizer_dir: Path | None = None, tr
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)
     save_embeddings_once(peft_model)
-    trainable, total = peft_model.get_nb_trainable_parameters()
     targets = sorted(config.target_modules) if getattr(config, "target_modules", None) else []
-    return peft_model, {"method": lora.method, "target_modules": targets, "trainable_params": trainable, "total_params": total,
-                        "trainable_percent": round(100 * trainable / total, 4)}
+    return peft_model, trainable_report(peft_model, lora.method, targets)
+
+
+def trainable_report(peft_model, method: str, targets: list[str]) -> dict:
+    """What an adapter trains against the model's parameters: the lora stage's record (the summary and compare show it)."""
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    return {"method": method, "target_modules": targets, "trainable_params": trainable, "total_params": total,
+            "trainable_percent": round(100 * trainable / total, 4)}
