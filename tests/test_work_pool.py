@@ -345,8 +345,14 @@ def test_dpo_hands_training_to_the_pool_with_its_precomputed_reference(pool, tin
 
     with server.client_settings():
         assert task_states(job.id)["reference"] == "Completed"  # a task of the pool job, not of the fine-tune
-    messages = [log.message for log in _logs(server, run.id)]
-    assert any(m.startswith("[pool job] trained adapter committed") for m in messages), (len(messages), messages[-20:])
+    # The run's state is final before its process has sent its last batches of log lines: they are read until there.
+    deadline = time.time() + 60
+    while True:
+        messages = [log.message for log in _logs(server, run.id)]
+        if any(m.startswith("[pool job] trained adapter committed") for m in messages):
+            break
+        assert time.time() < deadline, (len(messages), messages[-20:])
+        time.sleep(1)
     [summary] = (tmp_path / "store" / "runs").glob("pooled-dpo-*/checkpoints/final/train_summary.json")
     assert json.loads(summary.read_text())["reference_forwards"] == 0
 
