@@ -166,7 +166,8 @@ def cmd_sweep(args) -> int:
     changed = differing(list(runs.values()))
     print(f"\nvariants ranked by {args.metric} ({'higher' if args.higher_is_better else 'lower'} is better):")
     for place, (name, value) in enumerate(rank_variants(results, args.metric, args.higher_is_better), start=1):
-        settings = describe({key: runs[name].settings.get(key) for key in changed})
+        # (a setting this variant's method lacks, e.g. lora.r of an IA3 variant, is left out)
+        settings = describe({key: value for key in changed if (value := runs[name].settings.get(key)) not in (None, [])})
         print(f"  {place}. {name:<20} {value:.4g}  {settings}  {results[name]['adapter'].uri}")
     return 0
 

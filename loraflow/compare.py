@@ -79,7 +79,8 @@ def read_run(store: ArtifactStore, run: str) -> RunFacts:
                      "lora.use_dora": adapter.get("use_dora"), "lora.use_rslora": adapter.get("use_rslora"),
                      "lora.num_virtual_tokens": adapter.get("num_virtual_tokens"),
                      "lora.prompt_init_text": adapter.get("prompt_tuning_init_text"),
-                     "lora.target": sorted(adapter.get("target_modules") or [])}
+                     "lora.target": sorted(adapter.get("target_modules") or []),
+                     "lora.feedforward": sorted(adapter["feedforward_modules"]) if adapter.get("feedforward_modules") else None}
     except (FileNotFoundError, KeyError):
         pass
     lora_stage = (store.manifest(spec["lora_uri"]) or {}).get("metrics", {})  # (what the adapter trains: methods differ most here)

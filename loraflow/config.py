@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator, model_validator
 
 from loraflow.errors import LoraflowError
 
@@ -131,87 +131,210 @@ ADAPTER_METHODS = ("lora", "ia3", "prompt-tuning", "prefix-tuning")
 PROMPT_METHODS = ("prompt-tuning", "prefix-tuning")  # virtual tokens, not weights: nothing to merge, no packing
 
 
-class LoraSettings(_Section):
-    """The adapter injected into the base: LoRA (and its DoRA / rsLoRA variants), IA3, prompt tuning or prefix tuning,
-    all through PEFT. Each field says which methods it applies to."""
+def _module_list(value, keywords: tuple[str, ...]):
+    # `--set lora.target=q_proj`: one module name, the same as a list of one.
+    return [value] if isinstance(value, str) and value not in keywords else value
 
-    method: Literal["lora", "ia3", "prompt-tuning", "prefix-tuning"] = Field(
-        "lora", title="Method",
-        description="lora: low-rank updates of the target layers (with use_dora / use_rslora for its variants). ia3: "
-        "learned rescaling of attention keys/values and the feed-forward input (far fewer parameters). prompt-tuning: "
-        "num_virtual_tokens trained input embeddings. prefix-tuning: trained keys and values in every layer. "
-        "Prompt and prefix tuning train SFT only, without packing, and cannot be merged.")
-    r: int = Field(8, title="Rank (r) (LoRA only)", ge=1, description="LoRA rank.")
-    alpha: int = Field(16, title="Alpha (LoRA only)", ge=1, description="LoRA alpha (scaling = alpha / r).")
+
+def _non_empty(value):
+    if isinstance(value, list) and not value:
+        raise ValueError("an explicit list must name at least one module")
+    return value
+
+
+class _Adapter(_Section):
+    """What every adapter method answers: its name in the summary, and whether it merges into the base."""
+
+    mergeable: ClassVar[bool] = True
+
+    method: str  # (each method's own Literal; declared here so that it comes first in every method's form)
+
+    def describe(self, targets: str) -> str:
+        raise NotImplementedError
+
+
+class LoraAdapter(_Adapter):
+    """LoRA: trained low-rank updates of the target layers (with DoRA and rsLoRA as switches)."""
+
+    model_config = ConfigDict(title="LoRA")
+
+    method: Literal["lora"] = Field("lora", title="Method", description="lora: low-rank updates of the target layers.")
+    r: int = Field(8, title="Rank (r)", ge=1, description="LoRA rank.")
+    alpha: int = Field(16, title="Alpha", ge=1, description="LoRA alpha (scaling = alpha / r).")
     # 0, not the alpaca-lora/QLoRA recipes' 0.05 (torchtune's LoRA recipes use 0 too): on a CPU, drawing the dropout
     # mask of every LoRA input took a quarter of each training step (bench/train.py), for a regularisation short
     # fine-tunes rarely need.
-    dropout: float = Field(0.0, title="Dropout (LoRA only)", ge=0, lt=1, description="Dropout on the LoRA input (0: none; 0.05 is the "
+    dropout: float = Field(0.0, title="Dropout", ge=0, lt=1, description="Dropout on the LoRA input (0: none; 0.05 is the "
                            "QLoRA recipe's, which costs a quarter of a CPU training step).")
     target: Literal["all-linear", "attention-qv"] | list[str] = Field(
-        "all-linear", title="Target modules (LoRA, IA3)",
-        description="all-linear: every linear projection except the output head (QLoRA paper, "
-        "ipex-llm); for IA3, PEFT's attention key/value and feed-forward modules of the architecture. attention-qv: "
-        "the query and value projections (alpaca-lora, FastChat). Or an explicit list of module names.",
+        "all-linear", title="Target modules",
+        description="all-linear: every linear projection except the output head (QLoRA paper, ipex-llm). attention-qv: the "
+        "query and value projections (alpaca-lora, FastChat). Or an explicit list of module names.",
     )
-
-    use_dora: bool = Field(False, title="DoRA (LoRA only)", description="Weight-decomposed LoRA: a trained magnitude per "
-                           "output beside the low-rank direction (DoRA paper); more accurate at low ranks, slower steps.")
-    use_rslora: bool = Field(False, title="rsLoRA (LoRA only)", description="Scale updates by alpha/sqrt(r) instead of "
-                             "alpha/r, so that high ranks keep learning (rsLoRA paper).")
+    use_dora: bool = Field(False, title="DoRA", description="Weight-decomposed LoRA: a trained magnitude per output beside "
+                           "the low-rank direction (DoRA paper); more accurate at low ranks, slower steps.")
+    use_rslora: bool = Field(False, title="rsLoRA", description="Scale updates by alpha/sqrt(r) instead of alpha/r, so that "
+                             "high ranks keep learning (rsLoRA paper).")
     init: Literal["default", "gaussian"] = Field(
-        "default", title="LoRA init (LoRA only)",
+        "default", title="Initialisation",
         description="default: A random (Kaiming), B zero, so training starts from the base itself. gaussian: A drawn from "
         "a Gaussian scaled by the rank. (PiSSA and OLoRA rewrite the base weights and need a full-precision base; LoftQ "
         "needs the unquantized weights beside the NF4 base: not offered yet.)")
-    num_virtual_tokens: int = Field(20, title="Virtual tokens (prompt/prefix tuning)", ge=1, le=512,
-                                    description="Trained virtual tokens put before every input.")
-    prompt_init_text: str = Field(
-        "", title="Initial prompt text (prompt tuning)",
-        description="Start the virtual tokens from this text's token embeddings (e.g. 'Answer the question helpfully:'); "
-        "empty: random. The text is tokenized with the run's tokenizer and repeated to num_virtual_tokens.")
 
-    @property
-    def mergeable(self) -> bool:
-        return self.method not in PROMPT_METHODS
+    _target_list = field_validator("target", mode="before")(lambda value: _module_list(value, ("all-linear", "attention-qv")))
+    _target_named = field_validator("target")(_non_empty)
 
     def describe(self, targets: str) -> str:
         """The adapter in a few words, as the logs and the summary name it: `DoRA r8/alpha16 on q_proj, v_proj`."""
-        if self.method == "lora":
-            extras = [word for word, on in (("rsLoRA scaling", self.use_rslora), (f"{self.init} init", self.init != "default"),
-                                            (f"dropout {self.dropout}", self.dropout)) if on]
-            return f"{'DoRA' if self.use_dora else 'LoRA'} r{self.r}/alpha{self.alpha}" + (f" ({', '.join(extras)})" if extras else "") + f" on {targets}"
-        if self.method == "ia3":
-            return f"IA3 on {targets}"
-        initial = f", started from the text {self.prompt_init_text!r}" if self.prompt_init_text else ""
-        return f"{self.method.replace('-', ' ')} with {self.num_virtual_tokens} virtual tokens{initial}"
+        extras = [word for word, on in (("rsLoRA scaling", self.use_rslora), (f"{self.init} init", self.init != "default"),
+                                        (f"dropout {self.dropout}", self.dropout)) if on]
+        return f"{'DoRA' if self.use_dora else 'LoRA'} r{self.r}/alpha{self.alpha}" + (f" ({', '.join(extras)})" if extras else "") + f" on {targets}"
 
-    @model_validator(mode="after")
-    def _fields_of_the_method(self) -> LoraSettings:
-        """A field set for a method it does not apply to is a mistake worth saying (a DoRA run that is plain IA3)."""
-        applies = {"r": ("lora",), "alpha": ("lora",), "dropout": ("lora",), "use_dora": ("lora",), "use_rslora": ("lora",),
-                   "init": ("lora",), "target": ("lora", "ia3"), "prompt_init_text": ("prompt-tuning",),
-                   "num_virtual_tokens": PROMPT_METHODS}
-        wrong = [name for name, methods in applies.items() if self.method not in methods and getattr(self, name) != type(self).model_fields[name].default]
-        if wrong:
-            defaults = ", ".join(f"{name}={type(self).model_fields[name].default!r}" for name in wrong)
-            raise ValueError(f"{', '.join(wrong)} do{'es' if len(wrong) == 1 else ''} not apply to method {self.method}: "
-                             f"remove {'it' if len(wrong) == 1 else 'them'} (or --set the default: {defaults}), or choose "
-                             f"the method {' or '.join(applies[wrong[0]])}")
-        return self
+
+class Ia3Adapter(_Adapter):
+    """IA3: learned rescaling of attention keys/values and of the feed-forward block's input (far fewer parameters)."""
+
+    model_config = ConfigDict(title="IA3")
+
+    method: Literal["ia3"] = Field("ia3", title="Method", description="ia3: learned rescaling vectors (IA3 paper).")
+    target: Literal["all-linear"] | list[str] = Field(
+        "all-linear", title="Target modules",
+        description="all-linear: PEFT's modules for the architecture (attention keys and values, the feed-forward down "
+        "projection). Or an explicit list of module names.")
+    feedforward: Literal["auto"] | list[str] = Field(
+        "auto", title="Feed-forward modules",
+        description="Which targets are feed-forward layers, whose input is rescaled (the others' output is). auto: PEFT's for "
+        "the architecture, or among an explicit target list the down projections (down_proj, fc2, c_proj, w2, "
+        "dense_4h_to_h, fc_out). Or a list, each one of the targets.")
 
     @field_validator("target", mode="before")
     @classmethod
-    def _one_name(cls, value):
-        # `--set lora.target=q_proj`: one module name, the same as a list of one.
-        return [value] if isinstance(value, str) and value not in ("all-linear", "attention-qv") else value
+    def _target_list(cls, value):
+        if value == "attention-qv":
+            raise ValueError("attention-qv is a LoRA choice; IA3 rescales keys, values and the feed-forward input: use "
+                             "all-linear (PEFT's modules for the architecture) or list the modules")
+        return _module_list(value, ("all-linear",))
 
-    @field_validator("target")
-    @classmethod
-    def _non_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("an explicit target list must name at least one module")
-        return value
+    _target_named = field_validator("target")(_non_empty)
+    _feedforward_list = field_validator("feedforward", mode="before")(lambda value: _module_list(value, ("auto",)))
+    _feedforward_named = field_validator("feedforward")(_non_empty)
+
+    @model_validator(mode="after")
+    def _feedforward_among_targets(self) -> Ia3Adapter:
+        if isinstance(self.feedforward, list) and isinstance(self.target, list) and set(self.feedforward) - set(self.target):
+            outside = sorted(set(self.feedforward) - set(self.target))
+            raise ValueError(f"feedforward names {', '.join(outside)}, which target does not: PEFT rescales feed-forward "
+                             f"modules among the targets; add {'it' if len(outside) == 1 else 'them'} to target or remove "
+                             f"{'it' if len(outside) == 1 else 'them'} from feedforward")
+        return self
+
+    def describe(self, targets: str) -> str:
+        return f"IA3 on {targets}"
+
+
+class _VirtualTokens(_Adapter):
+    mergeable: ClassVar[bool] = False  # virtual tokens, not weights: nothing to merge
+
+    num_virtual_tokens: int = Field(20, title="Virtual tokens", ge=1, le=512, description="Trained virtual tokens put before "
+                                    "every input (SFT only, trained without packing, not merged).")
+
+    def describe(self, targets: str) -> str:
+        return f"{self.method.replace('-', ' ')} with {self.num_virtual_tokens} virtual tokens"
+
+
+class PromptTuningAdapter(_VirtualTokens):
+    """Prompt tuning: trained input embeddings of virtual tokens put before every input."""
+
+    model_config = ConfigDict(title="Prompt tuning")
+
+    method: Literal["prompt-tuning"] = Field("prompt-tuning", title="Method",
+                                             description="prompt-tuning: num_virtual_tokens trained input embeddings.")
+    prompt_init_text: str = Field(
+        "", title="Initial prompt text",
+        description="Start the virtual tokens from this text's token embeddings (e.g. 'Answer the question helpfully:'); "
+        "empty: random. The text is tokenized with the run's tokenizer and repeated to num_virtual_tokens.")
+
+    def describe(self, targets: str) -> str:
+        initial = f", started from the text {self.prompt_init_text!r}" if self.prompt_init_text else ""
+        return super().describe(targets) + initial
+
+
+class PrefixTuningAdapter(_VirtualTokens):
+    """Prefix tuning: trained keys and values of virtual tokens in every layer."""
+
+    model_config = ConfigDict(title="Prefix tuning")
+
+    method: Literal["prefix-tuning"] = Field("prefix-tuning", title="Method",
+                                             description="prefix-tuning: trained keys and values in every layer.")
+
+
+class DpoLoraAdapter(LoraAdapter):
+    """LoRA (the DPO recipe's r16/alpha16 on every linear projection)."""
+
+    model_config = ConfigDict(title="LoRA")
+
+    r: int = Field(16, title="Rank (r)", ge=1, description="LoRA rank.")
+    alpha: int = Field(16, title="Alpha", ge=1, description="LoRA alpha (scaling = alpha / r).")
+
+
+def _method_of(value) -> str:
+    # A config written by hand often leaves the method out: LoRA, as before the other methods existed.
+    return value.get("method", "lora") if isinstance(value, dict) else getattr(value, "method", "lora")
+
+
+def _one_of_methods(*methods: type[_Adapter], refused: str = ""):
+    """The `lora` section's type: one of `methods`, chosen by its `method` (LoRA when absent), each with its own fields.
+
+    The UI form then shows one tab per method with only that method's fields. Its JSON schema is an anyOf, not the
+    oneOf (with a discriminator) pydantic writes for a tagged union: Prefect's form renders a oneOf as raw JSON, and the
+    server's check refuses a value without `method` that two options accept. Both Prefect forms (the UI's v1 and v2)
+    show a value in the tab with the most field names in common with it, the first on a tie: so no method's fields may
+    all be fields of a method before it (IA3's feedforward; prefix before prompt tuning), or the form shows its value
+    in the other's tab (tests/test_adapter_methods.py checks the order)."""
+    by_method = {method.model_fields["method"].default: method for method in methods}
+
+    def fields_of_the_method(value):
+        """A field of another method is a mistake worth saying (a DoRA run that is plain IA3) unless it holds that method's
+        default: a config dumped from one method and switched to another (a sweep over lora.method) carries them."""
+        if not isinstance(value, dict):
+            return value
+        method = _method_of(value)
+        chosen = by_method.get(method) if isinstance(method, str) else None
+        if chosen is None:
+            raise ValueError(f"method {method!r} is not one of {', '.join(by_method)}{refused}")
+        kept, wrong = {}, []
+        for name, given in value.items():
+            owners = [other for other in by_method.values() if name in other.model_fields and other is not chosen]
+            if name in chosen.model_fields or not owners:
+                kept[name] = given  # (an unknown name is left to extra="forbid")
+            elif all(given != owner.model_fields[name].default for owner in owners):
+                wrong.append((name, owners[0]))
+        if wrong:
+            names = [name for name, _ in wrong]
+            defaults = ", ".join(f"{name}={owner.model_fields[name].default!r}" for name, owner in wrong)
+            belongs = " or ".join(owner.model_fields["method"].default for owner in by_method.values() if names[0] in owner.model_fields)
+            raise ValueError(f"{', '.join(names)} do{'es' if len(names) == 1 else ''} not apply to method {method}: "
+                             f"remove {'it' if len(names) == 1 else 'them'} (or --set the default: {defaults}), or choose "
+                             f"the method {belongs}")
+        return kept
+
+    choice = Union[tuple(Annotated[adapter, Tag(method)] for method, adapter in by_method.items())]  # noqa: UP007 (built at runtime)
+    return Annotated[choice, Discriminator(_method_of), BeforeValidator(fields_of_the_method), Field(json_schema_extra=_as_any_of)]
+
+
+def _as_any_of(schema: dict) -> None:
+    schema["anyOf"] = schema.pop("oneOf")
+    schema.pop("discriminator", None)
+
+
+AdapterSettings = _one_of_methods(LoraAdapter, Ia3Adapter, PrefixTuningAdapter, PromptTuningAdapter)
+DpoAdapterSettings = _one_of_methods(DpoLoraAdapter, Ia3Adapter, refused=" (prompt and prefix tuning are SFT only: TRL's "
+                                     "DPOTrainer trains LoRA or IA3 adapters)")
+
+
+def adapter_settings(tree: dict) -> LoraAdapter | Ia3Adapter | PromptTuningAdapter | PrefixTuningAdapter:
+    """A stored config's lora section as its method's settings (a record's config, read back)."""
+    return TypeAdapter(AdapterSettings).validate_python(tree)
 
 
 class TrainSettings(_Section):
@@ -420,7 +543,8 @@ class FinetuneConfig(_Section):
     storage: str = Field("./loraflow-store", title="Artifact store", description="Artifact store: a local path or any fsspec URL (s3://bucket/prefix).")
     model: ModelSettings = Field(title="Model")
     data: DataSettings = Field(title="Data")
-    lora: LoraSettings = Field(LoraSettings(), title="LoRA adapter")
+    lora: AdapterSettings = Field(LoraAdapter(), title="Adapter", description="The adapter PEFT trains on the base: LoRA "
+                                  "(with DoRA and rsLoRA), IA3, prompt tuning or prefix tuning, each with its own fields.")
     train: TrainSettings = Field(TrainSettings(), title="Train")
     merge: MergeSettings = Field(MergeSettings(), title="Merge")
     evaluation: EvaluationSettings = Field(EvaluationSettings(), title="Evaluation")
@@ -466,9 +590,6 @@ class FinetuneConfig(_Section):
                              "or remove data.new_tokens")
         if self.model.backend == "ipex-llm":
             _ipex_llm_supports(self)
-        if self.objective == "dpo" and self.lora.method in PROMPT_METHODS:
-            raise ValueError(f"lora.method {self.lora.method} is for SFT: TRL's DPOTrainer trains LoRA or IA3 adapters; "
-                             "choose lora.method lora or ia3")
         return self
 
 
@@ -476,13 +597,14 @@ def _ipex_llm_supports(config: FinetuneConfig) -> None:
     """model.backend ipex-llm trains what ipex-llm 2.2's QLoRA and the libraries of its environment can: an SFT LoRA on its
     low-bit base, without the features that need the main environment's newer libraries."""
     lora, train = config.lora, config.train
+    variant = lora if isinstance(lora, LoraAdapter) else LoraAdapter()  # (the other methods are refused below)
     unsupported = [  # (the setting as it is, what to do instead)
         (config.objective != "sft", f"objective {config.objective} (TRL's DPOTrainer is in the main environment)", "use model.backend: native"),
         (config.model.quantization != "nf4", "model.quantization none (the backend trains its own low-bit base)", "use model.quantization: nf4"),
         (lora.method != "lora", f"lora.method {lora.method} (ipex-llm's QLoRA layers are LoRA's)", "use lora.method: lora"),
-        (lora.use_dora, "lora.use_dora", "set it to false"),
-        (lora.use_rslora, "lora.use_rslora", "set it to false"),
-        (lora.init != "default", f"lora.init {lora.init}", "use lora.init: default"),
+        (variant.use_dora, "lora.use_dora", "set it to false"),
+        (variant.use_rslora, "lora.use_rslora", "set it to false"),
+        (variant.init != "default", f"lora.init {variant.init}", "use lora.init: default"),
         (bool(config.data.new_tokens), "data.new_tokens", "remove them"),
         (train.launcher == "deepspeed" or bool(train.deepspeed_zero), "DeepSpeed (train.launcher, train.deepspeed_zero)",
          "use train.launcher: local, torchrun or mpirun"),
@@ -525,7 +647,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for problem in error.errors():
-        where = ".".join(str(p) for p in problem["loc"])
+        # (the lora section's loc names the method's tag too: lora.ia3.target is lora.target in the config)
+        loc = [part for index, part in enumerate(problem["loc"]) if not (index and problem["loc"][index - 1] == "lora" and part in ADAPTER_METHODS)]
+        where = ".".join(str(p) for p in loc)
         message = problem["msg"].removeprefix("Value error, ")
         given = problem.get("input")
         shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
@@ -560,13 +684,6 @@ class DpoDataSettings(DataSettings):
     val_set_size: int = _same_field(DataSettings, "val_set_size", 0)
 
 
-class DpoLoraSettings(LoraSettings):
-    """The LoRA adapter (the DPO recipe's r16/alpha16 on every linear projection)."""
-
-    r: int = _same_field(LoraSettings, "r", 16)
-    alpha: int = _same_field(LoraSettings, "alpha", 16)
-
-
 class DpoTrainSettings(TrainSettings):
     """The optimisation and where it runs (the ipex-llm DPO recipe and TRL's: lr 5e-5, micro batch 4 x
     accumulation 4, 200 steps, linear schedule with 10% warmup, max_grad_norm 1.0)."""
@@ -589,7 +706,7 @@ class DpoFinetuneConfig(FinetuneConfig):
 
     objective: Literal["dpo"] = Field("dpo", title="Objective", description="dpo: preference tuning on chosen/rejected pairs.")
     data: DpoDataSettings = Field(title="Data")
-    lora: DpoLoraSettings = _same_field(FinetuneConfig, "lora", DpoLoraSettings())
+    lora: DpoAdapterSettings = _same_field(FinetuneConfig, "lora", DpoLoraAdapter())
     train: DpoTrainSettings = _same_field(FinetuneConfig, "train", DpoTrainSettings())
     dpo: DpoSettings = Field(DpoSettings(), title="DPO")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from loraflow.config import LoraSettings
+from loraflow.config import adapter_settings
 from loraflow.storage import ArtifactStore, StageRecord, browser_url
 from loraflow.registry import ADAPTER, BASE, DATASET, EVALUATION, LORA, MERGED, TRAIN
 
@@ -299,7 +299,7 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
     dropped = ", ".join(f"{count} {reason}" for reason, count in data.get("rows_dropped", {}).items()) or "none"
     percentiles = data.get("token_length_percentiles", {})
     resumed = _resume_note(train)
-    adapter = LoraSettings.model_validate(config["lora"])
+    adapter = adapter_settings(config["lora"])
     lines = [
         f"# Fine-tune `{run_uri.rsplit('/', 1)[-1]}`",
         "",

@@ -4,17 +4,17 @@ original base with PeftModel.from_pretrained and reproduces the trained model, a
 import pytest
 import torch
 
-from loraflow.config import LoraSettings
+from loraflow.config import Ia3Adapter, LoraAdapter, PrefixTuningAdapter, PromptTuningAdapter
 from loraflow.models import native
 
 METHODS = {
-    "lora": LoraSettings(),
-    "dora": LoraSettings(use_dora=True),
-    "rslora": LoraSettings(use_rslora=True, r=16),
-    "lora-gaussian-init": LoraSettings(init="gaussian"),
-    "ia3": LoraSettings(method="ia3"),
-    "prompt-tuning": LoraSettings(method="prompt-tuning", num_virtual_tokens=8, prompt_init_text="Answer the question:"),
-    "prefix-tuning": LoraSettings(method="prefix-tuning", num_virtual_tokens=8),
+    "lora": LoraAdapter(),
+    "dora": LoraAdapter(use_dora=True),
+    "rslora": LoraAdapter(use_rslora=True, r=16),
+    "lora-gaussian-init": LoraAdapter(init="gaussian"),
+    "ia3": Ia3Adapter(),
+    "prompt-tuning": PromptTuningAdapter(num_virtual_tokens=8, prompt_init_text="Answer the question:"),
+    "prefix-tuning": PrefixTuningAdapter(num_virtual_tokens=8),
 }
 
 
@@ -85,7 +85,7 @@ def test_each_method_trains_on_an_nf4_base(name, tiny_model, tokenizer):
 
 
 def test_prompt_tuning_starts_from_the_texts_embeddings(tiny_model, tokenizer):
-    settings = LoraSettings(method="prompt-tuning", num_virtual_tokens=8, prompt_init_text="Answer the question:")
+    settings = PromptTuningAdapter(num_virtual_tokens=8, prompt_init_text="Answer the question:")
     model, _ = native.inject_adapter(_load(tiny_model, quantized=False), settings, seed=0, tokenizer_dir=tiny_model)
     ids = tokenizer("Answer the question:")["input_ids"]  # (as PEFT tokenizes it: with the BOS token)
     expected = (ids * 8)[:8]  # repeated up to num_virtual_tokens
@@ -102,8 +102,36 @@ def test_a_setting_of_another_method_is_refused_with_the_method_it_belongs_to():
         build_config({**base, "lora": {"method": "ia3", "use_dora": True}})
     with pytest.raises(LoraflowError, match=r"lora: r does not apply to method prompt-tuning: remove it \(or --set the default: r=8\), or choose the method lora"):
         build_config({**base, "lora": {"method": "prompt-tuning", "r": 16}})
-    with pytest.raises(LoraflowError, match=r"lora.method prefix-tuning is for SFT: TRL's DPOTrainer trains LoRA or IA3 adapters"):
+    with pytest.raises(LoraflowError, match=r"lora: method 'prefix-tuning' is not one of lora, ia3 \(prompt and prefix tuning are SFT "
+                                            r"only: TRL's DPOTrainer trains LoRA or IA3 adapters\)"):
         build_config({**base, "objective": "dpo", "lora": {"method": "prefix-tuning"}})
+    # A setting at its default (a config dumped from LoRA, then switched: a sweep over lora.method) is dropped.
+    lora_dump = build_config({**base, "objective": "dpo"}).model_dump(mode="json")["lora"]
+    assert lora_dump["r"] == 16  # (the DPO recipe's)
+    assert build_config({**base, "objective": "dpo", "lora": {**lora_dump, "method": "ia3"}}).lora.model_dump() == {
+        "method": "ia3", "target": "all-linear", "feedforward": "auto"}
+    # Each field is checked where it belongs: IA3's own target choices, its feed-forward modules among its targets.
+    with pytest.raises(LoraflowError, match=r"lora.target: attention-qv is a LoRA choice"):
+        build_config({**base, "lora": {"method": "ia3", "target": "attention-qv"}})
+    with pytest.raises(LoraflowError, match=r"lora: feedforward names fc2, which target does not"):
+        build_config({**base, "lora": {"method": "ia3", "target": ["k_proj", "v_proj"], "feedforward": "fc2"}})
+    with pytest.raises(LoraflowError, match=r"lora.nope: Extra inputs are not permitted"):
+        build_config({**base, "lora": {"method": "ia3", "nope": 1}})
+
+
+@pytest.mark.parametrize("config_class", ["FinetuneConfig", "DpoFinetuneConfig"])
+def test_the_form_shows_each_method_in_its_own_tab(config_class):
+    """Prefect's forms show a lora value in the tab (anyOf option) with the most field names in common with it, the first
+    on a tie: no method's fields may all be fields of a method before it. (In Chromium: tests/test_browser_ui.py.)"""
+    import loraflow.config
+
+    schema = getattr(loraflow.config, config_class).model_json_schema(ref_template="#/definitions/{model}")
+    options = [schema["$defs"][option["$ref"].rsplit("/", 1)[-1]] for option in schema["properties"]["lora"]["anyOf"]]
+    assert "oneOf" not in schema["properties"]["lora"]  # (a oneOf is a raw JSON box in the v1 form)
+    assert [option["properties"]["method"]["const"] for option in options][:2] == ["lora", "ia3"]
+    for index, option in enumerate(options):
+        for earlier in options[:index]:
+            assert not set(option["properties"]) <= set(earlier["properties"]), (option["title"], earlier["title"])
 
 
 @pytest.mark.slow

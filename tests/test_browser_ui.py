@@ -83,6 +83,29 @@ def test_deployment_form_and_finished_run_artifacts_in_chromium(browser, tiny_mo
         values = form.locator("input, textarea").evaluate_all("fields => fields.map(field => field.value)")
         assert "./loraflow-demo/models/tiny-llama" in values and "0.01" in values  # the deployment's defaults fill the form
 
+        # The adapter: a tab per method with only its fields, in both of Prefect's UIs (a deep link opens v1; the
+        # server's root opens v2); a run started from a tab gets that method's settings.
+        v2_form = _page(browser, f"{ui}/v2/deployments/deployment/{deployment.id}/run", "Peak learning rate.")
+        for page in (form, v2_form):
+            for tab, shown, hidden in [("IA3", "Feed-forward modules", "Rank (r)"), ("Prefix tuning", "Virtual tokens", "Initial prompt text"),
+                                       ("Prompt tuning", "Initial prompt text", "Feed-forward modules"), ("LoRA", "Rank (r)", "Virtual tokens")]:
+                page.get_by_text(tab, exact=True).first.click()
+                page.get_by_text(shown, exact=False).first.wait_for(timeout=10_000)
+                assert hidden not in page.inner_text("body"), f"{tab} tab shows {hidden}"
+        v2_form.get_by_text("IA3", exact=True).first.click()
+        _screenshot(v2_form, "sft-deployment-run-form-ia3")
+        v2_form.get_by_role("button", name="Submit").click()
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+        from loraflow.config import Ia3Adapter, build_config
+
+        deadline = time.time() + 30
+        with server.client_settings(), get_client(sync_client=True) as client:
+            while not (started := client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))):
+                assert time.time() < deadline, "the form's Submit started no run"
+                time.sleep(0.5)
+        assert build_config(started[0].parameters["config"]).lora == Ia3Adapter()
+
         console: list[str] = []
         run_page = browser.new_page(viewport={"width": 1400, "height": 2000})
         run_page.on("console", lambda message: console.append(message.text))

@@ -64,8 +64,14 @@ def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
     sft = _deployment(server, "loraflow-sft/sft-xpu")
     assert [schedule.active for schedule in sft.schedules] == [False]  # the example schedule is off
     sections = sft.parameter_openapi_schema["definitions"]
-    assert {"FinetuneConfig", "ModelSettings", "DataSettings", "LoraSettings", "TrainSettings", "MergeSettings"} <= set(sections)
-    for section in ("ModelSettings", "DataSettings", "LoraSettings", "TrainSettings", "MergeSettings"):
+    adapters = ("LoraAdapter", "Ia3Adapter", "PrefixTuningAdapter", "PromptTuningAdapter")
+    assert {"FinetuneConfig", "ModelSettings", "DataSettings", "TrainSettings", "MergeSettings", *adapters} <= set(sections)
+    # The adapter: one form tab per method (an anyOf of their sections, which Prefect's forms render as tabs; a oneOf
+    # would be a JSON box), each with only its own fields.
+    assert sections["FinetuneConfig"]["properties"]["lora"]["anyOf"] == [{"$ref": f"#/definitions/{name}"} for name in adapters]
+    assert [sections[name]["title"] for name in adapters] == ["LoRA", "IA3", "Prefix tuning", "Prompt tuning"]
+    assert "r" in sections["LoraAdapter"]["properties"] and "r" not in sections["Ia3Adapter"]["properties"]
+    for section in ("ModelSettings", "DataSettings", "TrainSettings", "MergeSettings", *adapters):
         for field, schema in sections[section]["properties"].items():
             assert schema.get("description"), f"{section}.{field} has no description for the UI form"
     assert sections["DataSettings"]["properties"]["template"]["enum"][:2] == ["alpaca", "alpaca_legacy"]
@@ -77,6 +83,8 @@ def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
     assert sorted(automations) == ["fine-tune each new dataset upload", "preference-tune each new preference upload"]
     dpo = _deployment(server, "loraflow-dpo/dpo-xpu")
     assert dpo.parameters["config"]["objective"] == "dpo"
+    assert dpo.parameter_openapi_schema["definitions"]["DpoFinetuneConfig"]["properties"]["lora"]["anyOf"] == [
+        {"$ref": "#/definitions/DpoLoraAdapter"}, {"$ref": "#/definitions/Ia3Adapter"}]  # (TRL's DPOTrainer trains these)
     for field, schema in dpo.parameter_openapi_schema["definitions"]["DpoSettings"]["properties"].items():
         assert schema.get("description") and schema.get("title"), f"dpo.{field} has no title or description for the UI form"
     assert set(sections["TrainSettings"]["properties"]["launcher"]["enum"]) == {"local", "torchrun", "deepspeed", "mpirun"}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loraflow.config import LoraSettings
+from loraflow.config import LoraAdapter
 from loraflow.errors import LoraflowError
 from loraflow.models.native import inject_adapter, target_modules
 
@@ -48,11 +48,11 @@ def test_explicit_list_is_checked_against_the_model():
 
 
 def test_injection_counts_trainable_parameters_and_is_seeded():
-    first, report = inject_adapter(build("llama"), LoraSettings(), seed=7)
+    first, report = inject_adapter(build("llama"), LoraAdapter(), seed=7)
     # r=8 on 7 projections of one layer: q(32→32), k(32→16), v(32→16), o(32→32), gate/up(32→64), down(64→32)
     expected = sum(8 * (i + o) for i, o in [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)])
     assert report["trainable_params"] == expected and report["total_params"] > expected
-    second, _ = inject_adapter(build("llama"), LoraSettings(), seed=7)
+    second, _ = inject_adapter(build("llama"), LoraAdapter(), seed=7)
     a = dict(first.named_parameters())
     b = dict(second.named_parameters())
     lora_a = [n for n in a if "lora_A" in n]
@@ -64,12 +64,31 @@ def test_targets_resolve_from_the_config_alone_and_a_fused_projection_is_named_a
     from loraflow.models.native import describe_targets, targets_without_weights
 
     build(kind).config.save_pretrained(tmp_path)  # config.json only: no weight file exists
-    assert targets_without_weights(tmp_path, LoraSettings(target="attention-qv")) == qv
+    assert targets_without_weights(tmp_path, LoraAdapter(target="attention-qv")) == qv
     with pytest.raises(LoraflowError, match="lora.target names nope, which this model does not have"):
-        targets_without_weights(tmp_path, LoraSettings(target=["nope"]))
+        targets_without_weights(tmp_path, LoraAdapter(target=["nope"]))
     assert describe_targets(["c_attn"]) == "c_attn (query, key and value in one fused projection, a Conv1D in GPT-2)"
     assert describe_targets(["q_proj", "v_proj"]) == "q_proj, v_proj"
 
 
 def test_one_module_name_is_a_list_of_one():  # `--set lora.target=q_proj`
-    assert LoraSettings(target="q_proj").target == ["q_proj"] and LoraSettings(target="attention-qv").target == "attention-qv"
+    assert LoraAdapter(target="q_proj").target == ["q_proj"] and LoraAdapter(target="attention-qv").target == "attention-qv"
+
+
+def test_ia3_feedforward_modules_are_peft_s_or_the_ones_named():
+    from loraflow.config import Ia3Adapter
+    from loraflow.models.native import adapter_config
+
+    model = build("llama")
+    automatic = adapter_config(model, Ia3Adapter())  # PEFT's modules for Llama
+    assert set(automatic.target_modules) == {"k_proj", "v_proj", "down_proj"} and set(automatic.feedforward_modules) == {"down_proj"}
+    by_name = adapter_config(model, Ia3Adapter(target=["k_proj", "up_proj"]))  # among a list: the down projections, none here
+    assert set(by_name.target_modules) == {"k_proj", "up_proj"} and not by_name.feedforward_modules
+    named = adapter_config(model, Ia3Adapter(target=["k_proj", "up_proj"], feedforward=["up_proj"]))
+    assert set(named.feedforward_modules) == {"up_proj"}
+    model, _ = inject_adapter(model, Ia3Adapter(target=["k_proj", "up_proj"], feedforward="up_proj"), seed=0)
+    up = model.base_model.model.model.layers[0].mlp.up_proj
+    assert up.is_feedforward and up.ia3_l["default"].shape == (1, 32)  # rescales the input (32), not the output (64)
+    with pytest.raises(LoraflowError, match=r"lora.feedforward names gate_proj, which IA3 does not target on llama \(its "
+                                            r"targets: k_proj, v_proj, down_proj\)"):
+        adapter_config(build("llama"), Ia3Adapter(feedforward=["gate_proj"]))

@@ -8,7 +8,7 @@ and the test holds either way.
 
 import torch
 
-from loraflow.config import LoraSettings
+from loraflow.config import LoraAdapter
 from loraflow.models import native
 
 
@@ -23,7 +23,7 @@ def _lora_gradients(model, ids) -> dict[str, torch.Tensor]:
 def test_lora_gradients_through_nf4_layers_are_unchanged_by_an_evaluation(tiny_model):
     model = native.load_causal_lm(tiny_model, "cpu", "bf16", native.bnb_config(False, "bf16"))
     model = native.prepare_for_training(model, quantized=True, gradient_checkpointing=False)
-    model, _ = native.inject_adapter(model, LoraSettings(r=8, target="all-linear"), seed=0)
+    model, _ = native.inject_adapter(model, LoraAdapter(r=8, target="all-linear"), seed=0)
     ids = torch.randint(4, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
 
     before = _lora_gradients(model, ids)

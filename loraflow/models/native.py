@@ -255,7 +255,7 @@ def targets_without_weights(model_path: str | Path, lora, trust_remote_code: boo
     if lora.method not in ("lora", "ia3"):
         return []
     model = meta_model(model_path, trust_remote_code)
-    return ia3_modules(model, lora.target)[0] if lora.method == "ia3" else target_modules(model, lora.target)
+    return ia3_modules(model, lora.target, lora.feedforward)[0] if lora.method == "ia3" else target_modules(model, lora.target)
 
 
 def keep_4bit_training_kernels(model) -> None:
@@ -290,7 +290,7 @@ def adapter_config(model, lora, tokenizer_dir: Path | None = None):
                           bias="none", task_type="CAUSAL_LM", use_dora=lora.use_dora, use_rslora=lora.use_rslora,
                           init_lora_weights=True if lora.init == "default" else lora.init)
     if lora.method == "ia3":
-        targets, feedforward = ia3_modules(model, lora.target)
+        targets, feedforward = ia3_modules(model, lora.target, lora.feedforward)
         return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
     if lora.method == "prompt-tuning":
         from_text = dict(prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=lora.prompt_init_text,
@@ -300,25 +300,35 @@ def adapter_config(model, lora, tokenizer_dir: Path | None = None):
 
 
 # IA3 rescales the keys and values of attention and the input of the feed-forward block's output projection (the IA3
-# paper's choice). PEFT knows these per architecture; a list in lora.target picks them by hand, and the feed-forward
-# ones among them are recognised by these names (the down projection of Llama/Mistral/Qwen, GPT-2's and Falcon's).
+# paper's choice). PEFT knows these per architecture; a list in lora.target picks them by hand, and unless
+# lora.feedforward names them, the feed-forward ones among them are recognised by these names (the down projection of
+# Llama/Mistral/Qwen, GPT-2's and Falcon's).
 FEEDFORWARD_OUTPUT_NAMES = ("down_proj", "fc2", "c_proj", "w2", "dense_4h_to_h", "fc_out")
 
 
-def ia3_modules(model, target) -> tuple[list[str], list[str]]:
+def ia3_modules(model, target, feedforward="auto") -> tuple[list[str], list[str]]:
+    """IA3's target modules on this model and the feed-forward ones among them (PEFT's IA3Config fields)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
 
+    model_type = model.config.model_type
     if isinstance(target, list):
         targets = target_modules(model, target)
-        return targets, [name for name in targets if name in FEEDFORWARD_OUTPUT_NAMES]
-    model_type = model.config.model_type
-    if target == "attention-qv" or model_type not in TARGETS:
+        automatic = [name for name in targets if name in FEEDFORWARD_OUTPUT_NAMES]
+    elif target == "attention-qv" or model_type not in TARGETS:
         raise LoraflowError(f"IA3 on {model_type}: {'PEFT has no default modules for this architecture; ' if model_type not in TARGETS else ''}"
                             f"lora.target {target} does not apply to IA3: list the attention key/value modules and the "
                             f"feed-forward down projection (its input is rescaled) in lora.target (its linear layers: {', '.join(sorted(_linear_module_names(model)))})")
-    targets = list(TARGETS[model_type])
-    return targets, [name for name in FEEDFORWARD[model_type] if name in targets]
+    else:
+        targets = list(TARGETS[model_type])
+        automatic = [name for name in FEEDFORWARD[model_type] if name in targets]
+    if feedforward == "auto":
+        return targets, automatic
+    outside = [name for name in feedforward if name not in targets]
+    if outside:
+        raise LoraflowError(f"lora.feedforward names {', '.join(outside)}, which IA3 does not target on {model_type} (its targets: "
+                            f"{', '.join(targets)}): name feed-forward modules among them, or list them in lora.target too")
+    return targets, list(feedforward)
 
 
 def fit_vocabulary(model, tokenizer, initialise: bool = False) -> bool:
