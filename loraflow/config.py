@@ -13,7 +13,19 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from loraflow.errors import LoraflowError
 
@@ -29,6 +41,11 @@ class _Section(BaseModel):
     # validate_default: a default like `num_epochs = 3` must become the same 3.0 that a file's
     # "num_epochs: 3" becomes, or equal configs would hash to different cache keys.
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _same_field(section: type[BaseModel], name: str, default: Any) -> Any:
+    """The parent's field (title, description, bounds) with another default: the DPO recipe's, which the UI form shows."""
+    return FieldInfo.merge_field_infos(section.model_fields[name], default=default)
 
 
 class ModelSettings(_Section):
@@ -178,8 +195,8 @@ class LoraAdapter(_Adapter):
     init: Literal["default", "gaussian"] = Field(
         "default", title="Initialisation",
         description="default: A random (Kaiming), B zero, so training starts from the base itself. gaussian: A drawn from "
-        "a Gaussian scaled by the rank. (PiSSA and OLoRA rewrite the base weights and need a full-precision base; LoftQ "
-        "needs the unquantized weights beside the NF4 base: not offered yet.)")
+        "a Gaussian scaled by the rank. (PiSSA and OLoRA rewrite the base weights and need a full-precision base; PEFT's "
+        "LoftQ for a 4-bit base runs on XPU or CUDA only: not offered yet.)")
 
     _target_list = field_validator("target", mode="before")(lambda value: _module_list(value, ("all-linear", "attention-qv")))
     _target_named = field_validator("target")(_non_empty)
@@ -273,8 +290,8 @@ class DpoLoraAdapter(LoraAdapter):
 
     model_config = ConfigDict(title="LoRA")
 
-    r: int = Field(16, title="Rank (r)", ge=1, description="LoRA rank.")
-    alpha: int = Field(16, title="Alpha", ge=1, description="LoRA alpha (scaling = alpha / r).")
+    r: int = _same_field(LoraAdapter, "r", 16)
+    alpha: int = _same_field(LoraAdapter, "alpha", 16)
 
 
 def _method_of(value) -> str:
@@ -658,12 +675,6 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _same_field(section: type[BaseModel], name: str, default: Any) -> Any:
-    """The parent's field (title, description) with another default: the DPO recipe's, which the UI form shows."""
-    info = section.model_fields[name]
-    return Field(default, title=info.title, description=info.description)
-
-
 class DpoDataSettings(DataSettings):
     """The preference pairs and how they become tokens (the DPO recipe's defaults)."""
 
@@ -706,7 +717,9 @@ class DpoFinetuneConfig(FinetuneConfig):
 
     objective: Literal["dpo"] = Field("dpo", title="Objective", description="dpo: preference tuning on chosen/rejected pairs.")
     data: DpoDataSettings = Field(title="Data")
-    lora: DpoAdapterSettings = _same_field(FinetuneConfig, "lora", DpoLoraAdapter())
+    # (not _same_field: that would carry the SFT adapter union's validators onto the DPO one)
+    lora: DpoAdapterSettings = Field(DpoLoraAdapter(), title=FinetuneConfig.model_fields["lora"].title,
+                                     description=FinetuneConfig.model_fields["lora"].description)
     train: DpoTrainSettings = _same_field(FinetuneConfig, "train", DpoTrainSettings())
     dpo: DpoSettings = Field(DpoSettings(), title="DPO")
 
