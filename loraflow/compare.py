@@ -111,6 +111,10 @@ def comparison_markdown(runs: list[RunFacts]) -> str:
         values = [facts.results.get(key) for facts in runs]
         if any(value is not None for value in values):
             lines.append(f"| **{label}** | " + " | ".join(_fmt(v, digits) if digits else _fmt(v) for v in values) + " |")
+    padded = [facts.run for facts in runs if facts.results.get("packed") is False]
+    if padded and len(padded) < len(runs):  # (tokens/s counts the tokens computed, padding too)
+        lines += ["", f"tokens/s of padded runs ({', '.join(f'`{run}`' for run in padded)}) counts their padding too: compare "
+                  "speed between runs that both packed or both padded."]
     evaluated = [facts for facts in runs if facts.results.get("eval_loss") is not None]
     if len(evaluated) > 1:
         best = min(evaluated, key=lambda facts: facts.results["eval_loss"])

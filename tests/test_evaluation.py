@@ -240,3 +240,12 @@ def test_a_tracker_without_its_package_or_server_is_a_user_error_before_any_stag
         check_environment(config)
     with pytest.raises(LoraflowError, match=r"report_to\.0: Input should be 'tensorboard' or 'mlflow'"):
         _config(tiny_model, tmp_path / "store", report_to=["wandb"])
+
+
+def test_compare_says_that_a_padded_run_s_tokens_per_s_counts_its_padding():
+    from loraflow.compare import RunFacts, comparison_markdown
+
+    packed = RunFacts("lora-run", {"lora.method": "lora"}, {"tokens_per_s": 900.0, "packed": True})
+    padded = RunFacts("prefix-run", {"lora.method": "prefix-tuning"}, {"tokens_per_s": 1500.0, "packed": False})
+    assert "tokens/s of padded runs (`prefix-run`) counts their padding too" in comparison_markdown([packed, padded])
+    assert "padding" not in comparison_markdown([packed, RunFacts("other", {"lora.method": "ia3"}, {"packed": True})])
