@@ -249,7 +249,7 @@ def test_the_flow_parameter_schema_is_the_config_form():
 
     from flows.sft import sft
 
-    from loraflow.config import FinetuneConfig
+    from loraflow.config import FinetuneConfig, Ia3Adapter, LoraAdapter, PrefixTuningAdapter, PromptTuningAdapter
 
     schema = parameter_schema(sft).model_dump()
     definitions = schema["definitions"]
@@ -259,7 +259,8 @@ def test_the_flow_parameter_schema_is_the_config_form():
     assert all("description" in field for field in definitions["TrainSettings"]["properties"].values())
     # The form reads naturally: every field has a title written for people (not one generated from its
     # name, like "Lr Scheduler" or "R"), and no field is nullable (the UI shows a type switcher for those).
-    sections = [FinetuneConfig, *(FinetuneConfig.model_fields[name].annotation for name in ("model", "data", "lora", "train", "merge", "evaluation"))]
+    sections = [FinetuneConfig, *(FinetuneConfig.model_fields[name].annotation for name in ("model", "data", "train", "merge", "evaluation")),
+                LoraAdapter, Ia3Adapter, PrefixTuningAdapter, PromptTuningAdapter]  # (the lora section: one per method)
     for section in sections:
         for name, field in section.model_fields.items():
             assert field.title, f"{section.__name__}.{name} has no title"
