@@ -167,7 +167,7 @@ def cmd_sweep(args) -> int:
     print(f"\nvariants ranked by {args.metric} ({'higher' if args.higher_is_better else 'lower'} is better):")
     for place, (name, value) in enumerate(rank_variants(results, args.metric, args.higher_is_better), start=1):
         # (a setting this variant's method lacks, e.g. lora.r of an IA3 variant, is left out)
-        settings = describe({key: value for key in changed if (value := runs[name].settings.get(key)) not in (None, [])})
+        settings = describe({key: setting for key in changed if (setting := runs[name].settings.get(key)) not in (None, [])})
         print(f"  {place}. {name:<20} {value:.4g}  {settings}  {results[name]['adapter'].uri}")
     return 0
 

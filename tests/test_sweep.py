@@ -2,6 +2,7 @@
 and is retried alone, and the comparison ranks the variants; an Optuna search on the same machinery."""
 
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,28 @@ def test_an_optuna_search_tries_variants_from_its_space_and_asks_for_the_same_on
 
     with pytest.raises(LoraflowError, match=r"search space lora.r: give a list of values, e.g. \[8, 16, 32\], or a range"):
         search_distributions({"lora.r": {"low": 16, "high": 8}})
+
+
+def test_the_sweep_command_ranks_variants_of_different_methods_by_their_metric(prefect_server, tiny_model, tmp_path, capsys):
+    """`loraflow sweep --grid lora.method=[lora,ia3]`: a variant switched to IA3 drops LoRA's settings at their defaults;
+    the ranking prints each variant's eval loss and only the settings its method has."""
+    import re
+
+    import yaml
+
+    from loraflow.cli import main
+    from test_sft_pipeline import sft_config
+
+    tree = sft_config(tiny_model, tmp_path / "store").model_dump(mode="json")
+    tree["merge"]["enabled"] = False
+    tree["train"].update(max_steps=2, eval_steps=2, save_steps=2)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["sweep", str(config), "--grid", "lora.method=[lora,ia3]"]) == 0
+    shown = capsys.readouterr().out
+    ranked = dict(re.findall(r"^  \d\. (test-v\d) +(\S+)  ", shown, flags=re.MULTILINE))
+    losses = {path.parent.parent.parent.name.rsplit("-", 1)[0]: json.loads(path.read_text())["eval_loss"]
+              for path in (tmp_path / "store" / "runs").glob("*/checkpoints/final/train_summary.json")}
+    assert set(ranked) == {"test-v1", "test-v2"} and all(float(ranked[name]) == pytest.approx(losses[name], rel=1e-3) for name in ranked), (ranked, losses)
+    [ia3_line] = [line for line in shown.splitlines() if "lora.method=ia3" in line]
+    assert "lora.feedforward=['down_proj']" in ia3_line and "lora.r=" not in ia3_line
