@@ -35,6 +35,9 @@ def align(config: FinetuneConfig, preferences: DpoFinetuneConfig) -> dict[str, d
     if config.model.backend != "native":  # (checked now, not after the SFT half has trained)
         raise LoraflowError(f"align's DPO half shares the SFT half's model section, and model.backend {config.model.backend} "
                             "trains SFT only: use model.backend: native")
+    if config.lora.method not in ("lora", "ia3"):  # (checked now, not after the SFT half has trained)
+        raise LoraflowError(f"align's DPO half continues the SFT half's adapter, and TRL's DPOTrainer trains LoRA or IA3 "
+                            f"adapters, not {config.lora.method}: set the SFT half's lora.method to lora or ia3")
     supervised = sft_flow(config)
     start = supervised["adapter"].uri
     preferences = preferences.model_copy(update={

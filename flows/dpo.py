@@ -14,6 +14,7 @@ from flows.common import announce_upload, finetune_run_name, inputs, outputs
 from flows.train import run_training, trainer_started_early
 from loraflow.config import DpoFinetuneConfig
 from loraflow.errors import LoraflowError
+from loraflow.stages import start_from_adapter
 from loraflow.storage import StageRecord
 from loraflow.registry import BASE, DATASET, ENV, LORA, REFERENCE, TRAIN
 from tasks.common import prepare_flow_process, stage_options
@@ -37,6 +38,8 @@ def dpo(config: DpoFinetuneConfig, dataset: str = "", upload_event: str = "") ->
     if config.objective != "dpo":
         raise LoraflowError("the loraflow-dpo flow trains objective dpo; set objective: dpo in the config (or run loraflow-sft)")
     config = config.for_run(dataset)
+    if config.starts_from_an_adapter:
+        start_from_adapter(config)  # (a wrong dpo.start_from fails now, not after the data and base stages)
     if upload_event:
         announce_upload(config, upload_event)
     with trainer_started_early(config, trains_here=not config.train.pool):  # its imports beside the stages before it

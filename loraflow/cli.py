@@ -15,6 +15,10 @@ from pathlib import Path
 
 from loraflow.errors import LoraflowError
 
+# A Prefect server that reports nothing outside: no usage analytics, and the v1 UI at its root (Prefect 3.8's v2 UI,
+# the default there, fetches its analytics library's remote config from amplitude.com on load even with analytics off).
+QUIET_SERVER = "PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_UI_V2_ENABLED=false"
+
 SAMPLE_DATA = Path(__file__).parent / "data" / "sample" / "alpaca_gpt4_sample.json"
 
 DEMO_CONFIG = """\
@@ -53,7 +57,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    for name, value in (setting.split("=") for setting in QUIET_SERVER.split()):
+        os.environ.setdefault(name, value)
 
 
 def _print_records(records: dict, outcomes: dict[str, str]) -> None:
@@ -114,7 +119,8 @@ def _run_flow(config, show_ui_hint: bool) -> dict:
             return records
         print(
             "\nsee this run in the Prefect UI:\n"
-            f"  PREFECT_HOME={home} {Path(sys.executable).parent / 'prefect'} server start\n"
+            # (no usage analytics from the server, and the v1 UI at its root: the v2 UI contacts amplitude.com on load)
+            f"  PREFECT_HOME={home} {QUIET_SERVER} {Path(sys.executable).parent / 'prefect'} server start\n"
             f"  then open http://127.0.0.1:4200/runs/flow-run/{state.state_details.flow_run_id}"
         )
     return records

@@ -79,7 +79,7 @@ def read_run(store: ArtifactStore, run: str) -> RunFacts:
                      "lora.use_dora": adapter.get("use_dora"), "lora.use_rslora": adapter.get("use_rslora"),
                      "lora.num_virtual_tokens": adapter.get("num_virtual_tokens"),
                      "lora.prompt_init_text": adapter.get("prompt_tuning_init_text"),
-                     "lora.target": sorted(adapter.get("target_modules") or []),
+                     "lora.target": sorted(adapter.get("target_modules") or []) or None,  # (prompt and prefix tuning: none)
                      "lora.feedforward": sorted(adapter["feedforward_modules"]) if adapter.get("feedforward_modules") else None}
     except (FileNotFoundError, KeyError):
         pass

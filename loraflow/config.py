@@ -149,8 +149,9 @@ PROMPT_METHODS = ("prompt-tuning", "prefix-tuning")  # virtual tokens, not weigh
 
 
 def _module_list(value, keywords: tuple[str, ...]):
-    # `--set lora.target=q_proj`: one module name, the same as a list of one.
-    return [value] if isinstance(value, str) and value not in keywords else value
+    # `--set lora.target=q_proj`: one module name, the same as a list of one; `q_proj,v_proj` (no module name has a
+    # comma) the same as [q_proj, v_proj].
+    return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) and value not in keywords else value
 
 
 def _non_empty(value):
@@ -294,6 +295,10 @@ class DpoLoraAdapter(LoraAdapter):
     alpha: int = _same_field(LoraAdapter, "alpha", 16)
 
 
+def _tag(adapter: type[_Adapter]) -> str:
+    return adapter.model_fields["method"].default
+
+
 def _method_of(value) -> str:
     # A config written by hand often leaves the method out: LoRA, as before the other methods existed.
     return value.get("method", "lora") if isinstance(value, dict) else getattr(value, "method", "lora")
@@ -308,35 +313,49 @@ def _one_of_methods(*methods: type[_Adapter], refused: str = ""):
     show a value in the tab with the most field names in common with it, the first on a tie: so no method's fields may
     all be fields of a method before it (IA3's feedforward; prefix before prompt tuning), or the form shows its value
     in the other's tab (tests/test_adapter_methods.py checks the order)."""
-    by_method = {method.model_fields["method"].default: method for method in methods}
+    by_method = {_tag(method): method for method in methods}
 
     def fields_of_the_method(value):
         """A field of another method is a mistake worth saying (a DoRA run that is plain IA3) unless it holds that method's
         default: a config dumped from one method and switched to another (a sweep over lora.method) carries them."""
+        if isinstance(value, str):
+            raise ValueError(f"the lora section is a mapping of settings: for the method write lora: {{method: {value}}} "
+                             f"(or --set lora.method={value})")
         if not isinstance(value, dict):
             return value
         method = _method_of(value)
         chosen = by_method.get(method) if isinstance(method, str) else None
         if chosen is None:
-            raise ValueError(f"method {method!r} is not one of {', '.join(by_method)}{refused}")
+            raise ValueError(f"method {method!r} is not one of {', '.join(by_method)}" + (f" ({refused})" if refused else ""))
         kept, wrong = {}, []
         for name, given in value.items():
-            owners = [other for other in by_method.values() if name in other.model_fields and other is not chosen]
+            # The methods whose field it is, as this objective defines them (DPO's LoRA defaults to r16), and the
+            # methods it lacks too: their setting is named as theirs.
+            owners = [by_method.get(_tag(other), other) for other in _METHOD_SETTINGS if name in other.model_fields and _tag(other) != method]
             if name in chosen.model_fields or not owners:
                 kept[name] = given  # (an unknown name is left to extra="forbid")
             elif all(given != owner.model_fields[name].default for owner in owners):
                 wrong.append((name, owners[0]))
         if wrong:
             names = [name for name, _ in wrong]
-            defaults = ", ".join(f"{name}={owner.model_fields[name].default!r}" for name, owner in wrong)
-            belongs = " or ".join(owner.model_fields["method"].default for owner in by_method.values() if names[0] in owner.model_fields)
-            raise ValueError(f"{', '.join(names)} do{'es' if len(names) == 1 else ''} not apply to method {method}: "
-                             f"remove {'it' if len(names) == 1 else 'them'} (or --set the default: {defaults}), or choose "
-                             f"the method {belongs}")
+            defaults = ", ".join(f"lora.{name}={_yaml_scalar(owner.model_fields[name].default)}" for name, owner in wrong)
+            belongs = [_tag(owner) for owner in _METHOD_SETTINGS if names[0] in owner.model_fields]
+            it = "it" if len(names) == 1 else "them"
+            if not any(tag in by_method for tag in belongs):
+                raise ValueError(f"{', '.join(names)} {'is a setting' if len(names) == 1 else 'are settings'} of "
+                                 f"{' and '.join(belongs)}, not offered here ({refused}): remove {it}")
+            assumed = "" if "method" in value else " (lora.method is not set: LoRA)"
+            raise ValueError(f"{', '.join(names)} do{'es' if len(names) == 1 else ''} not apply to method {method}{assumed}: "
+                             f"remove {it} (or --set the default: {defaults}), or choose the method {' or '.join(belongs)}")
         return kept
 
     choice = Union[tuple(Annotated[adapter, Tag(method)] for method, adapter in by_method.items())]  # noqa: UP007 (built at runtime)
     return Annotated[choice, Discriminator(_method_of), BeforeValidator(fields_of_the_method), Field(json_schema_extra=_as_any_of)]
+
+
+def _yaml_scalar(value) -> str:
+    """A default as it is written after --set (false, '', 8): YAML, not Python."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
 def _as_any_of(schema: dict) -> None:
@@ -344,9 +363,10 @@ def _as_any_of(schema: dict) -> None:
     schema.pop("discriminator", None)
 
 
-AdapterSettings = _one_of_methods(LoraAdapter, Ia3Adapter, PrefixTuningAdapter, PromptTuningAdapter)
-DpoAdapterSettings = _one_of_methods(DpoLoraAdapter, Ia3Adapter, refused=" (prompt and prefix tuning are SFT only: TRL's "
-                                     "DPOTrainer trains LoRA or IA3 adapters)")
+_METHOD_SETTINGS = (LoraAdapter, Ia3Adapter, PrefixTuningAdapter, PromptTuningAdapter)
+AdapterSettings = _one_of_methods(*_METHOD_SETTINGS)
+DpoAdapterSettings = _one_of_methods(DpoLoraAdapter, Ia3Adapter, refused="prompt and prefix tuning are SFT only: TRL's "
+                                     "DPOTrainer trains LoRA or IA3 adapters")
 
 
 def adapter_settings(tree: dict) -> LoraAdapter | Ia3Adapter | PromptTuningAdapter | PrefixTuningAdapter:
@@ -719,7 +739,8 @@ class DpoFinetuneConfig(FinetuneConfig):
     data: DpoDataSettings = Field(title="Data")
     # (not _same_field: that would carry the SFT adapter union's validators onto the DPO one)
     lora: DpoAdapterSettings = Field(DpoLoraAdapter(), title=FinetuneConfig.model_fields["lora"].title,
-                                     description=FinetuneConfig.model_fields["lora"].description)
+                                     description="The adapter DPO trains on the base: LoRA (with DoRA and rsLoRA) or IA3, each "
+                                     "with its own fields (TRL's DPOTrainer trains weights: no prompt or prefix tuning).")
     train: DpoTrainSettings = _same_field(FinetuneConfig, "train", DpoTrainSettings())
     dpo: DpoSettings = Field(DpoSettings(), title="DPO")
 

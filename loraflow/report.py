@@ -342,7 +342,7 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
         "",
         "## Adapter",
         "",
-        (f"- started from the adapter {_link(lora['start_from'])}: LoRA r{lora.get('r')} on {', '.join(lora.get('target_modules', []))}"
+        (f"- started from the adapter {_link(lora['start_from'])}: {lora.get('description') or _older_start_description(lora)}"
          if lora.get("start_from") else
          f"- {adapter.describe(', '.join(lora.get('target_modules', [])))}: {lora.get('trainable_params'):,} trainable of "
          f"{lora.get('total_params'):,} parameters ({lora.get('trainable_percent')}%)"),
@@ -381,3 +381,8 @@ def write_report(store: ArtifactStore, config: dict, records: dict[str, StageRec
     }
     store.write_json(f"{run_uri}/summary.json", summary)
     return {"run_uri": run_uri, "markdown": markdown, "png": png, "metrics": metrics_table(rows), "summary": summary}
+
+
+def _older_start_description(lora: dict) -> str:
+    # (a record written before the lora stage described a start_from adapter itself: those were LoRA)
+    return f"LoRA r{lora.get('r')} on {', '.join(lora.get('target_modules', []))}"

@@ -188,10 +188,13 @@ def quantize_base(config: FinetuneConfig, env: StageRecord, sources: StageRecord
     return reuse_or_build(store, BASE.name, key, BASE.uri(store, key), build, log)
 
 
-def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = print) -> StageRecord:
-    """DPO from an SFT run (`dpo.start_from`): that run's exported adapter as the starting point, in place of a fresh
-    LoRA init. Its key is the adapter's content (manifest sha256), so the runs and reference log-probs built on it
-    change when it does."""
+# What a PEFT folder's peft_type is as a lora.method; DPO trains the first two (TRL's DPOTrainer trains weights).
+PEFT_METHODS = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning"}
+
+
+def start_from_adapter(config: FinetuneConfig) -> tuple[str, dict, dict]:
+    """dpo.start_from's adapter: (its URI, manifest, adapter_config.json), checked before any stage runs (a wrong name,
+    another store, another base, or a method DPO cannot train)."""
     store = ArtifactStore(config.storage)
     start = config.dpo.start_from.rstrip("/")
     uri = start if "/" in start else store.uri(RUNS_FOLDER, start, ADAPTER.folder)
@@ -206,8 +209,29 @@ def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = pr
     trained_on = adapter_config.get("base_model_name_or_path")
     if trained_on and Path(trained_on).name != Path(config.model.base).name and trained_on != config.model.base:
         raise LoraflowError(f"dpo.start_from {start!r}: that adapter was trained on {trained_on}, not on model.base {config.model.base}")
-    log(f"starting from the adapter {uri} (LoRA r{adapter_config.get('r')} on {', '.join(sorted(adapter_config.get('target_modules') or []))}); "
-        "the lora section does not apply")
+    method = PEFT_METHODS.get(adapter_config.get("peft_type", ""), adapter_config.get("peft_type"))
+    if method not in ("lora", "ia3"):
+        raise LoraflowError(f"dpo.start_from {start!r}: that adapter is {method} (virtual tokens), and TRL's DPOTrainer trains "
+                            "LoRA or IA3 adapters: start from an SFT run with lora.method lora or ia3, or leave dpo.start_from empty")
+    return uri, manifest, adapter_config
+
+
+def describe_saved_adapter(adapter_config: dict) -> str:
+    """A saved LoRA or IA3 adapter in a few words, as the logs and the summary name a configured one."""
+    targets = ", ".join(sorted(adapter_config.get("target_modules") or []))
+    if adapter_config.get("peft_type") == "IA3":
+        return f"IA3 on {targets}"
+    return f"{'DoRA' if adapter_config.get('use_dora') else 'LoRA'} r{adapter_config.get('r')}/alpha{adapter_config.get('lora_alpha')} on {targets}"
+
+
+def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = print) -> StageRecord:
+    """DPO from an SFT run (`dpo.start_from`): that run's exported adapter as the starting point, in place of a fresh
+    LoRA init. Its key is the adapter's content (manifest sha256), so the runs and reference log-probs built on it
+    change when it does."""
+    store = ArtifactStore(config.storage)
+    uri, manifest, adapter_config = start_from_adapter(config)
+    description = describe_saved_adapter(adapter_config)
+    log(f"starting from the adapter {uri} ({description}); the lora section does not apply")
     trained_config = store.local_copy(uri) / "loraflow_config.json"
     if trained_config.exists():
         earlier = json.loads(trained_config.read_text()).get("data", {}).get("template")
@@ -215,7 +239,8 @@ def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = pr
             log(f"warning: that adapter was trained with template {earlier!r}, this run formats pairs with {config.data.template!r} "
                 f"(unless the tokenizer has a chat template of its own); set data.template: {earlier} to keep the format it learned")
     return StageRecord(stage=LORA.name, key=LORA.key("start-from", manifest["sha256"]), uri=uri, reused=True,
-                       metrics={"start_from": uri, "r": adapter_config.get("r"), "target_modules": sorted(adapter_config.get("target_modules") or [])})
+                       metrics={"start_from": uri, "method": PEFT_METHODS[adapter_config["peft_type"]], "description": description,
+                                "r": adapter_config.get("r"), "target_modules": sorted(adapter_config.get("target_modules") or [])})
 
 
 def initial_adapter(config: FinetuneConfig, env: StageRecord, sources: StageRecord, base: StageRecord, log: Log = print) -> StageRecord:
@@ -289,7 +314,7 @@ def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, b
         quantized=base.metrics.get("quantization") in ("nf4", "sym_int4"),
         backend=config.model.backend,
         lora_uri=lora.uri,
-        adapter_method=config.lora.method,
+        adapter_method=lora.metrics.get("method", config.lora.method),  # (dpo.start_from's adapter: its own method)
         train=config.train.model_copy(update={"device": env.metrics["device"], "precision": env.metrics["precision"]}),
         precision_reason=env.metrics.get("precision_reason", ""),
         dpo=config.dpo if config.objective == "dpo" else None,

@@ -98,10 +98,18 @@ def test_a_setting_of_another_method_is_refused_with_the_method_it_belongs_to():
     from loraflow.errors import LoraflowError
 
     base = {"model": {"base": "m"}, "data": {"path": "d.json"}}
-    with pytest.raises(LoraflowError, match=r"lora: use_dora does not apply to method ia3: remove it \(or --set the default: use_dora=False\), or choose the method lora"):
+    with pytest.raises(LoraflowError, match=r"lora: use_dora does not apply to method ia3: remove it \(or --set the default: lora.use_dora=false\), or choose the method lora"):
         build_config({**base, "lora": {"method": "ia3", "use_dora": True}})
-    with pytest.raises(LoraflowError, match=r"lora: r does not apply to method prompt-tuning: remove it \(or --set the default: r=8\), or choose the method lora"):
+    with pytest.raises(LoraflowError, match=r"lora: r does not apply to method prompt-tuning: remove it \(or --set the default: lora.r=8\), or choose the method lora"):
         build_config({**base, "lora": {"method": "prompt-tuning", "r": 16}})
+    with pytest.raises(LoraflowError, match=r"lora: feedforward does not apply to method lora \(lora.method is not set: LoRA\)"):
+        build_config({**base, "lora": {"feedforward": ["down_proj"]}})
+    with pytest.raises(LoraflowError, match=r"lora: the lora section is a mapping of settings: for the method write lora: \{method: ia3\}"):
+        build_config({**base, "lora": "ia3"})
+    with pytest.raises(LoraflowError, match=r"lora: num_virtual_tokens is a setting of prefix-tuning and prompt-tuning, not offered "
+                                            r"here \(prompt and prefix tuning are SFT only"):
+        build_config({**base, "objective": "dpo", "lora": {"num_virtual_tokens": 4}})
+    assert build_config({**base, "lora": {"target": "q_proj, v_proj"}}).lora.target == ["q_proj", "v_proj"]  # (--set lora.target=q_proj,v_proj)
     with pytest.raises(LoraflowError, match=r"lora: method 'prefix-tuning' is not one of lora, ia3 \(prompt and prefix tuning are SFT "
                                             r"only: TRL's DPOTrainer trains LoRA or IA3 adapters\)"):
         build_config({**base, "objective": "dpo", "lora": {"method": "prefix-tuning"}})

@@ -163,3 +163,31 @@ def test_align_runs_sft_then_dpo_from_the_sft_adapter_sharing_the_quantized_base
     # The reference is base + the SFT adapter, which is also where the policy starts: no preference at step 1.
     assert abs(steps[0]["rewards/margins"]) < 0.1 and abs(steps[0]["rewards/chosen"]) < 0.1
     assert json.loads(Path(run, "spec.json").read_text())["dpo"]["start_from"] == sft_adapter.uri
+    summary = Path(run, "summary.md").read_text()  # the adapter it started from, as saved (not the DPO config's lora section)
+    assert f"started from the adapter `{sft_adapter.uri}`" in summary and ": LoRA r8/alpha16 on down_proj, gate_proj," in summary
+
+
+def test_dpo_from_a_prompt_tuning_adapter_is_refused_before_any_stage(prefect_server, tiny_model, hh_pairs, tmp_path):
+    """TRL's DPOTrainer trains LoRA or IA3 adapters: a dpo.start_from adapter of another method, or an align whose SFT
+    half trains one, is refused at once (it used to fail in the reference stage, with PEFT's traceback)."""
+    from peft import PromptTuningConfig
+
+    from flows.align import align
+    from flows.dpo import dpo
+    from loraflow.errors import LoraflowError
+    from test_sft_pipeline import sft_config
+
+    store = tmp_path / "store"
+    saved = tmp_path / "prompt-adapter"
+    saved.mkdir()
+    PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM", base_model_name_or_path=str(tiny_model)).save_pretrained(str(saved))
+    ArtifactStore(str(store)).commit(saved, ArtifactStore(str(store)).uri("runs", "pt-1", "adapter"))
+    state = dpo(build_config(dpo_config(tiny_model, store, hh_pairs, start_from="pt-1")), return_state=True)
+    assert state.is_failed() and "dpo.start_from 'pt-1': that adapter is prompt-tuning (virtual tokens), and TRL's DPOTrainer " \
+        "trains LoRA or IA3 adapters" in state.message, state.message
+    assert not (store / "dataset").exists()  # refused before the data stage
+    supervised = sft_config(tiny_model, store).model_copy(update={"lora": build_config(
+        {"model": {"base": "m"}, "data": {"path": "p"}, "lora": {"method": "prompt-tuning"}}).lora})
+    with pytest.raises(LoraflowError, match="align's DPO half continues the SFT half's adapter, and TRL's DPOTrainer trains "
+                                            "LoRA or IA3 adapters, not prompt-tuning"):
+        align(supervised, build_config(dpo_config(tiny_model, store, hh_pairs)))
