@@ -154,6 +154,18 @@ def _module_list(value, keywords: tuple[str, ...]):
     return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) and value not in keywords else value
 
 
+def _choice_or_module_names(schema: dict) -> None:
+    """A `choice | list of module names` field's form: its two tabs titled for what they are (Prefect labels untitled
+    options by type: "str", "list"), and a single choice as a one-item dropdown (a const shows as "cannot be changed")."""
+    for option in schema.get("anyOf", []):
+        if option.get("type") == "array":
+            option["title"] = "module names"
+        else:
+            option["title"] = "choice"
+            if "const" in option:
+                option["enum"] = [option.pop("const")]
+
+
 def _non_empty(value):
     if isinstance(value, list) and not value:
         raise ValueError("an explicit list must name at least one module")
@@ -185,7 +197,7 @@ class LoraAdapter(_Adapter):
     dropout: float = Field(0.0, title="Dropout", ge=0, lt=1, description="Dropout on the LoRA input (0: none; 0.05 is the "
                            "QLoRA recipe's, which costs a quarter of a CPU training step).")
     target: Literal["all-linear", "attention-qv"] | list[str] = Field(
-        "all-linear", title="Target modules",
+        "all-linear", title="Target modules", json_schema_extra=_choice_or_module_names,
         description="all-linear: every linear projection except the output head (QLoRA paper, ipex-llm). attention-qv: the "
         "query and value projections (alpaca-lora, FastChat). Or an explicit list of module names.",
     )
@@ -216,11 +228,11 @@ class Ia3Adapter(_Adapter):
 
     method: Literal["ia3"] = Field("ia3", title="Method", description="ia3: learned rescaling vectors (IA3 paper).")
     target: Literal["all-linear"] | list[str] = Field(
-        "all-linear", title="Target modules",
+        "all-linear", title="Target modules", json_schema_extra=_choice_or_module_names,
         description="all-linear: PEFT's modules for the architecture (attention keys and values, the feed-forward down "
         "projection). Or an explicit list of module names.")
     feedforward: Literal["auto"] | list[str] = Field(
-        "auto", title="Feed-forward modules",
+        "auto", title="Feed-forward modules", json_schema_extra=_choice_or_module_names,
         description="Which targets are feed-forward layers, whose input is rescaled (the others' output is). auto: PEFT's for "
         "the architecture, or among an explicit target list the down projections (down_proj, fc2, c_proj, w2, "
         "dense_4h_to_h, fc_out). Or a list, each one of the targets.")

@@ -92,6 +92,8 @@ def test_deployment_form_and_finished_run_artifacts_in_chromium(browser, tiny_mo
                 page.get_by_text(tab, exact=True).first.click()
                 page.get_by_text(shown, exact=False).first.wait_for(timeout=10_000)
                 assert hidden not in page.inner_text("body"), f"{tab} tab shows {hidden}"
+            # A target is a choice or module names (the tabs' labels; untitled, Prefect names them "str" and "list").
+            assert page.get_by_text("module names", exact=True).count() == 1
         v2_form.get_by_text("IA3", exact=True).first.click()
         _screenshot(v2_form, "sft-deployment-run-form-ia3")
         v2_form.get_by_role("button", name="Submit").click()
