@@ -359,12 +359,11 @@ def cmd_compare(args) -> int:
         (out / "loss-curves.png").write_bytes(loss_curves_png(runs))
         print(f"written: {out / 'compare.md'}, {out / 'loss-curves.png'}")
     if os.environ.get("PREFECT_API_URL"):  # a running server: the comparison on its Artifacts page too
-        from prefect.artifacts import create_markdown_artifact
-
+        from flows.compare import publish_comparison
         from loraflow.storage import sha256_hex
 
         key = f"compare-{sha256_hex(store.url, sorted(args.runs))[:8]}"
-        create_markdown_artifact(comparison_artifact(runs), key=key, description=f"runs compared: {', '.join(args.runs)}")
+        publish_comparison(comparison_artifact(runs), key=key, description=f"runs compared: {', '.join(args.runs)}")
         print(f"published in the Prefect UI as the artifact {key}")
     return 0
 
