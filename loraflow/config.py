@@ -349,20 +349,25 @@ def _one_of_methods(*methods: type[_Adapter], refused: str = ""):
             elif all(given != owner.model_fields[name].default for owner in owners):
                 wrong.append((name, owners[0]))
         if wrong:
-            names = [name for name, _ in wrong]
-            defaults = ", ".join(f"lora.{name}={_yaml_scalar(owner.model_fields[name].default)}" for name, owner in wrong)
-            belongs = [_tag(owner) for owner in _METHOD_SETTINGS if names[0] in owner.model_fields]
-            it = "it" if len(names) == 1 else "them"
-            if not any(tag in by_method for tag in belongs):
-                raise ValueError(f"{', '.join(names)} {'is a setting' if len(names) == 1 else 'are settings'} of "
-                                 f"{' and '.join(belongs)}, not offered here ({refused}): remove {it}")
-            assumed = "" if "method" in value else " (lora.method is not set: LoRA)"
-            raise ValueError(f"{', '.join(names)} do{'es' if len(names) == 1 else ''} not apply to method {method}{assumed}: "
-                             f"remove {it} (or --set the default: {defaults}), or choose the method {' or '.join(belongs)}")
+            raise ValueError(_not_this_methods_fields(wrong, method, "method" in value, offered=tuple(by_method), refused=refused))
         return kept
 
     choice = Union[tuple(Annotated[adapter, Tag(method)] for method, adapter in by_method.items())]  # noqa: UP007 (built at runtime)
     return Annotated[choice, Discriminator(_method_of), BeforeValidator(fields_of_the_method), Field(json_schema_extra=_as_any_of)]
+
+
+def _not_this_methods_fields(wrong: list[tuple[str, type[_Adapter]]], method: str, method_given: bool, offered: tuple[str, ...],
+                             refused: str) -> str:
+    """What to do about fields (name, a method it belongs to) set for a method they do not apply to."""
+    names = [name for name, _ in wrong]
+    it = "it" if len(names) == 1 else "them"
+    belongs = [_tag(owner) for owner in _METHOD_SETTINGS if names[0] in owner.model_fields]
+    if not any(tag in offered for tag in belongs):
+        return f"{', '.join(names)} {'is a setting' if len(names) == 1 else 'are settings'} of {' and '.join(belongs)}, not offered here ({refused}): remove {it}"
+    defaults = ", ".join(f"lora.{name}={_yaml_scalar(owner.model_fields[name].default)}" for name, owner in wrong)
+    assumed = "" if method_given else " (lora.method is not set: LoRA)"
+    return (f"{', '.join(names)} do{'es' if len(names) == 1 else ''} not apply to method {method}{assumed}: remove {it} "
+            f"(or --set the default: {defaults}), or choose the method {' or '.join(belongs)}")
 
 
 def _yaml_scalar(value) -> str:
