@@ -130,6 +130,19 @@ def _dpo_trainer_class():
         truncates prompts and answers to the run's lengths, so TRL's own tokenization is skipped) and, when the
         reference stage ran, the reference log-probs as columns (TRL would otherwise recompute them)."""
 
+        def __init__(self, *args, **kwargs):
+            import torch
+
+            super().__init__(*args, **kwargs)
+            # TRL (1.16) casts a quantized model's trainable parameters to bf16 (the QLoRA paper's choice), whatever the
+            # run's precision, and the optimizer then updates them there: a step smaller than bf16's spacing at the
+            # weight's value is lost. IA3's scales (near 1, spacing 1/128) did not move at all at the DPO recipe's
+            # learning rate, and most LoRA A entries stayed unchanged at 5e-5. The adapter trains in fp32, as in SFT
+            # (autocast still computes in bf16 where the run's precision is bf16).
+            for parameter in self.model.parameters():
+                if parameter.requires_grad and parameter.dtype != torch.float32:
+                    parameter.data = parameter.data.float()
+
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if "prompt_ids" in dataset.column_names:
                 return dataset

@@ -266,3 +266,8 @@ def test_dpo_trains_an_ia3_adapter(tiny_model, tmp_path):
     steps = [row for row in map(json.loads, Path(run, "metrics", "metrics.jsonl").read_text().splitlines()) if "rewards/margins" in row]
     assert steps[0]["rewards/margins"] == 0 and steps[-1]["rewards/margins"] > 0
     assert json.loads(Path(run, "checkpoints", "final", "adapter_config.json").read_text())["peft_type"] == "IA3"
+    # Trained in fp32 on the NF4 base (TRL casts to bf16, where IA3's scales near 1 cannot take a small step).
+    from safetensors.torch import load_file
+
+    trained = load_file(str(Path(run, "checkpoints", "final", "adapter_model.safetensors")))
+    assert trained and all(tensor.dtype == torch.float32 for tensor in trained.values()), {k: t.dtype for k, t in trained.items()}
