@@ -12,7 +12,7 @@ from prefect import flow
 from flows.common import finetune_run_name
 from flows.dpo import dpo as dpo_flow
 from flows.sft import sft as sft_flow
-from loraflow.config import DpoFinetuneConfig, FinetuneConfig
+from loraflow.config import DpoLoraAdapter, DpoFinetuneConfig, FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import StageRecord
 from tasks.common import prepare_flow_process
@@ -38,6 +38,9 @@ def align(config: FinetuneConfig, preferences: DpoFinetuneConfig) -> dict[str, d
     if config.lora.method not in ("lora", "ia3"):  # (checked now, not after the SFT half has trained)
         raise LoraflowError(f"align's DPO half continues the SFT half's adapter, and TRL's DPOTrainer trains LoRA or IA3 "
                             f"adapters, not {config.lora.method}: set the SFT half's lora.method to lora or ia3")
+    if preferences.lora != DpoLoraAdapter():
+        raise LoraflowError("align's DPO half continues the SFT half's adapter with its settings, so the DPO config's lora "
+                            "section does not apply: remove it (the SFT half's lora section chooses the adapter)")
     supervised = sft_flow(config)
     start = supervised["adapter"].uri
     preferences = preferences.model_copy(update={

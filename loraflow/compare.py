@@ -73,7 +73,8 @@ def read_run(store: ArtifactStore, run: str) -> RunFacts:
     except (FileNotFoundError, KeyError):
         pass
     try:
-        adapter = store.read_json(f"{spec['lora_uri']}/adapter/adapter_config.json")
+        # The trained adapter's own config: a DPO run from dpo.start_from trained that adapter, not its lora section.
+        adapter = store.read_json(f"{run_uri}/{TRAIN.folder}/adapter_config.json")
         settings |= {"lora.method": adapter.get("peft_type", "LORA").lower().replace("_", "-"), "lora.r": adapter.get("r"),
                      "lora.alpha": adapter.get("lora_alpha"), "lora.dropout": adapter.get("lora_dropout"),
                      "lora.use_dora": adapter.get("use_dora"), "lora.use_rslora": adapter.get("use_rslora"),

@@ -774,6 +774,9 @@ class DpoFinetuneConfig(FinetuneConfig):
         if self.train.packing:
             raise ValueError("train.packing is for SFT: TRL's DPOTrainer pads its pairs (its padding_free is off in TRL 1.16); "
                              "remove it or set it to false")
+        if self.dpo.start_from and self.lora != DpoLoraAdapter():
+            raise ValueError("lora: with dpo.start_from, training continues that adapter with its own settings; remove the "
+                             "lora section (or dpo.start_from, to train a fresh adapter with these)")
         if self.dpo.start_from and self.dpo.reference == "separate":
             raise ValueError("dpo.reference separate loads the base alone as the reference; with dpo.start_from the reference "
                              "is base + that adapter: use precomputed (the default) or adapter-disabled")

@@ -198,6 +198,10 @@ def start_from_adapter(config: FinetuneConfig) -> tuple[str, dict, dict]:
     store = ArtifactStore(config.storage)
     start = config.dpo.start_from.rstrip("/")
     uri = start if "/" in start else store.uri(RUNS_FOLDER, start, ADAPTER.folder)
+    if "://" not in store.url:  # a local store: the summary's file:// link and a path relative to here name it too
+        uri = str(Path(uri.removeprefix("file://")).resolve()) if "/" in start else uri
+    if store.manifest(uri) is None and store.manifest(f"{uri}/{ADAPTER.folder}") is not None:
+        uri = f"{uri}/{ADAPTER.folder}"  # a run's folder: its adapter
     if not uri.startswith(store.url + "/"):
         raise LoraflowError(f"dpo.start_from {start!r} is outside this store ({store.url}); name a run of this store, or "
                             "set storage to the store that run is in")

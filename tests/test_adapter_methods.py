@@ -110,6 +110,8 @@ def test_a_setting_of_another_method_is_refused_with_the_method_it_belongs_to():
                                             r"here \(prompt and prefix tuning are SFT only"):
         build_config({**base, "objective": "dpo", "lora": {"num_virtual_tokens": 4}})
     assert build_config({**base, "lora": {"target": "q_proj, v_proj"}}).lora.target == ["q_proj", "v_proj"]  # (--set lora.target=q_proj,v_proj)
+    with pytest.raises(LoraflowError, match=r"lora: with dpo.start_from, training continues that adapter with its own settings"):
+        build_config({**base, "objective": "dpo", "dpo": {"start_from": "sft-1"}, "lora": {"r": 32}})
     with pytest.raises(LoraflowError, match=r"lora: method 'prefix-tuning' is not one of lora, ia3 \(prompt and prefix tuning are SFT "
                                             r"only: TRL's DPOTrainer trains LoRA or IA3 adapters\)"):
         build_config({**base, "objective": "dpo", "lora": {"method": "prefix-tuning"}})

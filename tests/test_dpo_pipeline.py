@@ -186,6 +186,9 @@ def test_dpo_from_a_prompt_tuning_adapter_is_refused_before_any_stage(prefect_se
     assert state.is_failed() and "dpo.start_from 'pt-1': that adapter is prompt-tuning (virtual tokens), and TRL's DPOTrainer " \
         "trains LoRA or IA3 adapters" in state.message, state.message
     assert not (store / "dataset").exists()  # refused before the data stage
+    # The run's folder as the summary links it (file://) names its adapter too: refused for what it is, not its name.
+    state = dpo(build_config(dpo_config(tiny_model, store, hh_pairs, start_from=f"file://{store}/runs/pt-1")), return_state=True)
+    assert "that adapter is prompt-tuning (virtual tokens)" in state.message, state.message
     supervised = sft_config(tiny_model, store).model_copy(update={"lora": build_config(
         {"model": {"base": "m"}, "data": {"path": "p"}, "lora": {"method": "prompt-tuning"}}).lora})
     with pytest.raises(LoraflowError, match="align's DPO half continues the SFT half's adapter, and TRL's DPOTrainer trains "
