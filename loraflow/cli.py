@@ -346,10 +346,12 @@ def cmd_compare(args) -> int:
     from loraflow.compare import comparison_artifact, comparison_markdown, loss_curves_png, read_run
     from loraflow.storage import ArtifactStore
 
-    if len(args.runs) < 2:
-        raise LoraflowError("compare needs two runs or more (run ids, as `loraflow du --storage …` lists them)")
+    if len(set(args.runs)) < 2:
+        raise LoraflowError("compare needs two different runs or more (run ids, as `loraflow du --storage …` lists them)")
     store = ArtifactStore(args.storage)
-    runs = [read_run(store, run) for run in args.runs]
+    if "://" not in store.url and not Path(store.url).is_dir():
+        raise LoraflowError(f"--storage {args.storage}: no store there (the folder does not exist)")
+    runs = [read_run(store, run) for run in dict.fromkeys(args.runs)]
     markdown = comparison_markdown(runs)
     print(markdown)
     if args.out:
@@ -365,6 +367,8 @@ def cmd_compare(args) -> int:
         key = f"compare-{sha256_hex(store.url, sorted(args.runs))[:8]}"
         publish_comparison(comparison_artifact(runs), key=key, description=f"runs compared: {', '.join(args.runs)}")
         print(f"published in the Prefect UI as the artifact {key}")
+    else:
+        print("(not published as a Prefect artifact: PREFECT_API_URL names no server)")
     return 0
 
 

@@ -169,6 +169,9 @@ def _choice_or_module_names(schema: dict) -> None:
 def _non_empty(value):
     if isinstance(value, list) and not value:
         raise ValueError("an explicit list must name at least one module")
+    choices = [name for name in value if name in ("all-linear", "attention-qv", "auto")] if isinstance(value, list) else []
+    if choices:
+        raise ValueError(f"{choices[0]} is a choice of its own, not a module name: give it alone, or list module names only")
     return value
 
 
@@ -240,9 +243,9 @@ class Ia3Adapter(_Adapter):
     @field_validator("target", mode="before")
     @classmethod
     def _target_list(cls, value):
-        if value == "attention-qv":
-            raise ValueError("attention-qv is a LoRA choice; IA3 rescales keys, values and the feed-forward input: use "
-                             "all-linear (PEFT's modules for the architecture) or list the modules")
+        if value in ("attention-qv", "auto"):
+            raise ValueError(f"{value} is not a choice of IA3's target: use all-linear (PEFT's modules for the architecture: "
+                             "attention keys and values, the feed-forward down projection) or list the modules")
         return _module_list(value, ("all-linear",))
 
     _target_named = field_validator("target")(_non_empty)
@@ -338,7 +341,13 @@ def _one_of_methods(*methods: type[_Adapter], refused: str = ""):
         method = _method_of(value)
         chosen = by_method.get(method) if isinstance(method, str) else None
         if chosen is None:
-            raise ValueError(f"method {method!r} is not one of {', '.join(by_method)}" + (f" ({refused})" if refused else ""))
+            import difflib
+
+            lowered = str(method).lower().replace("_", "-")
+            close = difflib.get_close_matches(lowered, list(by_method), n=1, cutoff=0.5)
+            hint = ("; QLoRA is lora with model.quantization nf4 (the default)" if lowered == "qlora"
+                    else f"; did you mean {close[0]}?" if close else "")
+            raise ValueError(f"method {method!r} is not one of {', '.join(by_method)}" + (f" ({refused})" if refused else "") + hint)
         kept, wrong = {}, []
         for name, given in value.items():
             # The methods whose field it is, as this objective defines them (DPO's LoRA defaults to r16), and the
@@ -361,13 +370,17 @@ def _not_this_methods_fields(wrong: list[tuple[str, type[_Adapter]]], method: st
     """What to do about fields (name, a method it belongs to) set for a method they do not apply to."""
     names = [name for name, _ in wrong]
     it = "it" if len(names) == 1 else "them"
-    belongs = [_tag(owner) for owner in _METHOD_SETTINGS if names[0] in owner.model_fields]
-    if not any(tag in offered for tag in belongs):
-        return f"{', '.join(names)} {'is a setting' if len(names) == 1 else 'are settings'} of {' and '.join(belongs)}, not offered here ({refused}): remove {it}"
-    defaults = ", ".join(f"lora.{name}={_yaml_scalar(owner.model_fields[name].default)}" for name, owner in wrong)
+    owners: dict[str, list[str]] = {}  # the methods a field belongs to -> those fields
+    for name in names:
+        owners.setdefault(" or ".join(_tag(owner) for owner in _METHOD_SETTINGS if name in owner.model_fields), []).append(name)
+    if not any(tag in offered for methods in owners for tag in methods.split(" or ")):
+        return (f"{', '.join(names)} {'is a setting' if len(names) == 1 else 'are settings'} of {' and '.join(owners).replace(' or ', ' and ')}, not "
+                f"offered here ({refused}): remove {it}")
+    defaults = " ".join(f"--set lora.{name}={_yaml_scalar(owner.model_fields[name].default)}" for name, owner in wrong)
     assumed = "" if method_given else " (lora.method is not set: LoRA)"
+    choose = next(iter(owners)) if len(owners) == 1 else ", ".join(f"{methods} for {', '.join(fields)}" for methods, fields in owners.items())
     return (f"{', '.join(names)} do{'es' if len(names) == 1 else ''} not apply to method {method}{assumed}: remove {it} "
-            f"(or --set the default: {defaults}), or choose the method {' or '.join(belongs)}")
+            f"(or set the default{'' if len(names) == 1 else 's'}: {defaults}), or choose the method {choose}")
 
 
 def _yaml_scalar(value) -> str:
@@ -698,6 +711,29 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+# Names other fine-tuning tools (PEFT, LLaMA-Factory, axolotl) give these settings, mapped to loraflow's.
+OTHER_TOOLS_NAMES = {"lora_r": "r", "rank": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                     "target_modules": "target", "lora_target": "target", "lora_target_modules": "target",
+                     "feedforward_modules": "feedforward", "lr": "learning_rate", "epochs": "num_epochs",
+                     "num_train_epochs": "num_epochs", "per_device_train_batch_size": "micro_batch_size",
+                     "gradient_accumulation_steps": "batch_size", "sequence_len": "cutoff_len", "max_seq_length": "cutoff_len",
+                     "base_model": "base", "model_name_or_path": "base", "datasets": "path", "dataset": "path"}
+
+
+def _did_you_mean(loc: list) -> str:
+    """For a name the section does not have: the name loraflow gives it, or a close one (difflib: spelling slips)."""
+    import difflib
+
+    section = {"model": ModelSettings, "data": DpoDataSettings, "train": TrainSettings, "merge": MergeSettings,
+               "evaluation": EvaluationSettings, "dpo": DpoSettings}.get(str(loc[0]) if len(loc) > 1 else "", FinetuneConfig)
+    known = ({name for adapter in _METHOD_SETTINGS for name in adapter.model_fields} if len(loc) > 1 and loc[0] == "lora"
+             else set(section.model_fields) | ({"dpo"} if len(loc) == 1 else set()))
+    name, prefix = str(loc[-1]), ".".join(str(part) for part in loc[:-1])
+    suggestion = OTHER_TOOLS_NAMES.get(name) if OTHER_TOOLS_NAMES.get(name) in known else None
+    suggestion = suggestion or next(iter(difflib.get_close_matches(name, sorted(known), n=1)), None)
+    return f"; did you mean {prefix + '.' if prefix else ''}{suggestion}?" if suggestion else ""
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for problem in error.errors():
@@ -705,6 +741,8 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         loc = [part for index, part in enumerate(problem["loc"]) if not (index and problem["loc"][index - 1] == "lora" and part in ADAPTER_METHODS)]
         where = ".".join(str(p) for p in loc)
         message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden" and loc:
+            message += _did_you_mean(loc)
         given = problem.get("input")
         shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
         # (a check across sections names its fields in the message)

@@ -98,10 +98,18 @@ def test_a_setting_of_another_method_is_refused_with_the_method_it_belongs_to():
     from loraflow.errors import LoraflowError
 
     base = {"model": {"base": "m"}, "data": {"path": "d.json"}}
-    with pytest.raises(LoraflowError, match=r"lora: use_dora does not apply to method ia3: remove it \(or --set the default: lora.use_dora=false\), or choose the method lora"):
+    with pytest.raises(LoraflowError, match=r"lora: use_dora does not apply to method ia3: remove it \(or set the default: --set lora.use_dora=false\), or choose the method lora"):
         build_config({**base, "lora": {"method": "ia3", "use_dora": True}})
-    with pytest.raises(LoraflowError, match=r"lora: r does not apply to method prompt-tuning: remove it \(or --set the default: lora.r=8\), or choose the method lora"):
+    with pytest.raises(LoraflowError, match=r"lora: r does not apply to method prompt-tuning: remove it \(or set the default: --set lora.r=8\), or choose the method lora"):
         build_config({**base, "lora": {"method": "prompt-tuning", "r": 16}})
+    with pytest.raises(LoraflowError, match=r"lora: r, num_virtual_tokens do not apply to method ia3: remove them \(or set the defaults: "
+                                            r"--set lora.r=8 --set lora.num_virtual_tokens=20\), or choose the method lora for r, "
+                                            r"prefix-tuning or prompt-tuning for num_virtual_tokens"):
+        build_config({**base, "lora": {"method": "ia3", "r": 16, "num_virtual_tokens": 4}})
+    with pytest.raises(LoraflowError, match=r"lora.lora_alpha: Extra inputs are not permitted; did you mean lora.alpha\?"):
+        build_config({**base, "lora": {"lora_alpha": 16}})  # (PEFT's and LLaMA-Factory's name)
+    with pytest.raises(LoraflowError, match=r"lora: method 'prompt_tuning' is not one of .*; did you mean prompt-tuning\?"):
+        build_config({**base, "lora": {"method": "prompt_tuning"}})
     with pytest.raises(LoraflowError, match=r"lora: feedforward does not apply to method lora \(lora.method is not set: LoRA\)"):
         build_config({**base, "lora": {"feedforward": ["down_proj"]}})
     with pytest.raises(LoraflowError, match=r"lora: the lora section is a mapping of settings: for the method write lora: \{method: ia3\}"):
@@ -121,8 +129,10 @@ def test_a_setting_of_another_method_is_refused_with_the_method_it_belongs_to():
     assert build_config({**base, "objective": "dpo", "lora": {**lora_dump, "method": "ia3"}}).lora.model_dump() == {
         "method": "ia3", "target": "all-linear", "feedforward": "auto"}
     # Each field is checked where it belongs: IA3's own target choices, its feed-forward modules among its targets.
-    with pytest.raises(LoraflowError, match=r"lora.target: attention-qv is a LoRA choice"):
+    with pytest.raises(LoraflowError, match=r"lora.target: attention-qv is not a choice of IA3's target: use all-linear"):
         build_config({**base, "lora": {"method": "ia3", "target": "attention-qv"}})
+    with pytest.raises(LoraflowError, match=r"lora.target: attention-qv is a choice of its own, not a module name"):
+        build_config({**base, "lora": {"target": "attention-qv,o_proj"}})
     with pytest.raises(LoraflowError, match=r"lora: feedforward names fc2, which target does not"):
         build_config({**base, "lora": {"method": "ia3", "target": ["k_proj", "v_proj"], "feedforward": "fc2"}})
     with pytest.raises(LoraflowError, match=r"lora.nope: Extra inputs are not permitted"):

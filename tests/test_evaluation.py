@@ -168,6 +168,10 @@ def test_compare_shows_the_settings_that_differ_and_the_results_side_by_side(pre
 
     assert main(["compare", runs[0], "no-such-run", "--storage", str(store)]) == 1
     assert "no-such-run: not a finished run in" in capsys.readouterr().err
+    assert main(["compare", runs[0], runs[0], "--storage", str(store)]) == 1
+    assert "compare needs two different runs or more" in capsys.readouterr().err
+    assert main(["compare", *runs, "--storage", str(tmp_path / "nostore")]) == 1
+    assert "no store there (the folder does not exist)" in capsys.readouterr().err
 
 
 def test_exact_match_and_rouge_l_on_fixed_strings():
