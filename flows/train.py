@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
 from loraflow.config import AnyFinetuneConfig, FinetuneConfig
+from loraflow.errors import LoraflowError
 from loraflow.launch import Topology, deepspeed_config, start_warm_trainer, stop_warm_trainer
 from loraflow.registry import BASE, DATASET, ENV, LORA, REFERENCE
 from loraflow.stages import training_fields
@@ -98,7 +99,8 @@ def train_flow(config: AnyFinetuneConfig, dataset: StageRecord, base: StageRecor
     device, not on the host that started the fine-tune; it is the same cached stage.
     """
     with trainer_started_early(config, trains_here=True):
-        env = check_env(config)
+        # (this host trains: the checks the fine-tune's host left to it, the trackers and memory, run here)
+        env = check_env(config.model_copy(update={"train": config.train.model_copy(update={"pool": ""})}))
         if reference is None and config.precomputes_reference:
             reference = reference_logps.with_options(**stage_options(config.storage))(config, env, dataset, base, lora)
         record = train_task(config)(config, env, dataset, base, lora, reference)
@@ -163,7 +165,11 @@ def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord
         raise
     record = _read_record(store, run.id)
     if not run.state.is_completed() or record is None:
-        raise RuntimeError(f"training flow run {run.name} on pool {config.train.pool!r} ended {run.state.name}: {run.state.message or 'see its log'}")
+        # A user error: the job's own log (relayed above) has the details; a traceback from here would add nothing.
+        why = (run.state.message or "see its log above").removeprefix("Flow run encountered an exception: ").removeprefix("LoraflowError: ")
+        raise LoraflowError(f"the training job {run.name} on pool {config.train.pool!r} ended {run.state.name}: {why}\n"
+                            "(its log is above, as [pool job] lines; once fixed, running the fine-tune again resumes from "
+                            "its newest checkpoint)")
     return record
 
 

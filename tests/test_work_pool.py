@@ -8,6 +8,7 @@ deployment run retried with `prefect flow-run retry` (the UI's Retry) reuses eve
 
 import json
 import re
+import subprocess
 import time
 
 import pytest
@@ -357,6 +358,21 @@ def test_dpo_hands_training_to_the_pool_with_its_precomputed_reference(pool, tin
     assert json.loads(summary.read_text())["reference_forwards"] == 0
 
 
+def test_a_training_job_that_fails_on_the_worker_is_one_error_with_its_reason(pool, tiny_model, tmp_path):
+    """The worker checks what only the training host can (here: MLflow without MLFLOW_TRACKING_URI in its environment);
+    the fine-tune then ends with that reason as one error line, not a traceback."""
+    server = pool
+    config = tmp_path / "pool.yaml"
+    config.write_text(yaml.safe_dump(_config(tiny_model, tmp_path, pool="xpu", report_to=["mlflow"])))
+    result = subprocess.run([str(BIN / "loraflow"), "run", str(config)], env={**server.env, "MLFLOW_TRACKING_URI": ""},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:]
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert re.match(r"error: the training job \S+ on pool 'xpu' ended Failed: environment check failed:", error), result.stderr[-3000:]
+    assert "train.report_to mlflow needs MLFLOW_TRACKING_URI in the training process's environment" in result.stderr
+    assert "Traceback" not in result.stderr and "RuntimeError" not in result.stdout + result.stderr
+
+
 def test_stopping_the_worker_ends_its_running_fine_tune_as_crashed_within_seconds(pool, tiny_model, tmp_path):
     """SIGTERM to infra/worker/start-worker (systemd's stop, kill) while it runs a fine-tune: the worker
     exits within 30 s, the run ends Crashed (so a Retry resumes it) instead of staying Running, and no
@@ -424,3 +440,4 @@ def test_a_stop_signal_swallowed_where_python_only_prints_errors_is_sent_again()
 
     assert run("plain") == "the run goes on"  # the loss this guards against, as plain CPython and Prefect have it
     assert run("prepared") == "the run ends"
+
