@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from loraflow import data as data_stage
 from loraflow import export as export_stage
 from loraflow import merge as merge_stage
-from loraflow.config import FinetuneConfig
+from loraflow.config import FinetuneConfig, Ia3Adapter, LoraAdapter
 from loraflow.data.preference import prepare_preference_dataset
 from loraflow.data.tokenize import load_tokenizer
 from loraflow.envcheck import check_environment
@@ -221,11 +221,13 @@ def start_from_adapter(config: FinetuneConfig) -> tuple[str, dict, dict]:
 
 
 def describe_saved_adapter(adapter_config: dict) -> str:
-    """A saved LoRA or IA3 adapter in a few words, as the logs and the summary name a configured one."""
+    """A saved LoRA or IA3 adapter in a few words, as the logs and the summary name a configured one (its settings'
+    own describe)."""
     targets = ", ".join(sorted(adapter_config.get("target_modules") or []))
     if adapter_config.get("peft_type") == "IA3":
-        return f"IA3 on {targets}"
-    return f"{'DoRA' if adapter_config.get('use_dora') else 'LoRA'} r{adapter_config.get('r')}/alpha{adapter_config.get('lora_alpha')} on {targets}"
+        return Ia3Adapter().describe(targets)
+    return LoraAdapter(r=adapter_config["r"], alpha=adapter_config["lora_alpha"], dropout=adapter_config.get("lora_dropout") or 0.0,
+                       use_dora=bool(adapter_config.get("use_dora")), use_rslora=bool(adapter_config.get("use_rslora"))).describe(targets)
 
 
 def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = print) -> StageRecord:
