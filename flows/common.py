@@ -5,12 +5,13 @@ report)."""
 from __future__ import annotations
 
 import re
-import secrets
 from pathlib import PurePosixPath
 
 from loraflow.config import FinetuneConfig
+from loraflow.paths import check_local_inputs
+from loraflow.plan import planned_steps, short_run_note
 from loraflow.registry import ADAPTER, BASE, DATASET, ENV, EVALUATION, LORA, MERGED, SOURCES, TRAIN
-from loraflow.stages import check_token_ids
+from loraflow.stages import check_token_ids, with_data_shape
 from loraflow.storage import StageRecord
 from loraflow.watch import RESOURCE_PREFIX
 from tasks.common import event_url, stage_options
@@ -28,7 +29,10 @@ def parameter_field(value, name: str):
 
 
 def finetune_run_name() -> str:
-    """`<config name>-<dataset file stem>-<4 hex>`: a run started by an upload is named after its file."""
+    """`<config name>-<dataset file stem>-<4 hex>`: a run started by an upload is named after its file.
+
+    The hex is the flow run id's first four: Prefect names the run again on each Retry (same flow run id), and the name
+    must stay the one `loraflow runs` and `loraflow artifacts NAME` showed before it."""
     from prefect.runtime import flow_run
 
     parameters = flow_run.parameters
@@ -36,7 +40,7 @@ def finetune_run_name() -> str:
     dataset = parameters.get("dataset") or parameter_field(parameter_field(config, "data"), "path") or "data"
     stem = PurePosixPath(str(dataset).rstrip("/")).name.split(".")[0]
     slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:40] or "data"
-    return f"{parameter_field(config, 'name') or 'loraflow'}-{slug}-{secrets.token_hex(2)}"
+    return f"{parameter_field(config, 'name') or 'loraflow'}-{slug}-{str(flow_run.id).replace('-', '')[:4]}"
 
 
 def announce_upload(config: FinetuneConfig, upload_event: str) -> None:
@@ -63,21 +67,31 @@ def announce_upload(config: FinetuneConfig, upload_event: str) -> None:
     )
 
 
-def inputs(config: FinetuneConfig) -> dict[str, StageRecord]:
-    """env → sources → dataset → base → lora: the records every objective trains from (dataset, base and lora cached)."""
+def inputs(config: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, StageRecord]]:
+    """env → sources → dataset → base → lora: the records every objective trains from (dataset, base and lora cached),
+    and the config as the sources stage read the data (data.format and data.template resolved from the file's shape:
+    the one every later stage, key and report uses)."""
     from prefect import get_run_logger
 
-    cached = stage_options(config.storage)
+    check_local_inputs(config)  # a missing model or data file stops here, before the store or a block is created
     env = check_env(config)
     sources = inspect_sources(config)
+    config = with_data_shape(config, sources)
+    get_run_logger().info(f"data: {config.data.path} read as {config.data.format} rows, template {config.data.template}")
+    cached = stage_options(config.storage)
     dataset = prepare_dataset.with_options(**cached)(config, sources)
     check_token_ids(dataset, sources)  # a tokenizer that does not fit the model stops here, before quantizing
-    if dataset.metrics.get("train_rows", config.train.batch_size) < config.train.batch_size:
-        get_run_logger().warning(f"only {dataset.metrics['train_rows']} training rows, fewer than one batch "
+    train_rows = dataset.metrics.get("train_rows", config.train.batch_size)
+    if val_note := dataset.metrics.get("val_note"):
+        get_run_logger().info(val_note)
+    if train_rows < config.train.batch_size:
+        get_run_logger().warning(f"only {train_rows} training rows, fewer than one batch "
                                  f"(train.batch_size {config.train.batch_size}): each step sees them all")
+    if too_short := short_run_note(planned_steps(train_rows, config.train), train_rows, config.train):
+        get_run_logger().warning(too_short)
     base = quantize_base.with_options(**cached)(config, env, sources)
     lora = initial_adapter.with_options(**cached)(config, env, sources, base)  # fresh, or dpo.start_from's
-    return {ENV.name: env, SOURCES.name: sources, DATASET.name: dataset, BASE.name: base, LORA.name: lora}
+    return config, {ENV.name: env, SOURCES.name: sources, DATASET.name: dataset, BASE.name: base, LORA.name: lora}
 
 
 def outputs(config: FinetuneConfig, records: dict[str, StageRecord], upload_event: str) -> dict[str, StageRecord]:

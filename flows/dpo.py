@@ -43,7 +43,7 @@ def dpo(config: DpoFinetuneConfig, dataset: str = "", upload_event: str = "") ->
     if upload_event:
         announce_upload(config, upload_event)
     with trainer_started_early(config, trains_here=not config.train.pool):  # its imports beside the stages before it
-        records = inputs(config)  # env → sources → dataset (pairs) → base → lora (fresh, or dpo.start_from's)
+        config, records = inputs(config)  # env → sources → dataset (pairs) → base → lora (fresh, or dpo.start_from's)
         if config.precomputes_reference and not config.train.pool:  # (on a pool, the job computes it on its device)
             records[REFERENCE.name] = reference_logps.with_options(**stage_options(config.storage))(
                 config, *(records[stage.name] for stage in (ENV, DATASET, BASE, LORA)))

@@ -11,7 +11,7 @@ from prefect import flow
 from loraflow.config import AnyFinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.registry import ADAPTER
-from loraflow.stages import check_token_ids
+from loraflow.stages import check_token_ids, with_data_shape
 from loraflow.storage import ArtifactStore, StageRecord
 from tasks.common import prepare_flow_process, stage_options
 from tasks.data import prepare_dataset
@@ -37,6 +37,7 @@ def merge_only(config: AnyFinetuneConfig, adapter_uri: str) -> StageRecord:
     adapter = StageRecord(stage=ADAPTER.name, key=manifest["key"], uri=adapter_uri.rstrip("/"), metrics=manifest.get("metrics", {}), reused=True)
     env = check_env(config)
     sources = inspect_sources(config)
+    config = with_data_shape(config, sources)
     dataset = prepare_dataset.with_options(**stage_options(config.storage))(config, sources)
     check_token_ids(dataset, sources)
     return merge_adapter(config, env, sources, dataset, adapter)

@@ -41,6 +41,6 @@ def sft(config: FinetuneConfig, dataset: str = "", upload_event: str = "") -> di
         announce_upload(config, upload_event)
 
     with trainer_started_early(config, trains_here=not config.train.pool):  # its imports beside the stages before it
-        records = inputs(config)  # env → sources → dataset → base → lora
+        config, records = inputs(config)  # env → sources → dataset → base → lora
         records[TRAIN.name] = run_training(config, records)  # here, or a job on train.pool
     return outputs(config, records, upload_event)  # adapter → merged → report

@@ -39,7 +39,8 @@ def emit_upload_events(prefix: str, storage: str, log: Callable[[str], None]) ->
         elif item.change == "duplicate":
             log(f"{item.uri}: same bytes as {item.duplicate_of}, already fine-tuned on; nothing started")
         else:
-            log(f"{item.change} dataset {item.uri}: {item.rows} {item.format} rows, sha256 {item.sha256[:12]} → {item.event}")
+            log(f"{item.change} dataset {item.uri}: {item.rows} {item.format} rows, sha256 {item.sha256[:12]} → {item.event}"
+                + (f" ({item.note})" if item.note else ""))
     # Sent straight to the server (not through Prefect's background queue), so the scan's events have
     # reached it before its files are remembered: a crash in between re-reports them, never drops them.
     if events:

@@ -1,4 +1,4 @@
-"""`loraflow …`: run, demo, serve, watch, runs, artifacts, generate, du, gc, doctor, build-model.
+"""`loraflow …`: run, demo, serve, watch, runs, artifacts, generate, du, gc, store serve, doctor, build-model.
 
 The application's entry point, and the only module under loraflow/ that may reach Prefect: it imports
 flows inside its commands, never at module level.
@@ -31,8 +31,8 @@ model:
   quantization: nf4
 data:
   path: {sample}
-  format: alpaca
-  template: alpaca
+  format: auto  # detected from the file (alpaca, sharegpt, messages)
+  template: auto  # alpaca rows: alpaca-lora's template; conversations: chatml
   cutoff_len: 256
   val_set_size: 20
 lora:
@@ -71,9 +71,9 @@ def _print_records(records: dict, outcomes: dict[str, str]) -> None:
     data = records.get(DATASET.name)
     if data:
         d = data.metrics
-        dropped = ", ".join(f"{count} {reason}" for reason, count in (d.get("rows_dropped") or {}).items()) or "none"
-        print(f"\ndata: {d.get('rows_read')} rows read, {d.get('rows_kept')} kept ({d.get('train_rows')} train / "
-              f"{d.get('val_rows')} validation); dropped: {dropped}; {d.get('truncated_rows')} truncated "
+        from loraflow.report import rows_text
+
+        print(f"\ndata: {rows_text(d)}; {d.get('truncated_rows')} truncated "
               + (f"at cutoff {d['cutoff_len']}" if "cutoff_len" in d else f"to max prompt {d.get('max_prompt_length')} / max length {d.get('max_length')} tokens"))
     train = records.get(TRAIN.name)
     if train:
@@ -90,10 +90,55 @@ def _print_records(records: dict, outcomes: dict[str, str]) -> None:
             print(line)
 
 
+# Prefect gives its temporary server 20 s to answer (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS). Its first start
+# in a fresh PREFECT_HOME creates the database (114 migrations, 4 s alone; then 17-18 s to answer on this shared 2-core
+# machine, against 8-12 s in a used PREFECT_HOME); it took about 21 s on another idle 2-core machine, 35-40 s here with
+# both cores busy, and `loraflow runs` took 77 s end to end with two busy loops beside other work. Where the user sets
+# no bound, loraflow allows this many (Prefect counts only its waits between polls: the wall time can be longer).
+TEMPORARY_SERVER_START_SECONDS = 180
+
+
+def start_temporary_server() -> None:
+    """Start Prefect's temporary server now, for a command that needs Prefect while PREFECT_API_URL names no server:
+    with a bound that fits a slow or busy machine, and a start that fails is one error line, not a traceback from
+    wherever Prefect first needed it. The flows' calls then find it running (Prefect keeps one per process)."""
+    import time
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, get_current_settings
+
+    settings = get_current_settings().server.ephemeral
+    if PREFECT_API_URL.value() or not settings.enabled:  # a server of the user's; or none allowed: Prefect says so
+        return
+    user_bound = "startup_timeout_seconds" in settings.model_fields_set  # (env, profile or prefect.toml)
+    bound = settings.startup_timeout_seconds if user_bound else TEMPORARY_SERVER_START_SECONDS
+    server = SubprocessASGIServer()
+    started = time.monotonic()
+    try:
+        server.start(timeout=max(bound, 1))
+    except Exception:  # a timeout (RuntimeError) or the health check's answer (httpx): no server either way
+        waited = time.monotonic() - started
+        home = get_current_settings().home
+        instead = ("or start a server once (`.venv/bin/prefect server start`) and export PREFECT_API_URL=http://127.0.0.1:4200/api, "
+                   "then run this again")
+        code = server.server_process.poll() if server.server_process else None
+        if code is not None:
+            raise LoraflowError(f"Prefect's temporary server (PREFECT_HOME {home}) exited with code {code} before it answered; "
+                                f"its output above says why: fix that, {instead}") from None
+        raise LoraflowError(f"Prefect's temporary server (PREFECT_HOME {home}) did not answer within its start bound of {bound} s "
+                            f"(waited {waited:.0f} s); a first start in a fresh PREFECT_HOME creates its "
+                            f"database, slower on a busy machine: allow more, e.g. export "
+                            f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS={max(4 * bound, 300)}, {instead}") from None
+
+
 def _run_flow(config, show_ui_hint: bool) -> dict:
+    from loraflow.paths import check_local_inputs
+
+    check_local_inputs(config)  # before the temporary server starts and the store or a block is created
     import tasks.common
     from tasks.runs import stage_outcomes, task_states
 
+    start_temporary_server()
     tasks.common.CALLER_PRINTS_USER_ERRORS = True  # printed once, at the end (_failure_reason)
     if config.objective == "dpo":
         from flows.dpo import dpo as flow
@@ -161,6 +206,7 @@ def cmd_sweep(args) -> int:
         raise LoraflowError("give the settings to sweep: --grid lora.r=[8,16,32] (repeatable; every combination runs), or "
                             "an Optuna search: --search 'train.learning_rate={low: 1e-5, high: 1e-3, log: true}' --trials 8")
     tasks.common.CALLER_PRINTS_USER_ERRORS = True
+    start_temporary_server()
     state = sweep(config, grid=grid, metric=args.metric, higher_is_better=args.higher_is_better, parallel=args.parallel,
                   search_space=space, trials=args.trials, return_state=True)
     if state.is_failed():
@@ -275,9 +321,52 @@ def cmd_serve(args) -> int:
     from prefect import serve
 
     deployments = served_deployments(config, args.watch, args.interval)
+    print(_start_store_server(config["storage"], args))
     print(f"serving {len(deployments)} deployments ({', '.join(d.name for d in deployments)}) with defaults from {config_path}"
           + (f"; scanning {args.watch} every {args.interval} s" if args.watch else "") + " (Ctrl-C stops)")
     serve(*deployments)
+    return 0
+
+
+def _start_store_server(storage: str, args) -> str:
+    """`loraflow serve`'s store server (a thread of this process), and LORAFLOW_STORE_URL for the runs it starts (they
+    inherit this environment), so their artifact links open in the UI. Returns the line that says so."""
+    from loraflow.storage import STORE_URL_SETTING
+
+    if os.environ.get(STORE_URL_SETTING):
+        return f"store links: {os.environ[STORE_URL_SETTING]} ({STORE_URL_SETTING} is set; no store server started here)"
+    if args.no_store_server:
+        return "store server off (--no-store-server): links to store files are file:// paths to copy"
+    if "://" in storage and not storage.startswith("file://"):
+        return f"store server not started: {storage} is not a local store (its links open the object store's own view)"
+    from loraflow.store_server import StoreRoot, exposure_note, start_in_thread
+
+    _, url = start_in_thread([storage], args.store_host, args.store_port)
+    os.environ[STORE_URL_SETTING] = url
+    note = exposure_note(args.store_host)
+    return (f"serving the store {StoreRoot(storage).path} read-only at {url}/ (artifact links open there; --no-store-server turns it off)"
+            + (f"\n{note}" if note else ""))
+
+
+def cmd_store_serve(args) -> int:
+    """Serve local artifact stores read-only over HTTP until Ctrl-C."""
+    from loraflow.storage import STORE_URL_SETTING
+    from loraflow.store_server import StoreRoot, exposure_note, make_server, server_url
+
+    for store in args.stores:
+        if not os.path.isdir(StoreRoot(store).path):
+            raise LoraflowError(f"{store}: no such folder (give the `storage:` folder of your config)")
+    server = make_server(args.stores, args.host, args.port)
+    url = server_url(server)
+    print(f"serving {', '.join(StoreRoot(store).path for store in args.stores)} read-only at {url}/ (Ctrl-C stops)\n"
+          f"for artifact links that open there, start runs and workers with {STORE_URL_SETTING}={url}")
+    if note := exposure_note(args.host):
+        print(note)
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
     return 0
 
 
@@ -309,6 +398,7 @@ def cmd_artifacts(args) -> int:
         return 0
     from tasks.runs import recent_runs
 
+    start_temporary_server()
     for row in recent_runs(limit=200):
         if args.run in (row["flow_run"], row["run"], row["flow_run_id"]):
             if row["summary_markdown"] is None:
@@ -375,6 +465,7 @@ def cmd_compare(args) -> int:
 def cmd_runs(args) -> int:
     from tasks.runs import recent_runs
 
+    start_temporary_server()
     rows = recent_runs(limit=args.limit)
     if not rows:
         print("no fine-tune flow runs (loraflow-sft, loraflow-dpo) in this Prefect database (PREFECT_HOME)")
@@ -415,28 +506,35 @@ def cmd_du(args) -> int:
     return 0
 
 
-def _deployment_defaults(store_url: str) -> tuple[dict[str, str], dict[str, str]]:
-    """What deployments' default parameters use: (paths or URLs inside the store → which deployment, config names →
-    which deployment). From deployments/prefect.yaml and, when a Prefect server is configured, every deployment on it."""
+def _deployment_defaults(store_url: str) -> tuple[dict[str, str], list]:
+    """What deployments' default parameters use: (paths or URLs inside the store → which deployment, the default
+    fine-tune configs). From deployments/prefect.yaml and, when a Prefect server is configured, every deployment on it.
+    Relative paths in them resolve against the checkout, as a deployment's runs (working directory: the checkout) do."""
     import yaml
 
-    found: dict[str, str] = {}
-    names: dict[str, str] = {}
+    from loraflow.gc import DefaultConfig
 
-    def collect(value, owner: str) -> None:
+    found: dict[str, str] = {}
+    configs: list[DefaultConfig] = []
+    checkout = DEPLOYMENTS_YAML.parents[1]
+
+    def collect(value, owner: str, entrypoint: str) -> None:
         if isinstance(value, dict):
-            if isinstance(value.get("name"), str) and "model" in value:  # a fine-tune config: its runs are name-<key>
-                names[value["name"]] = f"deployment {owner}'s default config ({value['name']})"
+            data = value.get("data")
+            if isinstance(value.get("name"), str) and "model" in value and isinstance(data, dict) and data.get("path"):
+                path = str(data["path"])  # a fine-tune config: its runs are name-<key>, trained on data.path
+                path = path if "://" in path else os.path.normpath(checkout / path)
+                configs.append(DefaultConfig(owner, value["name"], path, sweep=entrypoint.startswith("flows/sweep.py")))
             for item in value.values():
-                collect(item, owner)
+                collect(item, owner, entrypoint)
         elif isinstance(value, list):
             for item in value:
-                collect(item, owner)
+                collect(item, owner, entrypoint)
         elif isinstance(value, str) and value.rstrip("/").startswith(store_url + "/"):
             found[value.rstrip("/")] = f"deployment {owner}'s default parameters use it"
 
     for entry in yaml.safe_load(DEPLOYMENTS_YAML.read_text())["deployments"]:
-        collect(entry.get("parameters") or {}, entry["name"])
+        collect(entry.get("parameters") or {}, entry["name"], entry.get("entrypoint") or "")
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
@@ -445,11 +543,11 @@ def _deployment_defaults(store_url: str) -> tuple[dict[str, str], dict[str, str]
         try:
             with get_client(sync_client=True) as client:
                 for deployment in client.read_deployments():
-                    collect(deployment.parameters, deployment.name)
+                    collect(deployment.parameters, deployment.name, deployment.entrypoint or "")
         except Exception as error:  # httpx/network errors, of several types
             raise LoraflowError(f"cannot read the deployments from the Prefect server at {PREFECT_API_URL.value()} "
                                 f"({type(error).__name__}); gc would not know which outputs their defaults use") from None
-    return found, names
+    return found, configs
 
 
 def cmd_gc(args) -> int:
@@ -457,8 +555,8 @@ def cmd_gc(args) -> int:
     from loraflow.storage import ArtifactStore
 
     store = ArtifactStore(args.storage)
-    protected, pinned = _deployment_defaults(store.url)
-    removable, notes = plan(store, args.older_than, args.grace_hours, protected, pinned_names=pinned)
+    protected, defaults = _deployment_defaults(store.url)
+    removable, notes = plan(store, args.older_than, args.grace_hours, protected, defaults=defaults)
     total = sum(item.size for item in removable)
     if not removable:
         print(f"{store.url}: nothing to remove")
@@ -490,7 +588,7 @@ def cmd_plan(args) -> int:
         quantization = f"{ipex_llm.low_bit_format(device)} with ipex-llm (estimated as NF4, of about its size)"
     else:
         device = native.resolve_device(config.train.device)
-    precision, why = choose_precision(config.train.precision, device, native.bf16_supported(device))
+    precision, why = choose_precision(config.train.precision, device)
     estimate = estimate_memory(config, native.resolve_model_path(config.model.base), precision)
     print(f"{config.model.base} on {device} ({precision}: {why}), {config.lora.method} adapter, quantization {quantization}:")
     print("\n".join(estimate.lines()))
@@ -583,7 +681,23 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--workdir", default="loraflow-demo", help="where the demo model and config live when --config is not given")
     serve.add_argument("--watch", metavar="PREFIX", help="also scan this folder or fsspec prefix for new datasets on a schedule")
     serve.add_argument("--interval", type=int, default=60, help="seconds between scans with --watch")
+    from loraflow.store_server import DEFAULT_HOST, DEFAULT_PORT
+
+    serve.add_argument("--store-port", type=int, default=DEFAULT_PORT, help="port of the store server it starts for the "
+                       f"config's local store, so artifact links open (default {DEFAULT_PORT}; 0: a free one); not started "
+                       "when LORAFLOW_STORE_URL is set")
+    serve.add_argument("--store-host", default=DEFAULT_HOST, help=f"address the store server listens on (default {DEFAULT_HOST})")
+    serve.add_argument("--no-store-server", action="store_true", help="start no store server (links stay file:// paths to copy)")
     serve.set_defaults(handler=cmd_serve)
+
+    store = commands.add_parser("store", help="the artifact store: `store serve` serves local stores read-only over HTTP")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    store_serve = store_commands.add_parser("serve", help="serve local artifact stores read-only over HTTP (folder listings, "
+                                            "markdown, JSON, PNG, downloads), so the UI's links open; see LORAFLOW_STORE_URL")
+    store_serve.add_argument("stores", nargs="+", metavar="STORE", help="a local store folder (the config's storage:)")
+    store_serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
+    store_serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: a free one)")
+    store_serve.set_defaults(handler=cmd_store_serve)
 
     watch = commands.add_parser("watch", help="scan a folder or bucket prefix for new dataset files and emit upload events")
     watch.add_argument("prefix", help="a local folder or fsspec URL (s3://bucket/incoming)")

@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from loraflow import paths
 from loraflow.errors import LoraflowError
 
 ALPACA_TEMPLATES = ("alpaca", "alpaca_legacy", "alpaca_short", "vigogne")
@@ -34,7 +35,25 @@ CONVERSATION_TEMPLATES = ("vicuna_v1.1", "chatml")
 CONVERSATION_FORMATS = ("sharegpt", "messages")
 PREFERENCE_FORMATS = ("auto", "orca", "pairs", "trl", "openai", "sharegpt-preference", "hh-rlhf")
 
-TemplateName = Literal["alpaca", "alpaca_legacy", "alpaca_short", "vigogne", "vicuna_v1.1", "chatml"]
+TemplateName = Literal["auto", "alpaca", "alpaca_legacy", "alpaca_short", "vigogne", "vicuna_v1.1", "chatml"]
+
+
+def template_problem(data_format: str, template: str) -> str | None:
+    """Why a template cannot format rows of this format, or None. With either auto, it is decided once the file's shape
+    is known (loraflow.data.shapes.resolve_data asks this again with the resolved values)."""
+    if "auto" in (data_format, template):
+        return None
+    if data_format in PREFERENCE_FORMATS:
+        if template not in CONVERSATION_TEMPLATES:
+            return (f"format {data_format!r} is for preference pairs (objective dpo), which use a conversation template "
+                    f"({', '.join(CONVERSATION_TEMPLATES)}; chatml by default), not {template!r}; for SFT use format alpaca, "
+                    "sharegpt or messages")
+        return None
+    if data_format in CONVERSATION_FORMATS and template not in CONVERSATION_TEMPLATES:
+        return f"template {template!r} formats alpaca rows, but format is {data_format!r}; use one of {', '.join(CONVERSATION_TEMPLATES)} (or auto)"
+    if data_format not in CONVERSATION_FORMATS and template not in ALPACA_TEMPLATES:
+        return f"template {template!r} formats conversations, but format is 'alpaca'; use one of {', '.join(ALPACA_TEMPLATES)} (or auto)"
+    return None
 
 
 class _Section(BaseModel):
@@ -77,15 +96,18 @@ class DataSettings(_Section):
 
     path: str = Field(title="Dataset file", description="Dataset file (.json, .jsonl or .parquet): a local path or any fsspec URL (s3://…).")
     # The SFT form offers SFT's formats only; DpoDataSettings offers the preference formats.
-    format: Literal["alpaca", "sharegpt", "messages"] = Field(
-        "alpaca", title="Row format",
-        description="alpaca (instruction/input/output), sharegpt (conversations[{from, value}]), messages "
-        "(messages[{role, content}]). Preference pairs (chosen/rejected) are for objective dpo.",
+    # (the names are loraflow.data.shapes' SFT shapes; a test holds them equal: config must not import the data package)
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = Field(
+        "auto", title="Row format",
+        description="auto (detected from the file's first row), alpaca (instruction/input/output), sharegpt "
+        "(conversations[{from, value}]), messages (messages[{role, content}]). Preference pairs (chosen/rejected) are for "
+        "objective dpo.",
     )
     template: TemplateName = Field(
-        "alpaca", title="Prompt template",
-        description="Prompt template. alpaca, alpaca_legacy, alpaca_short, vigogne for alpaca rows "
-        "(byte-identical to alpaca-lora's); vicuna_v1.1 or chatml for conversations.",
+        "auto", title="Prompt template",
+        description="Prompt template. auto: alpaca for alpaca rows (alpaca-lora's), chatml for conversations. alpaca, "
+        "alpaca_legacy, alpaca_short, vigogne for alpaca rows (byte-identical to alpaca-lora's); vicuna_v1.1 or chatml for "
+        "conversations.",
     )
     cutoff_len: int = Field(256, title="Cutoff length (tokens)", ge=8, description="Maximum tokens per example; longer ones are truncated.")
     new_tokens: list[str] = Field(
@@ -105,30 +127,15 @@ class DataSettings(_Section):
     @field_validator("format", mode="before")
     @classmethod
     def _sft_format(cls, value):
-        if value in PREFERENCE_FORMATS:
+        if value in PREFERENCE_FORMATS and value != "auto":
             raise ValueError(f"{value!r} is for preference pairs (objective dpo); set objective: dpo to train on "
                              "chosen/rejected pairs, or use an SFT format (alpaca, sharegpt, messages)")
         return value
 
     @model_validator(mode="after")
     def _template_matches_format(self) -> DataSettings:
-        if self.format in PREFERENCE_FORMATS:
-            if self.template not in CONVERSATION_TEMPLATES:
-                raise ValueError(f"format {self.format!r} is for preference pairs (objective dpo), which use a conversation "
-                                 f"template ({', '.join(CONVERSATION_TEMPLATES)}; chatml by default), not {self.template!r}; "
-                                 "for SFT use format alpaca, sharegpt or messages")
-            return self
-        conversational = self.format in CONVERSATION_FORMATS
-        if conversational and self.template not in CONVERSATION_TEMPLATES:
-            raise ValueError(
-                f"template {self.template!r} formats alpaca rows, but format is {self.format!r}; "
-                f"use one of {', '.join(CONVERSATION_TEMPLATES)}"
-            )
-        if not conversational and self.template not in ALPACA_TEMPLATES:
-            raise ValueError(
-                f"template {self.template!r} formats conversations, but format is 'alpaca'; "
-                f"use one of {', '.join(ALPACA_TEMPLATES)}"
-            )
+        if problem := template_problem(self.format, self.template):
+            raise ValueError(problem)
         return self
 
     @field_validator("train_on_inputs", mode="before")
@@ -139,8 +146,11 @@ class DataSettings(_Section):
 
     @property
     def effective_train_on_inputs(self) -> bool:
+        """(of a resolved format: loraflow.data.shapes.resolve_data has replaced auto by the file's shape)"""
         if self.train_on_inputs != "auto":
             return self.train_on_inputs == "yes"
+        if self.format == "auto":
+            raise LoraflowError("internal: train_on_inputs auto asked before the data's shape was detected")
         return self.format == "alpaca"
 
 
@@ -636,7 +646,7 @@ class FinetuneConfig(_Section):
         """This config as a flow runs it: `dataset` (when given) as data.path, and local paths absolute,
         so every URI a record or artifact carries still leads to its file from another folder."""
         config = self if not dataset else self.model_copy(update={"data": self.data.model_copy(update={"path": dataset})})
-        return resolve_relative_paths(config, Path.cwd())
+        return paths.resolve_config_paths(config, Path.cwd())
 
     @model_validator(mode="after")
     def _supported_combination(self) -> FinetuneConfig:
@@ -831,10 +841,11 @@ def config_class(tree: dict) -> type[FinetuneConfig]:
     return DpoFinetuneConfig if isinstance(tree, dict) and tree.get("objective") == "dpo" else FinetuneConfig
 
 
-def build_config(tree: dict, overrides: list[str] = (), source: str = "config") -> FinetuneConfig:
+def build_config(tree: dict, overrides: list[str] = (), source: str = "config",
+                 parsed_overrides: list[tuple[str, Any]] = ()) -> FinetuneConfig:
     """A validated config; `objective: dpo` gets the DPO recipe's defaults where it is silent."""
     tree = dict(tree)
-    for key, value in parse_overrides(list(overrides)):
+    for key, value in [*parse_overrides(list(overrides)), *parsed_overrides]:
         set_dotted(tree, key, value)
     try:
         return config_class(tree).model_validate(tree)
@@ -843,7 +854,8 @@ def build_config(tree: dict, overrides: list[str] = (), source: str = "config") 
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
-    """Read a YAML config, apply `--set` overrides, validate. Relative paths resolve against the YAML's folder."""
+    """Read a YAML config, apply `--set` overrides, validate. A relative path in the YAML resolves against the YAML's
+    folder, one in an override against where the command runs (loraflow.paths)."""
     path = Path(path)
     if not path.is_file():
         raise LoraflowError(f"{path}: config file not found")
@@ -853,29 +865,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
         raise LoraflowError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(tree, dict):
         raise LoraflowError(f"{path}: expected a mapping of sections (model, data, lora, train, …)")
-    config = build_config(tree, overrides, source=str(path))
-    return resolve_relative_paths(config, path.parent)
-
-
-def _resolve(value: str, folder: Path) -> str:
-    if "://" in value or Path(value).is_absolute():
-        return value
-    candidate = folder / value
-    # A hub id like "org/model" also looks relative: only rewrite what exists next to the YAML or
-    # starts with ./ or ../, so hub ids pass through untouched.
-    if candidate.exists() or value.startswith(("./", "../")):
-        return str(candidate.resolve())
-    return value
-
-
-def resolve_relative_paths(config: FinetuneConfig, folder: Path) -> FinetuneConfig:
-    return config.model_copy(
-        update={
-            # The store is always a path or URL (never a hub id), and may not exist yet.
-            "storage": config.storage if "://" in config.storage else str((folder / config.storage).resolve()),
-            "model": config.model.model_copy(update={"base": _resolve(config.model.base, folder)}),
-            "data": config.data.model_copy(update={"path": _resolve(config.data.path, folder)}),
-            "evaluation": config.evaluation.model_copy(update={
-                name: _resolve(value, folder) for name in ("tasks_path", "general_text_path") if (value := getattr(config.evaluation, name))}),
-        }
-    )
+    tree = paths.resolve_tree_paths(tree, path.parent)
+    typed_here = [(key, paths.resolve_override(key, value, Path.cwd())) for key, value in parse_overrides(list(overrides))]
+    config = build_config(tree, source=str(path), parsed_overrides=typed_here)
+    return paths.resolve_config_paths(config, path.parent)  # the defaults the YAML left out (storage: ./loraflow-store)

@@ -33,13 +33,16 @@ def _device_memory(device: str) -> list[int]:
 
 def describe_environment() -> dict:
     device = native.available_device()
+    # what `train.precision: auto` picks on this host and why, in the words every run here prints (loraflow.plan)
+    auto_precision, why = choose_precision("auto", device)
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device,
         "device_count": 1 if device == "cpu" else getattr(torch, device).device_count(),
         "device_memory_bytes": _device_memory(device),
-        "bf16_supported": native.bf16_supported(device),
+        "precision": auto_precision,
+        "precision_reason": why,
         "distributed_backend": distributed_backend(device),
         "backend": "native",
         "versions": {name: installed_version(name) for name in PACKAGES},
@@ -86,7 +89,7 @@ def check_environment(config: FinetuneConfig) -> dict:
     report["device"] = device
     report["distributed_backend"] = distributed_backend(device)
     # (a bf16 the device lacks is refused here, before any stage)
-    report["precision"], report["precision_reason"] = choose_precision(config.train.precision, device, native.bf16_supported(device))
+    report["precision"], report["precision_reason"] = choose_precision(config.train.precision, device)
     problems = []
     if config.model.quantization == "nf4" and config.model.backend == "native" and report["versions"]["bitsandbytes"] is None:
         problems.append("quantization nf4 needs bitsandbytes (pip install 'bitsandbytes>=0.48'), or set model.quantization: none")

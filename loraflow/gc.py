@@ -12,13 +12,15 @@ gc removes only:
 - with `older_than` days: runs with no write for that long, then shared stage outputs that no
   remaining run's spec uses and that are that old themselves;
 - cache records in `prefect-results/` whose output is no longer committed.
-Never a committed output that a protected URI (a deployment's default parameters) points to, nor
-anything of a run whose training holds a live lease.
+Never a committed output that a protected URI (a deployment's default parameters) points to, nor the newest run
+a deployment's default config made (its name, on its data: see DefaultConfig) with what it used, nor anything of a
+run whose training holds a live lease. Each kept item's note says which of these it is.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -38,6 +40,21 @@ def cached_output(content: bytes) -> str | None:
     except (ValueError, KeyError, TypeError):
         return None
     return output if isinstance(output, str) and output else None
+
+
+@dataclass(frozen=True)
+class DefaultConfig:
+    """A deployment's default fine-tune config, as gc sees it: the runs it makes (`<name>-<key>`, or a sweep's
+    `<name>-v<N>-<key>`) on the data it names (data.path: absolute, or a URL)."""
+
+    deployment: str
+    name: str
+    data: str
+    sweep: bool = False
+
+    def makes(self, run_folder_name: str) -> bool:
+        name = run_folder_name.rsplit("-", 1)[0]
+        return name == self.name or (self.sweep and re.fullmatch(re.escape(self.name) + r"-v\d+", name) is not None)
 
 
 @dataclass
@@ -118,21 +135,49 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.0f} days" if seconds >= 2 * 86400 else f"{seconds / 3600:.1f} hours"
 
 
+def _data_source(store: ArtifactStore, run: str) -> str | None:
+    """The data file a run trained on (its dataset stage's recorded source), None where the store does not say."""
+    try:
+        dataset = json.loads(store.fs.cat_file(f"{store.root}/{run}/spec.json"))["dataset_uri"]
+        return json.loads(store.fs.cat_file(store.path(f"{dataset}/stats.json")))["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _newest_runs_of(store: ArtifactStore, index: StoreIndex, defaults: list[DefaultConfig]) -> dict[str, str]:
+    """{run URI: why it stays} for the newest run each default config made: one of its names, on its data. A run of
+    the same name on other data is not what the deployment would reuse, and a sweep's variants are `<name>-v<N>`."""
+    made: dict[str, set[DefaultConfig]] = defaultdict(set)
+    for run in index.children(RUNS_FOLDER):
+        if candidates := [default for default in defaults if default.makes(run.split("/", 1)[1])]:
+            source = _data_source(store, run)
+            made[run] = {default for default in candidates if source == default.data}
+    kept: dict[str, str] = {}
+    for group in {(default.name, default.data, default.sweep) for default in defaults}:
+        makers = [default for default in defaults if (default.name, default.data, default.sweep) == group]
+        runs = [run for run, by in made.items() if by & set(makers)]
+        if runs:
+            name, data, sweep = group
+            owners = sorted({default.deployment for default in makers})
+            kept[store.uri(max(runs, key=lambda run: index.folder(run).newest))] = (
+                f"the newest run of the default config of deployment{'s' if len(owners) > 1 else ''} {', '.join(owners)} "
+                f"({name}{'-v<N>' if sweep else ''} on {data})")
+    return kept
+
+
 def plan(store: ArtifactStore, older_than_days: float | None = None, grace_hours: float = 6.0,
          protected: dict[str, str] | None = None, now: float | None = None,
-         pinned_names: dict[str, str] | None = None) -> tuple[list[Removable], list[str]]:
+         defaults: list[DefaultConfig] | None = None) -> tuple[list[Removable], list[str]]:
     """(what gc would remove, notes on what it kept and why).
 
-    protected: URIs in the store → why they stay. pinned_names: config names (a deployment's default) → why: the
-    newest run of each stays, and with it the data, base and LoRA init it used (what that deployment reuses).
+    protected: URIs in the store → why they stay. defaults: deployments' default configs: the newest run each made
+    (its name, and trained on its data) stays, and with it the data, base and LoRA init it used (what a run of that
+    deployment reuses).
     """
     index = StoreIndex(store)
     now = now or time.time()
     protected = dict(protected or {})
-    for name, why in (pinned_names or {}).items():
-        runs = [run for run in index.children(RUNS_FOLDER) if run.split("/", 1)[1].rsplit("-", 1)[0] == name]
-        if runs:
-            protected[store.uri(max(runs, key=lambda run: index.folder(run).newest))] = f"the newest run of {why}"
+    protected.update(_newest_runs_of(store, index, defaults or []))
     live = index.live_leases()
     removable: list[Removable] = []
     notes: list[str] = []

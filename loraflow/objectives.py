@@ -19,15 +19,18 @@ from loraflow.models import native
 REFERENCE_FORWARDS = 0
 
 
-def load_split(dataset_dir: Path, split: str, extra_columns: Path | None = None):
-    """A split of a data stage's output as a datasets.Dataset (None if the stage wrote no such split), with the
-    columns of a second parquet of the same rows beside it (the precomputed reference log-probs)."""
+def load_split(dataset_dir: Path, split: str, extra_columns: Path | None = None, only=None):
+    """A split of a data stage's output as a datasets.Dataset (None if the stage wrote no such split), cut to the row
+    indices `only` when given, with the columns of a second parquet of the same rows beside it (the precomputed
+    reference log-probs)."""
     from datasets import Dataset, concatenate_datasets
 
     path = dataset_dir / f"{split}.parquet"
     if not path.exists():
         return None
     rows = Dataset.from_parquet(str(path))
+    if only is not None:
+        rows = rows.select(only)
     if extra_columns is not None and (extra_columns / f"{split}.parquet").exists():
         extra = Dataset.from_parquet(str(extra_columns / f"{split}.parquet"))
         if len(extra) != len(rows):
@@ -72,6 +75,7 @@ def arguments_for(cls, fields: dict):
 class Sft:
     name = "sft"
     reports_perplexity = True  # exp(eval loss): the mean token loss on the validation split
+    trains_on_rows_used = False  # the trainer's own sampler picks the rows (nothing is precomputed per row)
 
     def __init__(self, spec):
         self.spec = spec
@@ -122,6 +126,26 @@ class Sft:
         return {}
 
 
+# Where the reference stage's progress lines go (set by loraflow.train.compute_reference_logps to the stage's log).
+REFERENCE_PROGRESS_LOG = print
+
+
+class ReferenceProgress:
+    """'reference log-probs: 40 of 80 train pairs (12 s)' about every tenth of the pass and at its end."""
+
+    def __init__(self, name: str, pairs: int, batch_size: int, log):
+        import time
+
+        self.name, self.pairs, self.batch_size, self.log = name, pairs, batch_size, log
+        self.done, self.started, self.clock = 0, time.monotonic(), time.monotonic
+
+    def batch_done(self) -> None:
+        before = self.done
+        self.done = min(self.pairs, self.done + self.batch_size)
+        if self.done == self.pairs or 10 * self.done // self.pairs > 10 * before // self.pairs:
+            self.log(f"reference log-probs: {self.done} of {self.pairs} {self.name} pairs ({self.clock() - self.started:.0f} s)")
+
+
 def _dpo_trainer_class():
     from trl import DPOTrainer
 
@@ -151,12 +175,23 @@ def _dpo_trainer_class():
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if "ref_chosen_logps" in dataset.column_names:
                 return dataset
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+            # Progress goes to the stage's log (the Prefect run's), not tqdm's bar on the worker's stderr.
+            self._reference_progress = ReferenceProgress(name, len(dataset), batch_size, REFERENCE_PROGRESS_LOG)
+            previous = os.environ.get("TQDM_DISABLE")
+            os.environ["TQDM_DISABLE"] = "1"
+            try:
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            finally:
+                os.environ.pop("TQDM_DISABLE") if previous is None else os.environ.__setitem__("TQDM_DISABLE", previous)
+                self._reference_progress = None
 
         def compute_ref_log_probs(self, *args, **kwargs):
             global REFERENCE_FORWARDS
             REFERENCE_FORWARDS += 1
-            return super().compute_ref_log_probs(*args, **kwargs)
+            result = super().compute_ref_log_probs(*args, **kwargs)
+            if getattr(self, "_reference_progress", None) is not None:
+                self._reference_progress.batch_done()
+            return result
 
         def _compute_loss(self, model, inputs, *args, **kwargs):
             if not self.precompute_ref_logps:
@@ -170,6 +205,8 @@ def _dpo_trainer_class():
 class Dpo:
     name = "dpo"
     reports_perplexity = False  # its eval loss is the preference loss, not a token loss
+    # Trains on the pairs its steps reach (loraflow.data.split.training_subset): its reference stage computes only those.
+    trains_on_rows_used = True
 
     packed = False  # TRL pads the pairs
     padded_because = ""

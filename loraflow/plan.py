@@ -1,7 +1,7 @@
 """The training plan: settings left on `auto` decided from the device and the memory a micro batch needs.
 
 - precision auto: bf16 where the device computes it fast (XPU, CUDA with bf16, a CPU with AVX512-BF16 or AMX),
-  else fp32 (bf16 on other CPUs is emulated: slower than fp32).
+  else fp32 (bf16 on other CPUs is emulated: slower than fp32); LORAFLOW_CPU_BF16=0/1 overrides the CPU's detection.
 - micro batch size auto (0) and gradient checkpointing auto: the largest micro batch whose activations fit
   comfortably in the memory free after the model is loaded, without checkpointing; checkpointing only when not
   even one example fits. Checkpointing recomputes every layer's forward pass in the backward pass (about a third
@@ -14,6 +14,8 @@ Each decision comes with its reason, printed at the start of training and kept i
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,12 @@ CPU_MICRO_BATCH_TOKENS = 2048
 ACTIVATIONS_SHARE = 0.5
 
 
+# LORAFLOW_CPU_BF16=0 decides as on a CPU without AVX512-BF16/AMX (fp32 on auto), 1 as on one with them (bf16),
+# auto (the default) detects: so one host can exercise what another meets (the suite runs under both). Read from the
+# environment, which the trainer's process inherits from the flow's (loraflow.launch), so both decide alike.
+CPU_BF16_SETTING = "LORAFLOW_CPU_BF16"
+
+
 def cpu_has_fast_bf16() -> bool:
     # torch.cpu's capability checks are private but stable since torch 2.1; /proc/cpuinfo is Linux only.
     for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
@@ -38,17 +46,44 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
-def choose_precision(requested: str, device: str, bf16_supported: bool) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Bf16Support:
+    """What `device` does with bf16: `usable` (a bf16 request runs: CPU autocast emulates it anywhere), `fast` (what
+    precision auto picks it for) and why, in the words every command prints."""
+
+    usable: bool
+    fast: bool
+    reason: str
+
+
+def bf16_support(device: str) -> Bf16Support:
+    """The one bf16 decision: doctor, plan, the env check, the trainer and generate all ask it."""
+    if device == "cuda":
+        usable = torch.cuda.is_bf16_supported()
+        return Bf16Support(usable, usable, f"this cuda {'supports' if usable else 'has no'} bf16")
+    if device == "xpu":
+        usable = getattr(torch.xpu, "is_bf16_supported", lambda: True)()
+        return Bf16Support(usable, usable, f"this xpu {'supports' if usable else 'has no'} bf16")
+    setting = os.environ.get(CPU_BF16_SETTING, "auto").strip().lower() or "auto"
+    if setting not in ("0", "1", "auto"):
+        raise LoraflowError(f"{CPU_BF16_SETTING}={os.environ[CPU_BF16_SETTING]!r}: use 0 (decide as on a CPU without "
+                            "AVX512-BF16/AMX: fp32), 1 (as on one with them: bf16) or auto (detect; the default)")
+    fast = cpu_has_fast_bf16() if setting == "auto" else setting == "1"
+    reason = ("this CPU has AVX512-BF16/AMX instructions" if fast else
+              "this CPU has no AVX512-BF16/AMX instructions (bf16 would be emulated, slower than fp32)")
+    if setting != "auto":
+        reason = f"{CPU_BF16_SETTING}={setting}: decided as if {reason}"
+    return Bf16Support(True, fast, reason)
+
+
+def choose_precision(requested: str, device: str) -> tuple[str, str]:
     """(precision, why) for train.precision `requested` on `device`; a bf16 the device lacks is refused here."""
-    if requested == "bf16" and not bf16_supported:
+    support = bf16_support(device)
+    if requested == "bf16" and not support.usable:
         raise LoraflowError(f"precision bf16 requested, but this {device} does not support bf16; use precision: fp16 or auto")
     if requested != "auto":
         return requested, "set in the config"
-    if device in ("xpu", "cuda"):
-        return ("bf16", f"this {device} supports bf16") if bf16_supported else ("fp32", f"this {device} has no bf16")
-    if cpu_has_fast_bf16():
-        return "bf16", "this CPU has AVX512-BF16/AMX instructions"
-    return "fp32", "this CPU has no AVX512-BF16/AMX instructions (bf16 would be emulated, slower than fp32)"
+    return ("bf16" if support.fast else "fp32"), support.reason
 
 
 @dataclass
@@ -253,3 +288,31 @@ def context_warning(estimate: MemoryEstimate) -> str:
     if limit and longest > limit:
         return f"{estimate.length_setting} {longest} is beyond the model's context window of {limit} tokens (max_position_embeddings)"
     return ""
+
+
+# Fewer optimizer steps than this barely move an adapter from where it starts (LoRA's B matrices start at zero, and a
+# warmup's first step runs at learning rate 0): such a run says it was too short rather than show an unchanged loss.
+MIN_USEFUL_STEPS = 10
+
+
+def planned_steps(train_rows: int, train) -> int:
+    """The optimizer steps a run will take (about: packing changes the row count the trainer sees)."""
+    if train.max_steps > 0:
+        return train.max_steps
+    return max(1, math.ceil(train.num_epochs * math.ceil(train_rows / train.batch_size)))
+
+
+def short_run_note(steps: int, train_rows: int | None, train) -> str | None:
+    """Why a run of `steps` optimizer steps cannot change the model much, and what would; None when it can."""
+    if steps >= MIN_USEFUL_STEPS:
+        return None
+    rows = f"{train_rows} training rows, " if train_rows is not None else ""
+    return (f"only {steps} optimizer step{'s' if steps != 1 else ''} ({rows}train.batch_size {train.batch_size}, "
+            f"num_epochs {train.num_epochs:g}{f', max_steps {train.max_steps}' if train.max_steps > 0 else ''}): too few to "
+            f"change the model much; add rows, lower train.batch_size, or raise train.num_epochs or train.max_steps "
+            f"(at least {MIN_USEFUL_STEPS} steps)")
+
+
+def rows_used(train_rows: int, train) -> int:
+    """The training rows (pairs) a run reaches: all of them, or fewer when max_steps ends it within the first epoch."""
+    return min(train_rows, planned_steps(train_rows, train) * train.batch_size)

@@ -8,9 +8,21 @@ records, the report's stage table, `loraflow du`/`gc`.
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
 
 from loraflow.storage import sha256_hex
+
+
+def library_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed versions of `names` in this process's environment (None: not installed)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,10 @@ class Stage:
     shared: bool = False
     # What it does, for the task's description and `loraflow du`.
     summary: str = ""
+    # The libraries whose versions decide its bytes (token ids, the NF4 layout, an adapter's initialisation, the
+    # arithmetic): their versions are part of its key, so an upgrade rebuilds it instead of reusing an output the new
+    # versions would not make. The key is computed where the stage builds (a pool's training: on the worker).
+    libraries: tuple[str, ...] = ()
 
     @property
     def task(self) -> str:
@@ -31,6 +47,8 @@ class Stage:
 
     def key(self, *parts) -> str:
         """The content key: this stage's name and version, then what it reads (upstream keys, config fields)."""
+        if self.libraries:  # (a stage without libraries keeps the key it always had)
+            parts = (*parts, library_versions(self.libraries))
         return sha256_hex(self.name, self.version, *parts)
 
     def cache_key(self, key: str) -> str:
@@ -46,13 +64,18 @@ class Stage:
 ENV = Stage("env", 1, summary="device, precision, memory, library versions, store reachable")
 SOURCES = Stage("sources", 1, summary="content hashes of the dataset, the base model's weights and its tokenizer")
 DATASET = Stage("dataset", 3, "dataset", shared=True,  # 2: keyed on the tokenizer as built; 3: folder datasets/ renamed
-                summary="formatted with the template, tokenized, labels masked, split: parquet + stats")
-BASE = Stage("base", 2, "base", shared=True, summary="the base model quantized to NF4 once, for every fine-tune of it")
+                summary="formatted with the template, tokenized, labels masked, split: parquet + stats",
+                libraries=("tokenizers", "transformers"))
+BASE = Stage("base", 2, "base", shared=True, summary="the base model quantized to NF4 once, for every fine-tune of it",
+             libraries=("torch", "transformers", "bitsandbytes"))
 LORA = Stage("lora", 2, "lora", shared=True,
-             summary="the adapter training starts from: a fresh LoRA init, or with dpo.start_from an SFT run's adapter")
+             summary="the adapter training starts from: a fresh LoRA init, or with dpo.start_from an SFT run's adapter",
+             libraries=("torch", "peft"))
 REFERENCE = Stage("reference", 2, "reference", shared=True,
-                  summary="DPO: the frozen reference's log-probs of every chosen and rejected answer")
-TRAIN = Stage("train", 1, "checkpoints/final", summary="the training process; checkpoints and the trained adapter in runs/<run>/")
+                  summary="DPO: the frozen reference's log-probs of the chosen and rejected answers training reaches",
+                  libraries=("torch", "transformers", "bitsandbytes", "peft", "trl"))
+TRAIN = Stage("train", 1, "checkpoints/final", summary="the training process; checkpoints and the trained adapter in runs/<run>/",
+              libraries=("torch", "transformers", "bitsandbytes", "peft", "trl", "accelerate"))
 ADAPTER = Stage("adapter", 1, "adapter", summary="the exported adapter: safetensors, config, tokenizer, resolved config")
 MERGED = Stage("merged", 1, "merged", summary="the adapter merged into a full-precision base, checked against base + adapter")
 EVALUATION = Stage("evaluation", 1, "evaluation", summary="task metrics (exact match, ROUGE-L) and a forgetting check, "

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from loraflow.config import adapter_settings
-from loraflow.storage import ArtifactStore, StageRecord, browser_url
+from loraflow.storage import FILE_LINK_NOTE, ArtifactStore, StageRecord, browser_url
 from loraflow.registry import ADAPTER, BASE, DATASET, EVALUATION, LORA, MERGED, TRAIN
 
 METRIC_COLUMNS = ("step", "epoch", "loss", "eval_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -154,6 +154,8 @@ def loss_text(train: dict, number: Callable[[float], str]) -> str:
     text = f"train loss {number(train['first_loss'])} → {number(train['final_loss'])}"
     if train.get("kept_step") is not None and train["kept_step"] != train.get("global_step"):
         text += f" (at the last step, {train.get('global_step')})"  # early stopping exported another step's adapter
+    if train.get("short_run_note"):
+        text += f" — {train['short_run_note']}"
     return text
 
 
@@ -206,6 +208,30 @@ def _resume_note(train: dict) -> str | None:
     return f"resumed from {resumed.rsplit('/', 1)[-1]} after a failure (`{resumed}`): the steps before it were not repeated"
 
 
+# Prefect's UI shows a markdown code block unwrapped, in a box as wide as the page, cutting what does not fit (its
+# markdown keeps no style or raw HTML): the summary's code is folded to this width, staying code that runs as is.
+CODE_WIDTH = 79
+
+
+def _py_str(value: str, indent: int) -> str:
+    """A Python string literal for value, as adjacent literals in parentheses over several lines where one line would pass
+    CODE_WIDTH (split after a space, a slash or a newline where one is near)."""
+    if indent + len(repr(value)) <= CODE_WIDTH:
+        return repr(value)
+    room = max(CODE_WIDTH - indent - 3, 20)
+    chunks: list[str] = []
+    while value:
+        end = len(value)
+        while len(repr(value[:end])) > room:
+            end -= 1
+        if end < len(value):
+            cut = max(value.rfind(mark, 0, end) for mark in (" ", "/", "\n"))
+            end = cut + 1 if cut >= end // 2 else end
+        chunks.append(repr(value[:end]))
+        value = value[end:]
+    return "(" + ("\n" + " " * (indent + 1)).join(chunks) + ")"
+
+
 def usage_snippet(config: dict, records: dict[str, StageRecord], example: str = "Give three tips for staying healthy.") -> str:
     """Python that loads the adapter onto its base with PEFT (and the merged model), real paths filled in."""
     from loraflow.data.templates import generation_prompt
@@ -216,36 +242,54 @@ def usage_snippet(config: dict, records: dict[str, StageRecord], example: str = 
     lines = ["import torch", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
     if "://" in adapter:  # a remote store: PEFT and transformers read local folders
         local = f"./{run_uri_of(records).rsplit('/', 1)[-1]}-adapter"
-        lines += ["import fsspec", "", f"fs, path = fsspec.core.url_to_fs({adapter!r})",
-                  f"fs.get(path + '/', {local + '/'!r}, recursive=True)", f"adapter = {local!r}"]
+        lines += ["import fsspec", "", f"fs, path = fsspec.core.url_to_fs({_py_str(adapter, 32)})",
+                  f"fs.get(path + '/', {_py_str(local + '/', 19)}, recursive=True)", f"adapter = {_py_str(local, 10)}"]
     else:
-        lines += [f"adapter = {adapter!r}"]
+        lines += [f"adapter = {_py_str(adapter, 10)}"]
     lines += [
         "tokenizer = AutoTokenizer.from_pretrained(adapter)",
-        f"base = AutoModelForCausalLM.from_pretrained({config['model']['base']!r}, dtype=torch.float32)",
-        *(["base.resize_token_embeddings(len(tokenizer))  # the tokens the run added (data.new_tokens)"]
+        "base = AutoModelForCausalLM.from_pretrained(",
+        f"    {_py_str(config['model']['base'], 4)},", "    dtype=torch.float32)",
+        *(["# the tokens the run added (data.new_tokens)", "base.resize_token_embeddings(len(tokenizer))"]
           if config["data"].get("new_tokens") else []),
-        "model = PeftModel.from_pretrained(base, adapter).eval()  # the base with the trained adapter",
+        "# the base with the trained adapter",
+        "model = PeftModel.from_pretrained(base, adapter).eval()",
         "",
-        f"prompt = {prompt!r}  # the run's template ({config['data']['template']})",
+        f"# the run's template ({config['data']['template']})",
+        f"prompt = {_py_str(prompt, 9)}",
         "inputs = tokenizer(prompt, return_tensors='pt')",
-        *(["# (no cache: transformers' own would replace the prefix-tuning adapter's keys and values)",
-           "output = model.generate(**inputs, max_new_tokens=64, do_sample=False, use_cache=False)"]
+        *(["# (no cache: transformers' own would replace the prefix-tuning adapter's",
+           "# keys and values)",
+           "output = model.generate(**inputs, max_new_tokens=64, do_sample=False,",
+           "                        use_cache=False)"]
           if config["lora"].get("method") == "prefix-tuning" else
           ["output = model.generate(**inputs, max_new_tokens=64, do_sample=False)"]),
-        "print(tokenizer.decode(output[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
+        "answer = output[0, inputs['input_ids'].shape[1]:]",
+        "print(tokenizer.decode(answer, skip_special_tokens=True))",
     ]
     if merged is not None and "://" not in merged.uri:
         lines += ["", "# or the merged model: plain transformers, no PEFT",
-                  f"merged = AutoModelForCausalLM.from_pretrained({merged.uri!r}, dtype=torch.float32)"]
+                  "merged = AutoModelForCausalLM.from_pretrained(",
+                  f"    {_py_str(merged.uri, 4)},", "    dtype=torch.float32)"]
     return "\n".join(lines)
 
 
-def generate_command(config: dict, records: dict[str, StageRecord]) -> str:
+def generate_command(config: dict, records: dict[str, StageRecord], folded: bool = False) -> str:
+    """The `loraflow generate` command for this run: one line, or folded (an option per line, for the summary's block)."""
     run = run_uri_of(records).rsplit("/", 1)[-1]
     # The venv's own loraflow (a bare `loraflow` is on PATH only in an activated venv).
     program = shlex.quote(str(Path(sys.executable).parent / "loraflow"))
-    return f"{program} generate {run} --storage {shlex.quote(config['storage'])} --prompt 'Give three tips for staying healthy.'"
+    parts = [f"{program} generate {run}", f"--storage {shlex.quote(config['storage'])}",
+             "--prompt 'Give three tips for staying healthy.'"]
+    return (" \\\n  " if folded else " ").join(parts)
+
+
+def rows_text(data: dict) -> str:
+    """The data stage's rows: read, kept, the split (and why it is smaller than asked), dropped."""
+    dropped = ", ".join(f"{count} {reason}" for reason, count in (data.get("rows_dropped") or {}).items()) or "none"
+    note = f" — {data['val_note']}" if data.get("val_note") else ""
+    return (f"{data.get('rows_read')} rows read, {data.get('rows_kept')} kept ({data.get('train_rows')} train / "
+            f"{data.get('val_rows')} validation{note}); dropped: {dropped}")
 
 
 def _data_lines(data: dict, percentiles: dict) -> list[str]:
@@ -296,7 +340,6 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
     lora = records[LORA.name].metrics
     train = records[TRAIN.name].metrics
     merged = records.get(MERGED.name)
-    dropped = ", ".join(f"{count} {reason}" for reason, count in data.get("rows_dropped", {}).items()) or "none"
     percentiles = data.get("token_length_percentiles", {})
     resumed = _resume_note(train)
     adapter = adapter_settings(config["lora"])
@@ -320,7 +363,7 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
         "Or in a terminal (streams the answer" + ("; `--merged` uses the merged model):" if merged is not None else "):"),
         "",
         "```bash",
-        generate_command(config, records),
+        generate_command(config, records, folded=True),
         "```",
         "",
         "## How it ran",
@@ -336,8 +379,7 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
         "",
         "## Data",
         "",
-        f"- source {_link(data.get('source'))}: {data.get('rows_read')} rows read, {data.get('rows_kept')} kept "
-        f"({data.get('train_rows')} train / {data.get('val_rows')} validation); dropped: {dropped}",
+        f"- source {_link(data.get('source'))}: {rows_text(data)}",
         *(_data_lines(data, percentiles)),
         "",
         "## Adapter",
@@ -357,6 +399,7 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
     if (evaluation := records.get(EVALUATION.name)) is not None:
         lines += ["", "## Evaluation", "", *evaluation_lines(evaluation)]
     lines += ["", "## Outputs", "",
+              *([FILE_LINK_NOTE, ""] if (browser_url(run_uri) or "").startswith("file:") else []),
               f"- adapter: {_link(records[ADAPTER.name].uri)}",
               *([f"- merged model: {_link(merged.uri)}"] if merged is not None else []),
               f"- metrics: {_link(run_uri + '/metrics/metrics.jsonl')}, loss curve: {_link(run_uri + '/loss.png')}",

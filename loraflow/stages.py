@@ -22,7 +22,9 @@ from loraflow import data as data_stage
 from loraflow import export as export_stage
 from loraflow import merge as merge_stage
 from loraflow.config import FinetuneConfig, Ia3Adapter, LoraAdapter
+from loraflow.data.formats import read_rows
 from loraflow.data.preference import prepare_preference_dataset
+from loraflow.data.shapes import resolve_data
 from loraflow.data.tokenize import load_tokenizer
 from loraflow.envcheck import check_environment
 from loraflow.errors import LoraflowError
@@ -30,6 +32,7 @@ from loraflow.evaluate import evaluate_adapter
 from loraflow.launch import Topology, build_command, deepspeed_config, distributed_backend, run_streaming, write_hostfile
 from loraflow.lease import build_once
 from loraflow.models import ipex_llm, native
+from loraflow.plan import rows_used
 from loraflow.registry import ADAPTER, BASE, DATASET, ENV, EVALUATION, LORA, MERGED, REFERENCE, RUNS_FOLDER, SOURCES, TRAIN
 from loraflow.spec import RunSpec
 from loraflow.storage import ArtifactStore, StageRecord, hash_uri, remote_failure, sha256_hex
@@ -89,7 +92,20 @@ def inspect_sources(config: FinetuneConfig) -> StageRecord:
     tokenizer = native.tokenizer_identity(model_path)
     metrics.update(tokenizer_key=sha256_hex(tokenizer), tokenizer_class=tokenizer["class"], tokenizer_size=tokenizer["size"],
                    model_vocab_size=native.config_vocab_size(model_path))
+    # The file's shape, decided once per run here (before any heavy work): every later stage reads the resolved
+    # data.format / data.template through with_data_shape.
+    resolved = resolve_data(config.data, config.objective, read_rows(data_uri))
+    metrics.update(data_format=resolved.format, data_template=resolved.template)
     return StageRecord(stage=SOURCES.name, key=sha256_hex(metrics["dataset_sha256"], metrics["model_key"], metrics["tokenizer_key"]), metrics=metrics)
+
+
+def with_data_shape(config: FinetuneConfig, sources: StageRecord) -> FinetuneConfig:
+    """The config as the sources stage read its data: data.format and data.template resolved from the file's shape
+    (auto replaced; a set value kept, checked against the file). What every later stage, key and report sees."""
+    if "data_format" not in sources.metrics:  # (a record written before shapes were resolved here: the config as it is)
+        return config
+    resolved = {"format": sources.metrics["data_format"], "template": sources.metrics["data_template"]}
+    return config.model_copy(update={"data": config.data.model_copy(update=resolved)})
 
 
 def check_token_ids(dataset: StageRecord, sources: StageRecord) -> None:
@@ -112,7 +128,8 @@ def check_token_ids(dataset: StageRecord, sources: StageRecord) -> None:
 
 # ---- keys ---------------------------------------------------------------------------------------
 def dataset_key(config: FinetuneConfig, sources: StageRecord) -> str:
-    fields = config.data.model_dump(exclude={"path"})
+    # (the data as the sources stage resolved it: the same key whether or not the caller's config still says auto)
+    fields = with_data_shape(config, sources).data.model_dump(exclude={"path"})
     if config.objective == "dpo":  # the same file as preference pairs: another output, cut to the DPO lengths
         fields |= {"objective": "dpo", **config.dpo.model_dump(include={"max_prompt_length", "max_length"})}
     return DATASET.key(sources.metrics["dataset_sha256"], sources.metrics["tokenizer_key"], fields)
@@ -122,7 +139,10 @@ def quantize_key(config: FinetuneConfig, env: StageRecord, sources: StageRecord)
     fields = config.model.model_dump(include={"quantization", "double_quant"})
     if config.model.backend != "native":  # (another format of the same base; native keys stay what they were)
         # (ipex-llm's low-bit format is chosen by the device and has no double quantization)
-        fields = {"quantization": config.model.quantization, "backend": config.model.backend, "device": env.metrics["device"]}
+        fields = {"quantization": config.model.quantization, "backend": config.model.backend, "device": env.metrics["device"],
+                  # (it quantizes in its own environment: those libraries decide the bytes, and the lora stage's and
+                  # training's keys follow from this one)
+                  "versions": env.metrics.get("backend_versions")}
     return BASE.key(sources.metrics["model_key"], fields, env.metrics["precision"])
 
 
@@ -145,9 +165,13 @@ def train_key(config: FinetuneConfig, dataset: StageRecord, lora: StageRecord, e
     return TRAIN.key(dataset.key, lora.key, training_fields(config), env.metrics["device"], env.metrics["precision"])
 
 
-def reference_key(dataset: StageRecord, base: StageRecord, lora: StageRecord, env: StageRecord) -> str:
-    # The pairs (their template and lengths are in dataset.key), the frozen weights, the starting adapter, the arithmetic.
-    return REFERENCE.key(dataset.key, base.key, lora.key, env.metrics["device"], env.metrics["precision"])
+def reference_key(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord, env: StageRecord) -> str:
+    # The pairs (their template and lengths are in dataset.key) and which of them training reaches, the frozen weights,
+    # the starting adapter, the arithmetic. A rerun that changes only beta, the loss or the schedule shares it.
+    train_rows = dataset.metrics["train_rows"]
+    used = rows_used(train_rows, config.train)
+    reached = [] if used == train_rows else [used, config.train.seed]  # (all rows: the key it always had)
+    return REFERENCE.key(dataset.key, base.key, lora.key, env.metrics["device"], env.metrics["precision"], *reached)
 
 
 def run_uri(store: ArtifactStore, config: FinetuneConfig, train_key_: str) -> str:
@@ -156,6 +180,7 @@ def run_uri(store: ArtifactStore, config: FinetuneConfig, train_key_: str) -> st
 
 # ---- stages -------------------------------------------------------------------------------------
 def prepare_data(config: FinetuneConfig, sources: StageRecord, log: Log = print) -> StageRecord:
+    config = with_data_shape(config, sources)
     store = ArtifactStore(config.storage)
     key = dataset_key(config, sources)
     def build(out: Path) -> dict:
@@ -345,13 +370,13 @@ def reference_logps(config: FinetuneConfig, env: StageRecord, dataset: StageReco
     in the store: training, its retries and every rerun that changes only beta, the loss or the schedule read them
     instead of running the reference model."""
     store = ArtifactStore(config.storage)
-    key = reference_key(dataset, base, lora, env)
+    key = reference_key(config, dataset, base, lora, env)
 
     def build(out: Path) -> dict:
         _, _, spec = train_spec(config, env, dataset, base, lora)
         # One process here, whatever the training's launcher: no process group, no DeepSpeed engine.
         spec = spec.model_copy(update={"ddp_backend": None, "deepspeed_config": None})
-        metrics = compute_reference_logps(spec, out, config.model.trust_remote_code)
+        metrics = compute_reference_logps(spec, out, config.model.trust_remote_code, log)
         log(f"reference log-probs of {metrics['pairs']} pairs computed ({metrics['reference_forwards']} forward passes)")
         return metrics
 
@@ -438,6 +463,7 @@ def prepare_training(config: FinetuneConfig, log: Log = print) -> tuple[Artifact
     """
     env = env_check(config)
     sources = inspect_sources(config)
+    config = with_data_shape(config, sources)
     dataset = prepare_data(config, sources, log)
     base = quantize_base(config, env, sources, log)
     lora = initial_adapter(config, env, sources, base, log)

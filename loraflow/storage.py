@@ -152,15 +152,26 @@ def fingerprint_file(path: Path, full_hash_limit: int = 256 * 1024 * 1024) -> di
     return {"name": path.name, "size": size, "head_sha256": head, "tail_sha256": tail}
 
 
+# Where `loraflow store serve` answers (http://127.0.0.1:4201): local store links then point at it.
+STORE_URL_SETTING = "LORAFLOW_STORE_URL"
+FILE_LINK_NOTE = ("Browsers do not open file:// links from a web page such as the Prefect UI: copy the path, or serve "
+                  f"the store with `loraflow store serve` and set {STORE_URL_SETTING} (README: Opening the store's files).")
+
+
 def browser_url(uri: str) -> str | None:
-    """A URL a browser opens for a store URI: file:// for local paths; for S3 the AWS console's folder
-    view, or the object URL of the folder's manifest on an S3-compatible endpoint (AWS_ENDPOINT_URL).
+    """A URL a browser opens for a store URI. A local path: on the store server when LORAFLOW_STORE_URL is set (its URL
+    path is the file's absolute path: loraflow/store_server.py), else file:// (which a web page cannot open:
+    FILE_LINK_NOTE); for S3 the AWS console's folder view, or the object URL of the folder's manifest on an
+    S3-compatible endpoint (AWS_ENDPOINT_URL).
 
     No presigned URLs: they carry the access key id and expire, and artifacts live on.
     """
     protocol, _, rest = uri.partition("://") if "://" in uri else ("", "", uri)
     if protocol in ("", "file", "local"):
-        return Path(rest if protocol else os.path.abspath(uri)).as_uri()
+        path = rest if protocol else os.path.abspath(uri)
+        if server := os.environ.get(STORE_URL_SETTING, "").strip().rstrip("/"):
+            return server + urllib.parse.quote(path) + ("/" if os.path.isdir(path) and not path.endswith("/") else "")
+        return Path(path).as_uri()
     if protocol in ("s3", "s3a"):
         bucket, _, key = rest.partition("/")
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

@@ -27,9 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from loraflow import objectives, tracking
+from loraflow.data.split import training_subset
 from loraflow.data.tokenize import load_tokenizer
 from loraflow.config import PROMPT_METHODS
 from loraflow.errors import LoraflowError
@@ -37,7 +39,7 @@ from loraflow.evaluate import perplexity
 from loraflow.launch import SPEC_FROM_STDIN
 from loraflow.models import native
 from loraflow.objectives import OBJECTIVES, Dpo, load_split
-from loraflow.plan import MemoryPlan, choose_precision, plan_memory
+from loraflow.plan import MemoryPlan, choose_precision, plan_memory, rows_used, short_run_note
 from loraflow.spec import RunSpec
 from loraflow.storage import ArtifactStore, open_url, sha256_hex
 
@@ -281,7 +283,7 @@ def setup_run(spec: RunSpec, trust_remote_code: bool = False) -> RunContext:
         metrics_path.write_text("")  # a previous attempt's lines; a resume restores the checkpoint's own
     # The env stage resolved train.precision on this host (a pool job runs its own) and said why; a spec written by
     # hand with auto is resolved here.
-    precision, reason = choose_precision(spec.train.precision, device, native.bf16_supported(device))
+    precision, reason = choose_precision(spec.train.precision, device)
     return RunContext(spec, ranks, ArtifactStore(spec.store), device, precision, work, metrics_path,
                       trust_remote_code, _memory_report("cpu")["peak_rss_mb"], spec.precision_reason or reason)
 
@@ -331,8 +333,10 @@ def starting_adapter_dir(run: RunContext) -> Path:
     return folder / "adapter" if (folder / "adapter").is_dir() else folder
 
 
-def setup_data(run: RunContext):
-    """(tokenizer, train split, validation split or None) from the data stage's output (and the reference log-probs)."""
+def setup_data(run: RunContext, only_rows_used: bool = False):
+    """(tokenizer, train split, validation split or None) from the data stage's output (and the reference log-probs).
+    only_rows_used: the training split cut to the rows a run ended by max_steps reaches (loraflow.data.split), so a
+    precomputed reference covers exactly those."""
     spec = run.spec
     dataset_dir = run.store.local_copy(spec.dataset_uri, verify=True)
     ref_logps = run.store.local_copy(spec.reference_uri, verify=True) if spec.reference_uri else None
@@ -340,7 +344,11 @@ def setup_data(run: RunContext):
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # "Generating train split" and TRL's map bars: carriage-return noise in a run's log
-    return tokenizer, load_split(dataset_dir, "train", ref_logps), load_split(dataset_dir, "val", ref_logps)
+    only = None
+    if only_rows_used:
+        train_rows = pq.ParquetFile(dataset_dir / "train.parquet").metadata.num_rows
+        only = training_subset(train_rows, rows_used(train_rows, spec.train), spec.train.seed)
+    return tokenizer, load_split(dataset_dir, "train", ref_logps, only), load_split(dataset_dir, "val", ref_logps)
 
 
 def training_arguments(run: RunContext, has_eval: bool, eval_before: bool = False) -> dict:
@@ -402,7 +410,7 @@ def train(spec: RunSpec, trust_remote_code: bool = False) -> dict:
         raise LoraflowError("; ".join(problems))
     run = setup_run(spec, trust_remote_code)
     objective = OBJECTIVES[spec.objective](spec)
-    tokenizer, train_set, val_set = setup_data(run)
+    tokenizer, train_set, val_set = setup_data(run, objective.trains_on_rows_used)
     model = setup_model(run, objective.tokens_per_example(train_set), tokenizer)
 
     resume_uri, resume_dir = resumable_checkpoint(run.store, spec.run_uri, run.work)
@@ -551,6 +559,8 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
         else:
             summary["eval_note"] = (f"the evaluation gave {eval_loss} (the model's outputs overflowed on the validation "
                                     f"rows); lower train.learning_rate, or use precision fp32")
+    if too_short := short_run_note(result.global_step, None, run.spec.train):
+        summary["short_run_note"] = too_short
     logged = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     losses = [row["loss"] for row in logged if "loss" in row]
     summary["first_loss"], summary["final_loss"] = (losses[0], losses[-1]) if losses else (None, None)
@@ -581,13 +591,19 @@ def _save_and_commit(run: RunContext, trainer, summary: dict) -> None:
         print(f"trained adapter committed to {run.spec.run_uri}/checkpoints/{FINAL}", flush=True)
 
 
-def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = False) -> dict:
+def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = False, log=print) -> dict:
     """The reference stage's build: TRL's own reference pass (the same concatenation and masks its loss uses) over
-    every pair, kept as train.parquet / val.parquet columns ref_chosen_logps, ref_rejected_logps in out."""
+    the pairs training reaches and every validation pair, kept as train.parquet / val.parquet columns
+    ref_chosen_logps, ref_rejected_logps in out; progress in `log`."""
     sys.modules.setdefault("deepspeed", None)  # (as in main(): this pass never uses DeepSpeed)
     run = setup_run(spec, trust_remote_code)
     objective = Dpo(spec)
-    tokenizer, train_set, val_set = setup_data(run)
+    tokenizer, train_set, val_set = setup_data(run, objective.trains_on_rows_used)
+    all_pairs = pq.ParquetFile(run.store.local_copy(spec.dataset_uri) / "train.parquet").metadata.num_rows
+    if len(train_set) < all_pairs:
+        log(f"reference log-probs for the {len(train_set)} of {all_pairs} training pairs that {spec.train.max_steps} steps "
+            f"× batch {spec.train.batch_size} reach" + (f", and the {len(val_set)} validation pairs" if val_set is not None else ""))
+    objectives.REFERENCE_PROGRESS_LOG = log
     model = setup_model(run, objective.tokens_per_example(train_set), tokenizer)
     args = objective.arguments(training_arguments(run, val_set is not None), precompute=True)
     trainer = objective.trainer(run, model, args, train_set, val_set, tokenizer, [])  # TRL computes them on init

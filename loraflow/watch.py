@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 
 from fsspec.implementations.local import LocalFileSystem
 
-from loraflow.data.formats import SUFFIXES, format_alpaca, format_conversations, read_rows
-from loraflow.data.preference import PREFERENCE_FORMATS, detect_preference_format, to_pairs
+from loraflow.data.formats import SUFFIXES, read_rows
+from loraflow.data.shapes import detect_shape, shape_named
 from loraflow.errors import LoraflowError
 from loraflow.storage import ArtifactStore, filesystem, hash_uri, sha256_hex
 
@@ -39,6 +39,7 @@ class Found:
     format: str | None = None
     rows: int | None = None
     error: str | None = None
+    note: str | None = None  # how the rows were found, when not plain (a JSON object holding them under a key)
     duplicate_of: str | None = None
 
     @property
@@ -64,7 +65,7 @@ class Found:
         else:
             # The objective lets each deployment's trigger take only its own files (SFT rows or preference pairs).
             labels.update({"loraflow.format": str(self.format), "loraflow.rows": str(self.rows),
-                           "loraflow.objective": "dpo" if self.format in PREFERENCE_FORMATS else "sft"})
+                           "loraflow.objective": shape_named(self.format).objective})
         return labels
 
     def related(self) -> list[dict[str, str]]:
@@ -76,38 +77,12 @@ class Found:
         return [{"prefect.resource.id": f"problem: {reason}", "prefect.resource.role": "problem", "prefect.resource.name": reason}]
 
 
-def detect_format(uri: str, rows: list[dict]) -> str:
-    """A preference shape (DPO), or alpaca, sharegpt or messages (SFT), from the first row's fields; every row is then
-    checked by its formatter."""
-    if not rows:
-        raise LoraflowError(f"{uri}: no rows")
-    if shape := detect_preference_format(rows[0]):
-        return shape
-    fields = set(rows[0])
-    if "conversations" in fields:
-        return "sharegpt"
-    if "messages" in fields:
-        return "messages"
-    if {"instruction", "output"} <= fields:
-        return "alpaca"
-    raise LoraflowError(f"{uri}: row 0 has fields {', '.join(sorted(fields)) or 'none'}; expected alpaca "
-                        "(instruction, input, output), sharegpt (conversations) or messages (messages), or preference "
-                        "pairs (chosen and rejected with a prompt, question, conversations or hh-rlhf transcripts)")
-
-
-def validate_dataset(uri: str) -> tuple[str, int]:
-    """(format, usable rows) of a dataset file, or a LoraflowError saying what is wrong and where."""
+def validate_dataset(uri: str) -> tuple[str, int, str | None]:
+    """(shape, usable rows, a note on how the rows were found or None) of a dataset file, or a LoraflowError saying
+    what is wrong and where."""
     rows = read_rows(uri)
-    data_format = detect_format(uri, rows)
-    if data_format in PREFERENCE_FORMATS:
-        return data_format, len(to_pairs(uri, rows, data_format).turns)
-    if data_format == "alpaca":
-        formatted = format_alpaca(uri, rows, "alpaca", True)
-    else:
-        formatted = format_conversations(uri, rows, data_format, "chatml", False, "</s>")
-    if not formatted.texts:
-        raise LoraflowError(f"{uri}: none of its {len(rows)} rows is usable ({dict(formatted.dropped)})")
-    return data_format, len(formatted.texts)
+    shape = detect_shape(uri, rows)
+    return shape.name, shape.usable_rows(uri, rows), rows.note
 
 
 class DatasetWatcher:
@@ -160,7 +135,7 @@ class DatasetWatcher:
                 item.change, item.duplicate_of = "duplicate", known_content[digest]
             else:
                 try:
-                    item.format, item.rows = validate_dataset(uri)
+                    item.format, item.rows, item.note = validate_dataset(uri)
                     known_content[digest] = uri
                 except LoraflowError as error:
                     item.change, item.error = "invalid", str(error)

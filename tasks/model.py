@@ -21,7 +21,7 @@ def initial_adapter(config: FinetuneConfig, env: StageRecord, sources: StageReco
 
 
 @task(name=REFERENCE.task, description=REFERENCE.summary,
-      cache_key_fn=lambda _, p: REFERENCE.cache_key(stages.reference_key(p["dataset"], p["base"], p["lora"], p["env"])))
+      cache_key_fn=lambda _, p: REFERENCE.cache_key(stages.reference_key(p["config"], p["dataset"], p["base"], p["lora"], p["env"])))
 def reference_logps(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord) -> StageRecord:
     """DPO: the frozen reference's log-probs of every chosen and rejected answer, once, for every run that shares them."""
     return stages.reference_logps(config, env, dataset, base, lora, log_info)

@@ -7,7 +7,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from loraflow.config import FinetuneConfig
 from loraflow.registry import ADAPTER, MERGED, REPORT, STAGES, TRAIN
 from loraflow.report import eval_text, loss_text, write_report
-from loraflow.storage import ArtifactStore, StageRecord, browser_url
+from loraflow.storage import FILE_LINK_NOTE, ArtifactStore, StageRecord, browser_url
 from tasks.common import event_url
 from tasks.runs import stage_outcomes, task_runs
 
@@ -44,7 +44,9 @@ def publish_report(config: FinetuneConfig, records: dict[str, StageRecord], uplo
                              (MERGED.name, "merged model", "base + adapter merged, checked against base+adapter logits")):
         if name in records:
             uri = records[name].uri
-            # The link opens where a browser can (file://, the S3 console); the description keeps the URI to copy.
-            create_link_artifact(browser_url(uri) or uri, link_text=text, key=artifact_key(run, name),
-                                 description=f"`{uri}` — {what} ({run})")
+            # The link opens where a browser can (the store server, the S3 console); the description keeps the URI to
+            # copy, and says why a file:// link does nothing when clicked.
+            url = browser_url(uri) or uri
+            create_link_artifact(url, link_text=text, key=artifact_key(run, name),
+                                 description=f"`{uri}` — {what} ({run})" + (f". {FILE_LINK_NOTE}" if url.startswith("file:") else ""))
     return StageRecord(stage=REPORT.name, key=records[TRAIN.name].key, uri=report["run_uri"], metrics={"run": run})

@@ -79,6 +79,10 @@ def check_result_file(path: str, content: bytes, store_url: str | None = None) -
 
 
 class _JsonOnlyReads:
+    # Prefect's file-system blocks show a logo from raw.githubusercontent.com: the UI's Blocks pages would fetch it from
+    # outside the machine (a broken image offline). No logo: the UI draws its own placeholder.
+    _logo_url = None
+
     @property
     def _store_url(self) -> str:
         return str(self.basepath).rstrip("/").removesuffix("/prefect-results")

@@ -49,6 +49,15 @@ def stage_outcomes(records: dict, states: dict[str, str]) -> dict[str, str]:
 FINETUNE_FLOWS = ("loraflow-sft", "loraflow-dpo")
 
 
+def _reason(state) -> str:
+    """The first line of a state's message (a run's failure reason), or '' while it has none."""
+    if state is None or not state.is_final() or not state.message:
+        return ""
+    reason = state.message.strip().splitlines()[0]
+    # Prefect's wording around the reason says nothing a user acts on; a LoraflowError is the user-facing message.
+    return reason.removeprefix("Flow run encountered an exception: ").removeprefix("LoraflowError: ")
+
+
 def recent_runs(limit: int = 20) -> list[dict]:
     """The newest fine-tune flow runs (SFT and DPO): name, state, start, and from their summary artifact the run and its losses."""
     from prefect.client.orchestration import get_client
@@ -73,7 +82,8 @@ def recent_runs(limit: int = 20) -> list[dict]:
             "flow_run": run.name, "flow_run_id": str(run.id), "state": run.state_name,
             "started": run.start_time.strftime("%Y-%m-%d %H:%M") if run.start_time else "",
             "run": summary.key.removesuffix("-summary") if summary else "",
-            "result": summary.description if summary else "",
+            # A run that ended without a summary (Failed, Crashed, Cancelled) shows why: its final state's message.
+            "result": summary.description if summary else _reason(run.state),
             "summary_markdown": summary.data if summary else None,
         })
     return rows

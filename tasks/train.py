@@ -24,19 +24,46 @@ class TrainingProgress:
     def __init__(self, prefix: str = ""):
         self.prefix = prefix
         self.artifact_id = None
+        self.run = ""
         self.percent = 0.0
 
     def on_line(self, line: str) -> None:
         log_info(self.prefix + line)
         if self.artifact_id is None and (named := self.RUN.match(line)):
-            run = named.group(1)
-            self.artifact_id = create_progress_artifact(0.0, key=f"{run}-progress", description=f"training steps done, {run}")
+            self.run = named.group(1)
+            self.artifact_id, self.percent = _progress_artifact(self.run)
         match = self.STEP.match(line)
         if match and self.artifact_id is not None and int(match.group(2)) > 0:
-            percent = round(100 * int(match.group(1)) / int(match.group(2)), 1)
-            if percent > self.percent:
+            step, total = int(match.group(1)), int(match.group(2))
+            percent = round(100 * step / total, 1)
+            if percent != self.percent:  # a resume may start below what an earlier attempt showed
                 self.percent = percent
-                update_progress_artifact(self.artifact_id, percent)
+                # The run page's artifact card shows the description, not the value: the description says it.
+                update_progress_artifact(self.artifact_id, percent, description=progress_description(self.run, step, total))
+
+
+def progress_description(run: str, step: int | None = None, total: int | None = None) -> str:
+    done = f"step {step} of {total} ({100 * step / total:.0f}%)" if total else "not started"
+    return f"training {run}: {done}"
+
+
+def _progress_artifact(run: str) -> tuple:
+    """(id, percent) of this flow run's `<run>-progress` artifact: the one an earlier attempt made (a Retry keeps the
+    flow run id), else a new one at 0. A new artifact on each attempt left a stale card per attempt on the run's page."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, ArtifactFilterType
+    from prefect.runtime import flow_run
+
+    key = f"{run}-progress"
+    if flow_run.id:
+        with get_client(sync_client=True) as client:
+            earlier = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]), key=ArtifactFilterKey(any_=[key]),
+                type=ArtifactFilterType(any_=["progress"])))
+        if earlier:
+            newest = max(earlier, key=lambda artifact: artifact.created)
+            return newest.id, float(newest.data or 0.0)
+    return create_progress_artifact(0.0, key=key, description=progress_description(run)), 0.0
 
 
 @task(name=TRAIN.task, description=TRAIN.summary,

@@ -11,6 +11,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["LORAFLOW_CACHE"] = str(_HOME / "loraflow-cache")
+os.environ.pop("LORAFLOW_STORE_URL", None)  # links are file:// unless a test starts a store server
 
 import pytest  # noqa: E402
 
@@ -42,11 +43,22 @@ def tokenizer(tiny_model):
     return load_tokenizer(str(tiny_model))
 
 
+@pytest.fixture(params=["0", "1"], ids=["cpu-without-bf16", "cpu-with-bf16"])
+def cpu_bf16(request, monkeypatch) -> str:
+    """The test runs twice: with precision auto deciding as on a CPU without AVX512-BF16/AMX (fp32) and as on one with
+    them (bf16), whatever this host has (LORAFLOW_CPU_BF16, loraflow.plan.bf16_support; trainer processes inherit it).
+    For the tests whose outcome follows the precision auto picks: CI on one kind of host meets what the other would."""
+    monkeypatch.setenv("LORAFLOW_CPU_BF16", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    from loraflow.cli import TEMPORARY_SERVER_START_SECONDS  # (the bound the CLI gives the same server)
+
+    with prefect_test_harness(server_startup_timeout=TEMPORARY_SERVER_START_SECONDS):
         yield
 
 

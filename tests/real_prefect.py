@@ -7,6 +7,7 @@ loopback port, runs in its own process group, and is killed with that group when
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from loraflow.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
 BIN = Path(sys.executable).parent
 
 
@@ -82,10 +84,14 @@ class Server:
         return log
 
     def create_pool_and_deploy(self) -> None:
-        """The xpu pool from infra/work-pools/xpu.json, then every deployment in deployments/prefect.yaml."""
-        prefect = str(BIN / "prefect")
-        self.run(prefect, "work-pool", "create", "xpu", "--type", "process", "--base-job-template", "infra/work-pools/xpu.json")
-        self.run(prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+        """The README's "With a worker" commands that make the pool and the deployments, as a script, before any worker
+        has started: every line but the server's start, its `export`, `loraflow demo` and the worker's start."""
+        block = README.read_text().split("**With a worker**", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+        commands = [line for line in block.replace("\\\n", " ").splitlines()
+                    if not re.search(r"prefect server start|^export |loraflow demo|start-worker", line)]
+        assert any("prefect deploy --all" in line for line in commands), block
+        script = "set -e\n" + "\n".join(line.replace(".venv/bin/", f"{BIN}/") for line in commands)
+        self.run("bash", "-c", script, env={"LORAFLOW_VENV": str(BIN.parent), "PREFECT_CLI_PROMPT": "false"})
 
     def client_settings(self):
         from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -89,3 +89,28 @@ def test_user_errors_are_not_retried_and_other_failures_are():
 
     assert retry_unless_user_error(None, None, Failed(data=LoraflowError("data.path: no rows"))) is False
     assert retry_unless_user_error(None, None, Failed(data=RuntimeError("the training process was killed by signal 9"))) is True
+
+
+@pytest.mark.parametrize("stage, library", [("dataset", "tokenizers"), ("base", "bitsandbytes")])
+def test_a_library_upgrade_that_can_change_a_stage_s_bytes_rebuilds_it(stage, library, tiny_model, tmp_path, monkeypatch):
+    """A tokenizers upgrade that changes token ids, or a bitsandbytes one that changes the NF4 layout, must not reuse
+    the outputs the old versions made: the versions are part of the stage's key."""
+    import importlib.metadata
+
+    from loraflow.registry import BY_NAME
+
+    config = sft_config(tiny_model, tmp_path / "store").for_run()
+    env, sources = stages.env_check(config), stages.inspect_sources(config)
+
+    def build():
+        if stage == "dataset":
+            return stages.prepare_data(config, sources, log=lambda _: None)
+        return stages.quantize_base(config, env, sources, log=lambda _: None)
+
+    first = build()
+    assert build().uri == first.uri  # the same versions: reused
+    installed = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "999.0" if name == library else installed(name))
+    assert library in BY_NAME[stage].libraries
+    upgraded = build()
+    assert upgraded.key != first.key and upgraded.uri != first.uri and not upgraded.reused

@@ -44,7 +44,9 @@ def test_zero3_with_a_4bit_base_is_rejected_and_allowed_for_plain_lora():
 
 def test_template_must_fit_the_format():
     with pytest.raises(LoraflowError, match="formats alpaca rows, but format is 'sharegpt'"):
-        build_config({"model": {"base": "m"}, "data": {"path": "d.json", "format": "sharegpt"}})
+        build_config({"model": {"base": "m"}, "data": {"path": "d.json", "format": "sharegpt", "template": "alpaca"}})
+    # template auto (the default) is the shape's own: decided once the file is read
+    assert build_config({"model": {"base": "m"}, "data": {"path": "d.json", "format": "sharegpt"}}).data.template == "auto"
 
 
 def test_overrides_and_relative_paths(tmp_path):
@@ -93,9 +95,22 @@ def test_empty_after_filtering(tiny_model, tmp_path):
     _expect_error(tiny_model, tmp_path, tmp_path / "empty.json", r"no usable rows after filtering \(3 read; dropped: 3 empty output\)")
 
 
-def test_validation_split_larger_than_the_data(tiny_model, tmp_path):
-    (tmp_path / "few.json").write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 3))
-    _expect_error(tiny_model, tmp_path, tmp_path / "few.json", "val_set_size=10 leaves no training rows", val_set_size=10)
+@pytest.mark.parametrize("rows, asked, held_out, note", [
+    (28, 20, 5, "validation split of 5 rows, not data.val_set_size 20: at most 20% of the 28 usable rows are held out"),
+    (3, 10, 0, "no validation split: data.val_set_size 10, but 3 usable rows are too few to hold any out"),
+    (200, 20, 20, None),  # the demo's split, unchanged
+])
+def test_the_validation_split_scales_with_the_data(rows, asked, held_out, note, tiny_model, tmp_path):
+    """A 28-row upload with the deployment's val_set_size 20 kept 20 rows for validation and trained on 8."""
+    (tmp_path / "few.json").write_text(json.dumps([{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(rows)]))
+    config = build_config(config_tree(tiny_model, tmp_path / "few.json", tmp_path / "store", val_set_size=asked))
+    said = []
+    record = stages.prepare_data(config, stages.inspect_sources(config), log=said.append)
+    assert (record.metrics["val_rows"], record.metrics["train_rows"]) == (held_out, rows - held_out)
+    if note is None:
+        assert "val_note" not in record.metrics
+    else:
+        assert note in record.metrics["val_note"] and record.metrics["val_note"] in said
 
 
 def test_cli_prints_the_problem_without_a_traceback(tiny_model, tmp_path, shared_data):
@@ -159,10 +174,12 @@ def test_env_check_names_a_missing_launcher(tmp_path, monkeypatch):
         check_environment(config)
 
 
-def test_env_check_rejects_a_device_the_machine_lacks():
+def test_env_check_rejects_a_device_the_machine_lacks(monkeypatch):
     import torch
 
     from loraflow.envcheck import check_environment
+
+    monkeypatch.delenv("LORAFLOW_CPU_BF16", raising=False)  # (this test is about the detection: tests/test_plan.py the setting)
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -210,5 +227,58 @@ def test_a_run_without_an_eval_says_why_instead_of_nan(tiny_model, tmp_path):
     summary = stages.trained_record(store, key, run, reused=False).metrics
     assert summary["eval_loss"] is None
     assert eval_text(summary, str) == "eval loss: no validation split (data.val_set_size is 0)"
-    assert loss_text(summary, "{:.2f}".format) == f"train loss {summary['first_loss']:.2f} → {summary['final_loss']:.2f}"  # the last step is logged
+    # the last step is logged; two steps cannot change the model, and the trained run says so
+    assert loss_text(summary, "{:.2f}".format) == (f"train loss {summary['first_loss']:.2f} → {summary['final_loss']:.2f} — "
+                                                   "only 2 optimizer steps (train.batch_size 16, num_epochs 3, max_steps 2): too "
+                                                   "few to change the model much; add rows, lower train.batch_size, or raise "
+                                                   "train.num_epochs or train.max_steps (at least 10 steps)")
     assert "nan" not in json.dumps(summary).lower()
+
+
+def test_a_path_typed_on_the_command_line_is_relative_to_where_the_command_runs(tmp_path, monkeypatch):
+    """The issue's command: `loraflow run examples/x.yaml --set model.base=./demo/models/m --set storage=./demo/store`
+    from the repository's root. The YAML's own relative paths stay relative to the YAML's folder."""
+    here, examples = tmp_path / "here", tmp_path / "here" / "examples"
+    examples.mkdir(parents=True)
+    (examples / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    (examples / "x.yaml").write_text("objective: dpo\nmodel: {base: ./model-beside-the-yaml}\ndata: {path: ./pairs.jsonl}\n")
+    (here / "demo" / "models" / "m").mkdir(parents=True)
+    monkeypatch.chdir(here)
+    config = load_config("examples/x.yaml", ["model.base=./demo/models/m", "storage=./demo/store"])
+    assert config.model.base == str(here / "demo" / "models" / "m")
+    assert config.storage == str(here / "demo" / "store")
+    assert config.data.path == str(examples / "pairs.jsonl")  # from the YAML: beside it
+    # The YAML's base (beside the YAML) when nothing overrides it; a --set data path relative to here
+    (here / "mine.jsonl").write_text("{}\n")
+    config = load_config("examples/x.yaml", ["data.path=mine.jsonl"])
+    assert config.model.base == str(examples / "model-beside-the-yaml") and config.data.path == str(here / "mine.jsonl")
+    assert config.storage == str(examples / "loraflow-store")  # the default store: beside the YAML, as before
+
+
+def test_a_missing_model_folder_is_said_before_anything_is_created(tmp_path):
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    (examples / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    (examples / "x.yaml").write_text("objective: dpo\nmodel: {base: ./nowhere}\ndata: {path: pairs.jsonl}\n")
+    result = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", "examples/x.yaml", "--set", "model.base=./demo/models/m",
+                             "--set", "storage=./demo/store"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert f"model.base {tmp_path}/demo/models/m: model folder not found" in result.stderr, output[-3000:]
+    assert "Starting temporary server" not in output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["examples", "pairs.jsonl", "x.yaml"]  # no store, no demo folder
+
+
+def test_a_run_too_short_to_change_the_model_says_so(tiny_model, tmp_path):
+    """23 training rows at the deployment's batch 16 for one epoch: 2 steps, the first at learning rate 0 (warmup),
+    and `loraflow runs` showed `train loss 8.3096 → 8.3096` without a word."""
+    from loraflow.plan import planned_steps, short_run_note
+    from loraflow.report import loss_text
+
+    train = build_config(config_tree(tiny_model, tmp_path / "d.json", tmp_path / "store")
+                         | {"train": {"batch_size": 16, "num_epochs": 1}}).train
+    note = short_run_note(planned_steps(23, train), 23, train)
+    assert note.startswith("only 2 optimizer steps (23 training rows, train.batch_size 16, num_epochs 1): too few to change")
+    assert short_run_note(planned_steps(2000, train), 2000, train) is None
+    assert loss_text({"first_loss": 8.3096, "final_loss": 8.3096, "short_run_note": note}, "{:.4f}".format) == (
+        f"train loss 8.3096 → 8.3096 — {note}")

@@ -58,6 +58,12 @@ def _wait_for_runs(server, expected: int, settle: float = 4.0, timeout: float = 
 
 
 def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
+    """The server fixture ran the README's pool and deploy commands before any worker started (deploying needs the pool,
+    which `infra/work-pools/create-pool` makes; `prefect deploy` refused a pool only a worker's start created)."""
+    from prefect.client.orchestration import get_client
+
+    with server.client_settings(), get_client(sync_client=True) as client:
+        assert client.read_work_pool("xpu").type == "process" and not client.read_workers_for_work_pool("xpu")
     for name in ("loraflow-sft/sft-xpu", "loraflow-dpo/dpo-xpu", "loraflow-align/align-xpu", "loraflow-train/train-xpu", "loraflow-merge/merge-xpu", "loraflow-watch/watch-xpu", "loraflow-sweep/sweep-xpu"):
         deployment = _deployment(server, name)
         assert deployment.enforce_parameter_schema and deployment.work_pool_name == "xpu" and deployment.description
@@ -74,7 +80,7 @@ def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
     for section in ("ModelSettings", "DataSettings", "TrainSettings", "MergeSettings", *adapters):
         for field, schema in sections[section]["properties"].items():
             assert schema.get("description"), f"{section}.{field} has no description for the UI form"
-    assert sections["DataSettings"]["properties"]["template"]["enum"][:2] == ["alpaca", "alpaca_legacy"]
+    assert sections["DataSettings"]["properties"]["template"]["enum"][:3] == ["auto", "alpaca", "alpaca_legacy"]
     from prefect.client.orchestration import get_client
 
     with server.client_settings(), get_client(sync_client=True) as client:
@@ -199,8 +205,9 @@ def _serve_and_run_the_watcher(server, tmp_path):
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     (incoming / "a.json").write_text(json.dumps(SAMPLE_ROWS[:10]))
+    (tmp_path / "store").mkdir()
     log = server.start_background(str(BIN / "loraflow"), "serve", "--config", str(config), "--watch", str(incoming), "--interval", "3600",
-                              log_name="serve.log")
+                                  "--store-port", "0", log_name="serve.log")
     from prefect.exceptions import ObjectNotFound
 
     deadline = time.time() + 90
@@ -215,6 +222,11 @@ def _serve_and_run_the_watcher(server, tmp_path):
             assert time.time() < deadline, log.read_text()[-3000:]
             time.sleep(1)
     assert sft.parameters["config"]["name"] == "served" and sft.enforce_parameter_schema
+    # It serves the config's store too (read-only, loopback), so the artifact links of its runs open in the UI.
+    import httpx
+
+    store_url = re.search(rf"serving the store {tmp_path / 'store'} read-only at (http://127\.0\.0\.1:\d+)/", log.read_text()).group(1)
+    assert f"loraflow artifact store <code>{tmp_path / 'store'}</code>, read-only" in httpx.get(f"{store_url}/", follow_redirects=True).text
     assert watch.parameters["prefix"] == str(incoming)
     for name in ("loraflow-train/train-local", "loraflow-merge/merge-local"):
         _deployment(server, name)

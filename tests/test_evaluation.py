@@ -43,18 +43,24 @@ def _train(config, env: dict | None = None, exit_code: int = 0) -> tuple[dict | 
     return stages.trained_record(store, key, run, reused=False).metrics, metrics, run
 
 
-# A learning rate far too high with a constant schedule: on the built model the eval loss goes 8.33 (before), 7.05,
-# 7.34, 7.05 (the best, step 3), 7.31, 7.15: two evaluations without improvement after step 3.
+# A learning rate far too high with a constant schedule: on the built model in bf16 the eval loss goes 8.33 (before),
+# 7.05, 7.34, 7.05 (the best, step 3), 7.31, 7.15: two evaluations without improvement after step 3 (in fp32, below,
+# the best is step 1, by 0.002). The tests that take precision auto run under both answers (the cpu_bf16 fixture).
 RISING = dict(learning_rate=0.05, lr_scheduler="constant", warmup=0, max_steps=30, eval_steps=1, save_steps=1,
               early_stopping_patience=2)
+# The same in fp32, set: precision auto follows the host (bf16 with AVX512-BF16/AMX, else fp32), and the steps where
+# the loss path turns with it. In fp32 the eval loss goes 8.325 (before), 7.048 (the best, step 1), 7.323, 7.050:
+# two evaluations without improvement stop the run at step 3.
+RISING_FP32 = {**RISING, "precision": "fp32"}
 
 
 def _adapter_hash(run: str, checkpoint: str) -> str:
     return sha256_file(Path(run, "checkpoints", checkpoint, "adapter_model.safetensors"))
 
 
-def test_early_stopping_stops_a_run_whose_eval_loss_rises_and_exports_the_best_step(tiny_model, tmp_path):
+def test_early_stopping_stops_a_run_whose_eval_loss_rises_and_exports_the_best_step(tiny_model, tmp_path, cpu_bf16):
     summary, metrics, run = _train(_config(tiny_model, tmp_path / "store", **RISING))
+    assert summary["precision"] == {"0": "fp32", "1": "bf16"}[cpu_bf16]  # (the answer this parametrization asked for)
     evals = {row["step"]: row["eval_loss"] for row in metrics if "eval_loss" in row and row["step"] > 0}
     best = min(evals, key=evals.get)
     assert summary["stopped_early"] and summary["global_step"] == best + 2 < 30  # two evaluations without improvement
@@ -64,15 +70,17 @@ def test_early_stopping_stops_a_run_whose_eval_loss_rises_and_exports_the_best_s
 
 
 def test_a_resumed_run_still_exports_the_best_step_when_its_scratch_folder_is_gone(tiny_model, tmp_path):
-    """The first attempt fails at step 5 (its newest checkpoint is step 4, the best step 3); the retry runs on a host
+    """The first attempt fails at step 3 (its newest checkpoint is step 2, the best step 1); the retry runs on a host
     without the first attempt's scratch folder, so the best checkpoint comes back from the store."""
-    config = _config(tiny_model, tmp_path / "store", **RISING)
+    config = _config(tiny_model, tmp_path / "store", **RISING_FP32)
     scratch = {"LORAFLOW_SCRATCH": str(tmp_path / "scratch")}
-    _train(config, {**scratch, "LORAFLOW_TEST_FAIL_AT_STEP": "5"}, exit_code=1)
+    _train(config, {**scratch, "LORAFLOW_TEST_FAIL_AT_STEP": "3"}, exit_code=1)
     shutil.rmtree(tmp_path / "scratch")
-    summary, _, run = _train(config, scratch)
-    assert summary["resumed_from"].endswith("checkpoint-4") and summary["kept_step"] == 3 and summary["global_step"] == 5
-    assert _adapter_hash(run, "final") == _adapter_hash(run, "checkpoint-3")
+    summary, metrics, run = _train(config, scratch)
+    evals = {row["step"]: row["eval_loss"] for row in metrics if "eval_loss" in row and row["step"] > 0}
+    assert min(evals, key=evals.get) == 1, evals  # (the path RISING_FP32 describes)
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["kept_step"] == 1 and summary["global_step"] == 3
+    assert _adapter_hash(run, "final") == _adapter_hash(run, "checkpoint-1")
 
 
 def test_a_best_checkpoint_holding_a_pickle_is_not_restored_from_the_store(tiny_model, tmp_path):
@@ -82,30 +90,31 @@ def test_a_best_checkpoint_holding_a_pickle_is_not_restored_from_the_store(tiny_
     from loraflow.storage import ArtifactStore
     from test_untrusted_store import TouchOnUnpickle
 
-    config = _config(tiny_model, tmp_path / "store", **RISING)
+    config = _config(tiny_model, tmp_path / "store", **RISING_FP32)
     scratch = {"LORAFLOW_SCRATCH": str(tmp_path / "scratch")}
-    _, _, run = _train(config, {**scratch, "LORAFLOW_TEST_FAIL_AT_STEP": "5"}, exit_code=1)
+    _, _, run = _train(config, {**scratch, "LORAFLOW_TEST_FAIL_AT_STEP": "3"}, exit_code=1)
     shutil.rmtree(tmp_path / "scratch")
-    best = Path(run, "checkpoints", "checkpoint-3")
+    best = Path(run, "checkpoints", "checkpoint-1")
     marker = tmp_path / "pwned"
     planted = tmp_path / "planted"
     shutil.copytree(best, planted)
     torch.save({"python": TouchOnUnpickle(str(marker))}, planted / "optimizer.pt")
-    ArtifactStore(str(tmp_path / "store")).commit(planted, f"{run}/checkpoints/checkpoint-3", {"step": 3}, replace=True)
+    ArtifactStore(str(tmp_path / "store")).commit(planted, f"{run}/checkpoints/checkpoint-1", {"step": 1}, replace=True)
 
     _, lines, _ = _train(config, scratch, exit_code=3)  # a user error: not retried
     assert not marker.exists(), "a pickle planted in the best checkpoint was executed"
     [error] = [line for line in lines if line.startswith("error: ")]
-    assert f"the best checkpoint so far, {run}/checkpoints/checkpoint-3, holds files that are not plain tensor data (optimizer.pt: " in error
+    assert f"the best checkpoint so far, {run}/checkpoints/checkpoint-1, holds files that are not plain tensor data (optimizer.pt: " in error
 
 
-def test_a_run_that_never_beats_its_start_stops_and_exports_the_adapter_it_started_from(tiny_model, tmp_path):
+def test_a_run_that_never_beats_its_start_stops_and_exports_the_adapter_it_started_from(tiny_model, tmp_path, cpu_bf16):
     import torch
     from safetensors.torch import load_file
 
     # lr 0.5: the eval loss goes 8.33 (before) → 8.57 at step 1; patience 1 stops there.
     config = _config(tiny_model, tmp_path / "store", **{**RISING, "learning_rate": 0.5, "early_stopping_patience": 1})
     summary, metrics, run = _train(config)
+    assert summary["precision"] == {"0": "fp32", "1": "bf16"}[cpu_bf16]
     before = next(row["eval_loss"] for row in metrics if row["step"] == 0 and "eval_loss" in row)
     assert summary["global_step"] == 1 and summary["stopped_early"] and summary["kept_step"] == 0
     assert summary["eval_loss"] == before == summary["eval_loss_before"]
@@ -117,7 +126,7 @@ def test_a_run_that_never_beats_its_start_stops_and_exports_the_adapter_it_start
     assert "adapter: the starting one (no evaluated step beat the starting model; stopped early at step 1)" in eval_text(summary, str)
 
 
-def test_a_diverging_run_stops_at_once_with_what_to_change(tiny_model, tmp_path):
+def test_a_diverging_run_stops_at_once_with_what_to_change(tiny_model, tmp_path, cpu_bf16):
     # lr 2.0 with a constant schedule: the gradient norm overflows within a few steps.
     config = _config(tiny_model, tmp_path / "store", learning_rate=2.0, lr_scheduler="constant", warmup=0, max_steps=30,
                      eval_steps=100, save_steps=100)

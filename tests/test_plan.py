@@ -1,8 +1,12 @@
 """The training plan: what `auto` decides (micro batch, gradient checkpointing, precision) and why."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from loraflow import plan
 from loraflow.errors import LoraflowError
@@ -58,15 +62,60 @@ def test_a_cpu_micro_batch_stops_where_larger_ran_no_faster(model_dir, monkeypat
 
 
 def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch):
-    assert plan.choose_precision("fp32", "cpu", True) == ("fp32", "set in the config")
-    assert plan.choose_precision("auto", "cuda", True) == ("bf16", "this cuda supports bf16")
-    assert plan.choose_precision("auto", "cuda", False) == ("fp32", "this cuda has no bf16")
+    monkeypatch.delenv(plan.CPU_BF16_SETTING, raising=False)
+    assert plan.choose_precision("fp32", "cpu") == ("fp32", "set in the config")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert plan.choose_precision("auto", "cuda") == ("bf16", "this cuda supports bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert plan.choose_precision("auto", "cuda") == ("fp32", "this cuda has no bf16")
     with pytest.raises(LoraflowError, match="precision bf16 requested, but this cuda does not support bf16; use precision: fp16 or auto"):
-        plan.choose_precision("bf16", "cuda", False)
+        plan.choose_precision("bf16", "cuda")
     monkeypatch.setattr(plan, "cpu_has_fast_bf16", lambda: True)
-    assert plan.choose_precision("auto", "cpu", True) == ("bf16", "this CPU has AVX512-BF16/AMX instructions")
+    assert plan.choose_precision("auto", "cpu") == ("bf16", "this CPU has AVX512-BF16/AMX instructions")
     monkeypatch.setattr(plan, "cpu_has_fast_bf16", lambda: False)
-    assert plan.choose_precision("auto", "cpu", True)[0] == "fp32"
+    assert plan.choose_precision("auto", "cpu") == (
+        "fp32", "this CPU has no AVX512-BF16/AMX instructions (bf16 would be emulated, slower than fp32)")
+    assert plan.choose_precision("bf16", "cpu") == ("bf16", "set in the config")  # emulated, but it runs
+
+
+def test_the_cpu_bf16_setting_decides_as_the_other_kind_of_cpu_would(monkeypatch):
+    for detected in (True, False):
+        monkeypatch.setattr(plan, "cpu_has_fast_bf16", lambda: detected)
+        monkeypatch.setenv(plan.CPU_BF16_SETTING, "0")
+        assert plan.choose_precision("auto", "cpu") == ("fp32", "LORAFLOW_CPU_BF16=0: decided as if this CPU has no "
+                                                        "AVX512-BF16/AMX instructions (bf16 would be emulated, slower than fp32)")
+        monkeypatch.setenv(plan.CPU_BF16_SETTING, "1")
+        assert plan.choose_precision("auto", "cpu") == ("bf16", "LORAFLOW_CPU_BF16=1: decided as if this CPU has AVX512-BF16/AMX instructions")
+        monkeypatch.setenv(plan.CPU_BF16_SETTING, "auto")
+        assert plan.choose_precision("auto", "cpu")[0] == ("bf16" if detected else "fp32")
+    monkeypatch.setenv(plan.CPU_BF16_SETTING, "yes")
+    with pytest.raises(LoraflowError, match=r"LORAFLOW_CPU_BF16='yes': use 0 \(decide as on a CPU without AVX512-BF16/AMX: fp32\)"):
+        plan.choose_precision("auto", "cpu")
+
+
+def test_doctor_plan_and_the_env_check_give_one_precision_answer(tmp_path, monkeypatch):
+    """`loraflow doctor`, `loraflow plan` and the env check every run starts with say the same precision and reason
+    (doctor said `bf16_supported: true` where every run said fp32). Under the setting, so as not to depend on the host;
+    the reason shows the setting was read (the trainer's side: tests/test_evaluation.py's cpu_bf16 runs)."""
+    from loraflow.config import build_config
+    from loraflow.envcheck import check_environment
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**LLAMA_2_7B, "hidden_size": 64, "intermediate_size": 128,
+                                                            "num_hidden_layers": 2, "vocab_size": 1000}))
+    (tmp_path / "c.yaml").write_text(f"model: {{base: {tmp_path / 'm'}}}\ndata: {{path: d.json}}\n")
+    env = {**os.environ, plan.CPU_BF16_SETTING: "0", "CUDA_VISIBLE_DEVICES": ""}
+    doctor = json.loads(subprocess.run([sys.executable, "-m", "loraflow.cli", "doctor"], capture_output=True, text=True,
+                                       env=env, check=True).stdout)
+    expected = ("fp32", "LORAFLOW_CPU_BF16=0: decided as if this CPU has no AVX512-BF16/AMX instructions (bf16 would be "
+                "emulated, slower than fp32)")
+    assert (doctor["precision"], doctor["precision_reason"]) == expected
+    said = subprocess.run([sys.executable, "-m", "loraflow.cli", "plan", str(tmp_path / "c.yaml")], capture_output=True,
+                          text=True, env=env).stdout
+    assert f"on cpu ({expected[0]}: {expected[1]})" in said
+    monkeypatch.setenv(plan.CPU_BF16_SETTING, "0")
+    report = check_environment(build_config({"model": {"base": str(tmp_path / "m")}, "data": {"path": "d.json"}}))
+    assert (report["precision"], report["precision_reason"]) == expected
 
 
 # ---- the footprint before loading -----------------------------------------------------------------
@@ -113,7 +162,8 @@ def test_a_config_that_cannot_fit_stops_in_the_env_check_with_what_would_make_it
     settings on auto are decided as the trainer will decide them, for the memory there is."""
     from loraflow import envcheck, plan
 
-    config = _config(tmp_path, gradient_checkpointing="off").model_copy(deep=True)
+    # (the precision and the free memory set: auto would decide them from the host, and the figures would follow)
+    config = _config(tmp_path, gradient_checkpointing="off", precision="bf16").model_copy(deep=True)
     config.model.base = str(llama_7b)
     for module in (envcheck, plan):
         monkeypatch.setattr(module, "free_memory_bytes", lambda device: 6 * GIB)

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from loraflow.data.preference import detect_preference_format, render, to_pairs
+from loraflow.data.preference import render, to_pairs
+from loraflow.data.shapes import detect_shape
 from loraflow.errors import LoraflowError
 
 NO_TEMPLATE = SimpleNamespace(chat_template=None, eos_token="</s>")
@@ -29,7 +30,7 @@ SHAPES = {
 @pytest.mark.parametrize("shape", SHAPES)
 def test_each_shape_is_detected_and_formats_to_the_same_chatml_text(shape):
     row = SHAPES[shape]
-    assert detect_preference_format(row) == shape
+    assert detect_shape("d.jsonl", [row]).name == shape
     pairs = to_pairs("d.jsonl", [row], shape)
     prompt, chosen = render(pairs.turns[0], pairs.chosen[0], "chatml", NO_TEMPLATE)
     again, rejected = render(pairs.turns[0], pairs.rejected[0], "chatml", NO_TEMPLATE)
@@ -40,7 +41,7 @@ def test_each_shape_is_detected_and_formats_to_the_same_chatml_text(shape):
 def test_hh_rlhf_transcripts_split_at_the_last_assistant_turn(shared_data):
     with gzip.open(shared_data / "hh_rlhf_harmless_base_test.jsonl.gz", "rt") as stream:
         rows = [json.loads(line) for _, line in zip(range(50), stream)]
-    assert detect_preference_format(rows[0]) == "hh-rlhf"
+    assert detect_shape("d.jsonl", [rows[0]]).name == "hh-rlhf"
     pairs = to_pairs("hh.jsonl.gz", rows, "hh-rlhf")
     assert len(pairs.turns) + sum(pairs.dropped.values()) == 50
     first = pairs.turns[0]
@@ -53,14 +54,14 @@ def test_hh_rlhf_transcripts_split_at_the_last_assistant_turn(shared_data):
 
     # The derived file (prompt = the transcript up to the last "Assistant:") gives the same pairs through `pairs`.
     derived = [json.loads(line) for _, line in zip(range(50), (shared_data / "hh_rlhf_harmless_base_test_1k.jsonl").open())]
-    assert detect_preference_format(derived[0]) == "pairs"
+    assert detect_shape("d.jsonl", [derived[0]]).name == "pairs"
     again = to_pairs("hh_1k.jsonl", derived, "pairs")
     assert again.turns[0] == first and again.chosen[0] == pairs.chosen[0]
 
 
 def test_orca_dpo_pairs_rows(shared_data):
     rows = [json.loads(line) for line in (shared_data / "orca_dpo_pairs.jsonl").open()]
-    assert detect_preference_format(rows[0]) == "orca"
+    assert detect_shape("d.jsonl", [rows[0]]).name == "orca"
     pairs = to_pairs("orca.jsonl", rows, "orca")
     assert len(pairs.turns) + sum(pairs.dropped.values()) == len(rows) == 284
     assert pairs.turns[0][0] == ("system", rows[0]["system"]) and pairs.turns[0][1] == ("user", rows[0]["question"])
@@ -101,4 +102,4 @@ def test_invalid_rows_are_dropped_with_counts_and_none_left_is_an_error():
                                    "missing or non-string chosen": 2}
     with pytest.raises(LoraflowError, match=r"d\.jsonl: none of its 6 rows is a usable pairs preference pair \(1 empty prompt, "):
         to_pairs("d.jsonl", [row for row, _ in INVALID], "pairs")
-    assert detect_preference_format({"instruction": "x", "output": "y"}) is None
+    assert detect_shape("d.jsonl", [{"instruction": "x", "output": "y"}]).objective == "sft"

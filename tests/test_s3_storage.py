@@ -166,7 +166,7 @@ def test_dataset_watcher_on_an_s3_prefix(s3, tmp_path):
     assert scan()["b.jsonl"].change == "duplicate" and scan() == {}
     put("c.json", json.dumps([{"question": "no instruction field"}]))
     invalid = scan()["c.json"]
-    assert invalid.event == INVALID and "expected alpaca (instruction, input, output)" in invalid.error
+    assert invalid.event == INVALID and "row 0 has fields question, which is no data shape loraflow knows" in invalid.error
     assert scan() == {}  # reported once per content
 
 

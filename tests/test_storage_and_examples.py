@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import load_config
+from loraflow.data.shapes import resolve_data
 from loraflow.errors import LoraflowError
 from loraflow.storage import MANIFEST, ArtifactStore
 
@@ -50,12 +51,13 @@ def test_example_configs_validate(name):
     assert config.model.base == "meta-llama/Llama-2-7b-hf"  # hub ids are not rewritten as paths
     if name == "sharegpt-lora.yaml":
         assert (config.lora.target, config.train.learning_rate, config.train.warmup) == ("attention-qv", 2e-5, 0.03)
-        assert config.data.effective_train_on_inputs is False
+        conversation = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+        assert resolve_data(config.data, "sft", conversation).effective_train_on_inputs is False
 
 
 def test_the_dpo_example_and_the_dpo_recipe_defaults(tmp_path):
     config = load_config(REPO / "examples" / "orca-dpo.yaml")
-    assert (config.objective, config.data.format, config.dpo.beta, config.dpo.max_length) == ("dpo", "orca", 0.1, 1536)
+    assert (config.objective, config.data.format, config.dpo.beta, config.dpo.max_length) == ("dpo", "auto", 0.1, 1536)
     # A DPO config that says only what it must gets the recipe's data, LoRA and train defaults; SFT keeps its own.
     (tmp_path / "dpo.yaml").write_text("objective: dpo\nmodel: {base: m}\ndata: {path: pairs.jsonl}\ntrain: {max_steps: 50}\n")
     minimal = load_config(tmp_path / "dpo.yaml")
@@ -68,7 +70,7 @@ def test_the_dpo_example_and_the_dpo_recipe_defaults(tmp_path):
 
     assert "dpo" not in FinetuneConfig.model_json_schema()["properties"]
     # Each form's data-format choices are its objective's.
-    assert FinetuneConfig.model_json_schema()["$defs"]["DataSettings"]["properties"]["format"]["enum"] == ["alpaca", "sharegpt", "messages"]
+    assert FinetuneConfig.model_json_schema()["$defs"]["DataSettings"]["properties"]["format"]["enum"] == ["auto", "alpaca", "sharegpt", "messages"]
     assert DpoFinetuneConfig.model_json_schema()["$defs"]["DpoDataSettings"]["properties"]["format"]["enum"] == [
         "auto", "orca", "pairs", "trl", "openai", "sharegpt-preference", "hh-rlhf"]
     (tmp_path / "sft.yaml").write_text("model: {base: m}\ndata: {path: rows.json}\ndpo: {beta: 0.2}\n")

@@ -133,16 +133,53 @@ def test_du_shows_each_part_and_the_largest_runs(store, capsys):
     assert "recent-bbbbbbbbbbbb" in out and "old-aaaaaaaaaaaa" in out
 
 
+def _trained_on(store: ArtifactStore, run_uri: str, source: str) -> None:
+    """Give a run's dataset the stats the data stage writes (its source file)."""
+    dataset = json.loads(Path(store.path(run_uri), "spec.json").read_text())["dataset_uri"]
+    Path(store.path(dataset), "stats.json").write_text(json.dumps({"source": source}))
+
+
 def test_a_deployments_config_keeps_its_newest_run_and_a_reused_output_counts_as_recent(store):
-    removable, notes = plan(store, older_than_days=30, pinned_names={"old": "deployment sft-xpu's default config (old)"})
+    from loraflow.gc import DefaultConfig
+
+    _trained_on(store, store.old, "/data/old.json")
+    removable, notes = plan(store, older_than_days=30, defaults=[DefaultConfig("sft-xpu", "old", "/data/old.json")])
     going = {item.uri for item in removable}
     assert store.old not in going and store.shared["dataset"] not in going  # what sft-xpu's defaults reuse
-    assert f"kept {store.old}: the newest run of deployment sft-xpu's default config (old)" in notes
+    assert f"kept {store.old}: the newest run of the default config of deployment sft-xpu (old on /data/old.json)" in notes
 
     store.mark_used(store.shared["dataset"])  # a fine-tune just reused it (a cache hit or a committed output)
     going = {item.uri for item in plan(store, older_than_days=30)[0]}
     assert store.old in going and store.shared["dataset"] not in going
     store.verify(store.shared["dataset"], hashes=True)  # the mark is beside the content, not part of it
+
+
+def test_gc_keeps_a_run_for_a_deployments_default_config_only_when_that_config_made_it(tmp_path, capsys):
+    """`loraflow gc` with the deployments of deployments/prefect.yaml (sft-xpu, sweep-xpu, … default to config `demo` on
+    the sample data). A newer `demo` run on other data is not what those deployments reuse; the run on their data is,
+    and the reason names the deployments whose default it is (a sweep's runs are `demo-v<N>`, not `demo`)."""
+    from loraflow.cli import DEPLOYMENTS_YAML
+
+    sample = str(DEPLOYMENTS_YAML.parents[1] / "loraflow/data/sample/alpaca_gpt4_sample.json")
+    store = ArtifactStore(str(tmp_path / "store"))
+    runs = {}
+    for name, source, age in (("demo-aaaaaaaaaaaa", sample, 50), ("demo-bbbbbbbbbbbb", "/uploads/other.json", 40),
+                              ("demo-v2-cccccccccccc", sample, 45), ("demo-v1-dddddddddddd", "/uploads/other.json", 35)):
+        data = _commit(store, f"dataset/{name}", age_days=age)
+        runs[name] = _run(store, name, data, "", "", [2], True, age)
+        _trained_on(store, runs[name], source)
+        _age(Path(store.path(data)), age)
+        _age(Path(store.path(runs[name])), age)
+    assert main(["gc", "--storage", store.url, "--older-than", "30"]) == 0
+    out = capsys.readouterr().out
+    kept = dict(line.strip().removeprefix("kept ").split(": ", 1) for line in out.splitlines() if line.strip().startswith("kept "))
+    assert kept[runs["demo-aaaaaaaaaaaa"]].startswith("the newest run of the default config of deployments "), out
+    owners = kept[runs["demo-aaaaaaaaaaaa"]].split("deployments ", 1)[1].split(" (", 1)[0].split(", ")
+    assert "sft-xpu" in owners and "sweep-xpu" not in owners, out
+    assert kept[runs["demo-aaaaaaaaaaaa"]].endswith(f"(demo on {sample})")
+    assert kept[runs["demo-v2-cccccccccccc"]] == f"the newest run of the default config of deployment sweep-xpu (demo-v<N> on {sample})"
+    for other in ("demo-bbbbbbbbbbbb", "demo-v1-dddddddddddd"):  # newer, but on other data: removed as old
+        assert runs[other] not in kept and f"{runs[other]} — run not written or used for" in out, out
 
 
 def test_a_cache_record_pointing_outside_its_store_is_refused(store, tmp_path):

@@ -149,8 +149,12 @@ def _fail_then_retry_in_the_ui(server, deployment_name: str, parameters: dict) -
     server.run(str(BIN / "prefect"), "flow-run", "retry", str(run.id))
     retried = _wait_final(server, run.id)
     assert retried.state.is_completed(), server.worker_log.read_text()[-3000:]
+    assert retried.name == failed.name  # the name `loraflow runs` showed stays the run's (Prefect names it again on Retry)
+    # One progress card for the fine-tune, at its end: the retry moved the first attempt's card on (not a card per attempt).
+    progress = [a for a in _artifacts(server, run.id) if a.type == "progress"]
+    assert [(a.data, a.description.rsplit(": ", 1)[-1]) for a in progress] == [(100.0, "step 4 of 4 (100%)")], progress
     with server.client_settings():
-        return task_states(run.id)
+        return task_states(run.id) | {"flow run name": retried.name}
 
 
 def test_prefect_flow_run_retry_of_a_failed_deployment_run_reuses_every_finished_stage(pool, tiny_model, tmp_path):
@@ -160,6 +164,8 @@ def test_prefect_flow_run_retry_of_a_failed_deployment_run_reuses_every_finished
     subset = tmp_path / "uploaded.json"  # given as `dataset`, as the upload trigger does: it replaces data.path
     subset.write_text(json.dumps(json.loads(SAMPLE.read_text())[:60]))
     states = _fail_then_retry_in_the_ui(server, "loraflow-sft/sft-xpu", {"config": config, "dataset": str(subset)})
+    summary = server.run(str(BIN / "loraflow"), "artifacts", states["flow run name"]).stdout  # the name before Retry
+    assert summary.startswith("# Fine-tune `pooled-"), summary[:500]
     assert {states[name] for name in ("dataset", "base", "lora")} == {"Cached"}
     assert states["train"] == "Completed"
     assert "resuming from" in server.worker_log.read_text() and "checkpoint-2" in server.worker_log.read_text()
@@ -371,6 +377,75 @@ def test_a_training_job_that_fails_on_the_worker_is_one_error_with_its_reason(po
     assert re.match(r"error: the training job \S+ on pool 'xpu' ended Failed: environment check failed:", error), result.stderr[-3000:]
     assert "train.report_to mlflow needs MLFLOW_TRACKING_URI in the training process's environment" in result.stderr
     assert "Traceback" not in result.stderr and "RuntimeError" not in result.stdout + result.stderr
+    # `loraflow runs` shows why it failed.
+    listed = server.run(str(BIN / "loraflow"), "runs").stdout
+    [row] = [line for line in listed.splitlines() if " Failed " in line and "pool 'xpu' ended Failed" in line]
+    assert "environment check failed" in row, listed
+
+
+def test_an_upload_of_every_data_shape_starts_one_run_of_its_deployment_that_completes(pool, tiny_model, tmp_path):
+    """The watcher (a real `loraflow watch --once`) sees one file of every shape the data layer registers (SFT and
+    preference, made from real rows); the server's triggers start exactly one run per file, of the deployment of the
+    shape's objective, with the deployments' defaults (format and template auto), and the worker completes each."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolUpdate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from loraflow.data.shapes import SHAPES
+    from shape_samples import every_shape, write_jsonl
+
+    server = pool
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    files = {}  # path → (shape, objective)
+    for stem, (shape, rows) in every_shape(8).items():
+        files[str(write_jsonl(incoming / f"{stem}.jsonl", rows))] = (shape, next(s.objective for s in SHAPES if s.name == shape))
+    assert {shape for shape, _ in files.values()} == {shape.name for shape in SHAPES}
+    # The deployments' defaults, made small: the tiny model, one step, no validation split, no merge.
+    tiny = {"storage": str(tmp_path / "store"), "model": {"base": str(tiny_model), "quantization": "none"},
+            "merge": {"enabled": False}}
+    train = {"batch_size": 4, "micro_batch_size": 4, "max_steps": 1, "save_steps": 1, "gradient_checkpointing": "off"}
+    defaults = {
+        "loraflow-sft/sft-xpu": {**tiny, "name": "shapes", "data": {"path": str(SAMPLE), "cutoff_len": 128, "val_set_size": 0},
+                                 "train": {**train, "learning_rate": 1e-2}},
+        "loraflow-dpo/dpo-xpu": {**tiny, "name": "shapes-dpo", "objective": "dpo",
+                                 "data": {"path": str(REPO / "loraflow/data/sample/orca_dpo_pairs_sample.jsonl"), "val_set_size": 0},
+                                 "dpo": {"max_prompt_length": 48, "max_length": 64}, "train": {**train, "learning_rate": 1e-3}},
+    }
+    with server.client_settings(), get_client(sync_client=True) as client:
+        deployments = {name: client.read_deployment_by_name(name) for name in defaults}
+        for name, config in defaults.items():
+            client.update_deployment(deployments[name].id, DeploymentUpdate(parameters={"config": config}))
+        client.update_work_pool("xpu", WorkPoolUpdate(concurrency_limit=4))  # (memory: 10 fine-tunes at once on a small host)
+    try:
+        output = server.run(str(BIN / "loraflow"), "watch", str(incoming), "--storage", str(tmp_path / "store"), "--once")
+        assert output.stdout.count("new dataset") == len(files), output.stdout + output.stderr
+
+        def started() -> dict[str, list]:
+            with server.client_settings(), get_client(sync_client=True) as client:
+                return {name: [run for run in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+                               if run.parameters.get("dataset") in files] for name, deployment in deployments.items()}
+
+        deadline = time.time() + 900
+        while sum(run.state.is_final() for runs in [started()] for name in runs for run in runs[name]) < len(files):
+            runs = started()
+            assert time.time() < deadline, (server.worker_log.read_text()[-3000:], {n: [(r.parameters["dataset"], r.state_name) for r in rs] for n, rs in runs.items()})
+            time.sleep(2)
+    finally:
+        with server.client_settings(), get_client(sync_client=True) as client:
+            client.update_work_pool("xpu", WorkPoolUpdate(concurrency_limit=None))
+            for name, deployment in deployments.items():
+                client.update_deployment(deployment.id, DeploymentUpdate(parameters=deployment.parameters))
+    for name, runs in started().items():
+        objective = "dpo" if "dpo" in name else "sft"
+        # exactly one run per file of this objective, none for the other objective's files
+        assert sorted(run.parameters["dataset"] for run in runs) == sorted(path for path, (_, o) in files.items() if o == objective)
+        for run in runs:
+            assert run.state.is_completed(), (run.parameters["dataset"], run.state.message, server.worker_log.read_text()[-3000:])
+            shape = files[run.parameters["dataset"]][0]
+            messages = [log.message for log in _logs(server, run.id)]
+            template = "alpaca" if shape == "alpaca" else "chatml"
+            assert any(m.endswith(f"read as {shape} rows, template {template}") for m in messages), (shape, messages[:30])
 
 
 def test_stopping_the_worker_ends_its_running_fine_tune_as_crashed_within_seconds(pool, tiny_model, tmp_path):
@@ -440,4 +515,3 @@ def test_a_stop_signal_swallowed_where_python_only_prints_errors_is_sent_again()
 
     assert run("plain") == "the run goes on"  # the loss this guards against, as plain CPython and Prefect have it
     assert run("prepared") == "the run ends"
-

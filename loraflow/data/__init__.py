@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from loraflow.config import DataSettings
+from loraflow.data.split import split_validation
 from loraflow.data.formats import format_alpaca, format_conversations, read_rows
-from loraflow.data.preference import detect_preference_format
+from loraflow.data.shapes import resolve_data
 from loraflow.data.templates import template_markers_not_in_vocabulary
 from loraflow.data.tokenize import load_tokenizer, tokenize, write_parquet
 from loraflow.errors import LoraflowError
@@ -34,13 +35,11 @@ def _joined(chunks: list[tuple]) -> tuple:
 def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=print) -> dict:
     """Write train.parquet, val.parquet (if val_set_size), tokenizer/ and stats.json into out_dir."""
     rows = read_rows(data.path)
-    if not rows:
-        raise LoraflowError(f"{data.path}: the dataset is empty")
+    if rows_under := rows.under:
+        log(f"{data.path}: {rows.note}")
     if len(rows) > 2 * CHUNK_ROWS:
         log(f"read {len(rows):,} rows from {data.path}; formatting and tokenizing {CHUNK_ROWS:,} at a time")
-    if shape := detect_preference_format(rows[0]):
-        raise LoraflowError(f"{data.path}: its rows are preference pairs ({shape}: chosen and rejected answers), not SFT rows; "
-                            "set objective: dpo to preference-tune on them")
+    data = resolve_data(data, "sft", rows)  # (a flow's config is resolved already: the same values, checked again)
     tokenizer = load_tokenizer(tokenizer_path, data.new_tokens)
     train_on_inputs = data.effective_train_on_inputs
     split_markers = template_markers_not_in_vocabulary(data.template, tokenizer)
@@ -86,13 +85,9 @@ def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=
             f"{data.path}: no usable rows after filtering ({rows_read} read; dropped: {reasons}); "
             "check data.format, data.template and data.cutoff_len"
         )
-    if data.val_set_size >= len(usable):
-        raise LoraflowError(
-            f"{data.path}: data.val_set_size={data.val_set_size} leaves no training rows "
-            f"({len(usable)} usable rows); lower data.val_set_size"
-        )
-    order = np.random.default_rng(data.seed).permutation(usable)
-    val_rows, train_rows = np.sort(order[: data.val_set_size]), np.sort(order[data.val_set_size :])
+    val_rows, train_rows, val_note = split_validation(usable, data.val_set_size, data.seed)
+    if val_note:
+        log(val_note)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_parquet(out_dir / "train.parquet", ids, labels, row_starts, train_rows)
@@ -104,11 +99,13 @@ def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=
     kept_tokens = int((row_starts[1:] - row_starts[:-1])[usable].sum())
     stats = {
         "source": data.path,
+        "format": data.format,
         "rows_read": rows_read,
         "rows_kept": int(len(usable)),
         "rows_dropped": dropped,
         "train_rows": int(len(train_rows)),
         "val_rows": int(len(val_rows)),
+        **({"val_note": val_note} if val_note else {}),
         "truncated_rows": int(truncated[usable].sum()),
         "cutoff_len": data.cutoff_len,
         "token_length_percentiles": {
@@ -125,6 +122,6 @@ def prepare_dataset(data: DataSettings, tokenizer_path: str, out_dir: Path, log=
         "new_token_ids": {token: tokenizer.convert_tokens_to_ids(token) for token in data.new_tokens},
         "tokenizer_class": type(tokenizer).__name__,
         "template_markers_split": split_markers,
-    }
+    } | ({"rows_under_key": rows_under} if rows_under else {})
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats

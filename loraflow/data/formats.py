@@ -33,18 +33,36 @@ def _base_suffix(uri: str) -> str:
     return "." + name.rsplit(".", 1)[-1] if "." in name else ""
 
 
-def read_rows(uri: str) -> list[dict]:
-    """All rows of a dataset file as dicts."""
+class Rows(list):
+    """A file's rows; `under`: the key of the JSON object that held them, when the file was one."""
+
+    under: str | None = None
+
+    @property
+    def note(self) -> str | None:
+        """What a log says about how the rows were found, when it is not plain."""
+        return None if self.under is None else f"the file is a JSON object; its rows are the list under {self.under!r}"
+
+
+def read_rows(uri: str) -> Rows:
+    """All rows of a dataset file as dicts. UTF-8 text may start with a byte-order mark (as Excel and Notepad write it;
+    pandas and HF datasets accept it too)."""
     suffix = _base_suffix(uri)
     if suffix not in SUFFIXES:
         raise LoraflowError(f"{uri}: unsupported file type {suffix or '(none)'}; expected one of {', '.join(SUFFIXES)}")
+    compression = infer_compression(uri)
     try:
-        with open_url(uri, "rb", compression=infer_compression(uri)) as stream:
+        with open_url(uri, "rb", compression=compression) as stream:
             payload = stream.read()
     except FileNotFoundError as error:
         raise remote_failure(error, uri, "data.path") or LoraflowError(f"{uri}: dataset file not found; check data.path") from None
     except Exception as error:  # a remote store's failures, whatever their type
-        raise remote_failure(error, uri, "data.path") or error from None
+        if failure := remote_failure(error, uri, "data.path"):
+            raise failure from None
+        if compression:  # (gzip, bz2, lzma and zstd each raise their own types for a corrupt or cut-short file)
+            raise LoraflowError(f"{uri}: not a readable {compression} file ({error or type(error).__name__}); it may be cut "
+                                f"short or not {compression}-compressed: check the file, or name it without .{uri.rsplit('.', 1)[-1]}") from None
+        raise
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -54,7 +72,7 @@ def read_rows(uri: str) -> list[dict]:
             raise LoraflowError(f"{uri}: not a readable parquet file ({error})") from None
     else:
         try:
-            text = payload.decode("utf-8")
+            text = payload.decode("utf-8-sig")
         except UnicodeDecodeError as error:
             raise LoraflowError(f"{uri}: not UTF-8 text (byte {error.start}); re-encode the file as UTF-8") from None
         del payload  # the file once in memory while it is parsed, not twice
@@ -62,7 +80,7 @@ def read_rows(uri: str) -> list[dict]:
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise LoraflowError(f"{uri}: row {index} is a {type(row).__name__}, expected a JSON object")
-    return rows
+    return rows if isinstance(rows, Rows) else Rows(rows)
 
 
 def _json_problem(error: json.JSONDecodeError, text: str) -> str:
@@ -74,6 +92,9 @@ def _json_problem(error: json.JSONDecodeError, text: str) -> str:
     return message
 
 
+_TOO_DEEP = "values nested deeper than a JSON reader follows (about 1,000 levels); a row is an object of strings and short lists"
+
+
 def _parse_json(uri: str, text: str) -> list:
     try:
         value = json.loads(text)
@@ -82,8 +103,20 @@ def _parse_json(uri: str, text: str) -> list:
             f"{uri}: malformed JSON: {_json_problem(error, text)}"
             + ("; if this file has one object per line, name it .jsonl" if error.msg == "Extra data" else "")
         ) from None
-    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
-        value = next(iter(value.values()))  # {"train": [...]}-style wrappers
+    except RecursionError:
+        raise LoraflowError(f"{uri}: {_TOO_DEEP}") from None
+    if isinstance(value, dict):
+        # {"data": [...]} / {"train": [...]}: the rows under the object's one key, unwrapped and said (as HF datasets'
+        # json loader does with field="data"). Several keys: which one holds the rows is a guess, so it is refused.
+        lists = [key for key, held in value.items() if isinstance(held, list)]
+        if len(value) == 1 and lists:
+            rows = Rows(value[lists[0]])
+            rows.under = lists[0]
+            return rows
+        holding = f" (lists under {', '.join(map(repr, lists))})" if lists else ""
+        raise LoraflowError(f"{uri}: expected a JSON list of rows, found an object with keys "
+                            f"{', '.join(map(repr, list(value)[:8])) or 'none'}{holding}; write the rows as a list, or as an "
+                            "object with one key holding that list")
     if not isinstance(value, list):
         raise LoraflowError(f"{uri}: expected a JSON list of rows, found a {type(value).__name__}")
     return value
@@ -91,7 +124,8 @@ def _parse_json(uri: str, text: str) -> list:
 
 def _parse_jsonl(uri: str, text: str) -> list:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # (split at newlines only: str.splitlines also splits at U+2028 and other separators a JSON string may hold raw)
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -101,6 +135,8 @@ def _parse_jsonl(uri: str, text: str) -> list:
                 f"{uri}: malformed JSON on line {number}: {_json_problem(error, line).replace('line 1, column', 'column')}; "
                 "fix or remove that line (each line must be one complete JSON object)"
             ) from None
+        except RecursionError:
+            raise LoraflowError(f"{uri}: line {number}: {_TOO_DEEP}") from None
     return rows
 
 

@@ -1,6 +1,6 @@
 """Preference pairs (DPO): read any of the common shapes → (prompt turns, chosen, rejected) → template → token ids.
 
-Shapes, detected from the first row (or named by `data.format`):
+Shapes (registered, with how each is detected from a row, in loraflow.data.shapes; named by `data.format`):
 - `orca`: `system`, `question`, `chosen`, `rejected` strings (Intel/orca_dpo_pairs, the ipex-llm DPO recipe's data);
 - `pairs`: `prompt`, `chosen`, `rejected` strings, optional `system` (a `prompt` that is an hh-rlhf transcript,
   "\\n\\nHuman: …\\n\\nAssistant:", is split into its turns);
@@ -21,10 +21,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from loraflow.data.formats import _ROLE
+from loraflow.data.split import split_validation
 from loraflow.data.templates import CONVERSATION, render_conversation
 from loraflow.errors import LoraflowError
 
-PREFERENCE_FORMATS = ("orca", "pairs", "trl", "openai", "sharegpt-preference", "hh-rlhf")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 Turns = list[tuple[str, str]]  # (role: system/user/assistant, text)
@@ -40,27 +40,6 @@ class PreferencePairs:
 
 class _Invalid(Exception):
     """A row that cannot be a preference pair; the message is the reason it is counted under."""
-
-
-def detect_preference_format(row: dict) -> str | None:
-    """The preference shape of a row, or None when it is not a preference pair."""
-    if not isinstance(row, dict):
-        return None
-    if isinstance(row.get("input"), dict) and "preferred_output" in row:
-        return "openai"
-    if "chosen" not in row or "rejected" not in row:
-        return None
-    if "conversations" in row:
-        return "sharegpt-preference"
-    if "question" in row:
-        return "orca"
-    if isinstance(row.get("prompt"), list):
-        return "trl"
-    if "prompt" in row:
-        return "pairs"
-    if isinstance(row.get("chosen"), str) and HUMAN in row["chosen"]:
-        return "hh-rlhf"
-    return None
 
 
 def _text(row: dict, name: str, optional: bool = False) -> str:
@@ -144,7 +123,9 @@ def _pair(row: dict, shape: str) -> tuple[Turns, str, str]:
             raise _Invalid("chosen and rejected do not share a prompt ending with an assistant turn")
         turns = _transcript_turns(chosen[:cut])
         return turns[:-1] if turns and turns[-1] == ("assistant", "") else turns, chosen[cut:].strip(), rejected[cut:].strip()
-    raise LoraflowError(f"unknown preference format {shape!r}; known: {', '.join(PREFERENCE_FORMATS)}")
+    from loraflow.data.shapes import SHAPES
+
+    raise LoraflowError(f"unknown preference format {shape!r}; known: {', '.join(s.name for s in SHAPES if s.objective == 'dpo')}")
 
 
 def to_pairs(uri: str, rows: list[dict], shape: str) -> PreferencePairs:
@@ -238,17 +219,16 @@ def prepare_preference_dataset(data, dpo, tokenizer_path: str, out_dir, log=prin
     import pyarrow.parquet as pq
 
     from loraflow.data.formats import read_rows
+    from loraflow.data.shapes import resolve_data
     from loraflow.data.templates import template_markers_not_in_vocabulary
     from loraflow.data.tokenize import load_tokenizer
 
     out_dir = Path(out_dir)
     rows = read_rows(data.path)
-    if not rows:
-        raise LoraflowError(f"{data.path}: the dataset is empty")
-    shape = data.format if data.format != "auto" else detect_preference_format(rows[0])
-    if shape is None:
-        raise LoraflowError(f"{data.path}: the first row is not a preference pair (fields: {', '.join(sorted(rows[0])) or 'none'}); "
-                            f"DPO takes {', '.join(PREFERENCE_FORMATS)} rows (see data.format), or set objective: sft")
+    if rows.under:
+        log(f"{data.path}: {rows.note}")
+    data = resolve_data(data, "dpo", rows)  # (a flow's config is resolved already: the same values, checked again)
+    shape = data.format
     tokenizer = load_tokenizer(tokenizer_path, data.new_tokens)
     pairs = to_pairs(data.path, rows, shape)
     own_template = bool(getattr(tokenizer, "chat_template", None))
@@ -263,11 +243,11 @@ def prepare_preference_dataset(data, dpo, tokenizer_path: str, out_dir, log=prin
     if kept == 0:
         reasons = ", ".join(f"{count} {reason}" for reason, count in pairs.dropped.items())
         raise LoraflowError(f"{data.path}: no usable pairs ({len(rows)} read; dropped: {reasons}); check dpo.max_length")
-    if data.val_set_size >= kept:
-        raise LoraflowError(f"{data.path}: data.val_set_size={data.val_set_size} leaves no training pairs ({kept} usable); lower it")
     log(f"formatted {kept} of {len(rows)} rows ({shape}) with {template}")
-    order = np.random.default_rng(data.seed).permutation(kept)
-    splits = {"val": np.sort(order[: data.val_set_size]), "train": np.sort(order[data.val_set_size:])}
+    val_rows, train_rows, val_note = split_validation(np.arange(kept), data.val_set_size, data.seed)
+    if val_note:
+        log(val_note)
+    splits = {"val": val_rows, "train": train_rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, picked in splits.items():
         if len(picked):
@@ -284,6 +264,7 @@ def prepare_preference_dataset(data, dpo, tokenizer_path: str, out_dir, log=prin
         "rows_dropped": dict(pairs.dropped),
         "train_rows": int(len(splits["train"])),
         "val_rows": int(len(splits["val"])),
+        **({"val_note": val_note} if val_note else {}),
         "truncated_rows": int(truncations.pop("rows", 0)),
         "truncations": dict(truncations),
         "max_prompt_length": dpo.max_prompt_length,
@@ -297,6 +278,6 @@ def prepare_preference_dataset(data, dpo, tokenizer_path: str, out_dir, log=prin
         "new_token_ids": {token: tokenizer.convert_tokens_to_ids(token) for token in data.new_tokens},
         "tokenizer_class": type(tokenizer).__name__,
         "template_markers_split": split_markers,
-    }
+    } | ({"rows_under_key": rows.under} if rows.under else {})
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats

@@ -55,19 +55,11 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def bf16_supported(device: str) -> bool:
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device == "xpu":
-        return getattr(torch.xpu, "is_bf16_supported", lambda: True)()
-    return True  # CPU autocast runs bf16 everywhere; fast only with AVX512-BF16/AMX
-
-
 def resolve_precision(precision: str, device: str) -> str:
     """auto → bf16 where the device computes it fast, else fp32; bf16 the device lacks refused (loraflow.plan)."""
     from loraflow.plan import choose_precision
 
-    return choose_precision(precision, device, bf16_supported(device))[0]
+    return choose_precision(precision, device)[0]
 
 
 def torch_dtype(precision: str) -> torch.dtype:
