@@ -8,7 +8,7 @@ import re
 from pathlib import PurePosixPath
 
 from loraflow.config import FinetuneConfig
-from loraflow.paths import check_local_inputs
+from loraflow.paths import FLOW_HINT, check_local_inputs
 from loraflow.plan import planned_steps, short_run_note
 from loraflow.registry import ADAPTER, BASE, DATASET, ENV, EVALUATION, LORA, MERGED, SOURCES, TRAIN
 from loraflow.stages import check_token_ids, with_data_shape
@@ -73,7 +73,7 @@ def inputs(config: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, StageRecor
     the one every later stage, key and report uses)."""
     from prefect import get_run_logger
 
-    check_local_inputs(config)  # a missing model or data file stops here, before the store or a block is created
+    check_local_inputs(config, FLOW_HINT)  # a missing model or data file stops here, before the store or a block is created
     env = check_env(config)
     sources = inspect_sources(config)
     config = with_data_shape(config, sources)

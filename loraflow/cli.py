@@ -108,7 +108,10 @@ def start_temporary_server() -> None:
     from prefect.settings import PREFECT_API_URL, get_current_settings
 
     settings = get_current_settings().server.ephemeral
-    if PREFECT_API_URL.value() or not settings.enabled:  # a server of the user's; or none allowed: Prefect says so
+    if PREFECT_API_URL.value():  # a server of the user's: it may still be starting (`prefect server start &` just before)
+        wait_for_server(PREFECT_API_URL.value())
+        return
+    if not settings.enabled:  # no server allowed: Prefect says so
         return
     user_bound = "startup_timeout_seconds" in settings.model_fields_set  # (env, profile or prefect.toml)
     bound = settings.startup_timeout_seconds if user_bound else TEMPORARY_SERVER_START_SECONDS
@@ -129,6 +132,36 @@ def start_temporary_server() -> None:
                             f"(waited {waited:.0f} s); a first start in a fresh PREFECT_HOME creates its "
                             f"database, slower on a busy machine: allow more, e.g. export "
                             f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS={max(4 * bound, 300)}, {instead}") from None
+
+
+# How long a command waits for the server PREFECT_API_URL names to answer (LORAFLOW_SERVER_WAIT_SECONDS): a server
+# started just before (`prefect server start &` on the line above, as the README's steps do) takes 20-40 s on 2 cores.
+SERVER_WAIT_SECONDS = 120
+
+
+def wait_for_server(api_url: str) -> None:
+    """Wait until the Prefect server at api_url answers its health check; one error line if it does not in time."""
+    import time
+
+    import httpx
+
+    bound = float(os.environ.get("LORAFLOW_SERVER_WAIT_SECONDS", SERVER_WAIT_SECONDS))
+    deadline, said = time.monotonic() + bound, False
+    while True:
+        try:
+            if httpx.get(f"{api_url.rstrip('/')}/health", timeout=5).status_code == 200:
+                return
+            problem = "it answered, but not as a Prefect server"
+        except httpx.HTTPError as error:
+            problem = f"{type(error).__name__}"
+        if time.monotonic() >= deadline:
+            raise LoraflowError(f"the Prefect server at PREFECT_API_URL={api_url} did not answer within {bound:.0f} s ({problem}); "
+                                "start it (`.venv/bin/prefect server start`), check the address, or unset PREFECT_API_URL "
+                                "to use a temporary server")
+        if not said:
+            print(f"waiting for the Prefect server at {api_url} (up to {bound:.0f} s)", flush=True)
+            said = True
+        time.sleep(0.5)
 
 
 def _run_flow(config, show_ui_hint: bool) -> dict:
@@ -268,6 +301,7 @@ def _require_server() -> str:
     if not url:
         raise LoraflowError("no Prefect server: start one (`.venv/bin/prefect server start`) and "
                             "export PREFECT_API_URL=http://127.0.0.1:4200/api, then run this again")
+    wait_for_server(url)
     return url
 
 

@@ -36,8 +36,11 @@ RUN_OUTPUTS = (ADAPTER.folder, MERGED.folder, "metrics")
 def cached_output(content: bytes) -> str | None:
     """The output folder a Prefect cache record (a persisted StageRecord result, JSON) points to; None if it names none."""
     try:
-        output = json.loads(json.loads(content)["result"])["data"]["uri"]
-    except (ValueError, KeyError, TypeError):
+        data = json.loads(json.loads(content)["result"])["data"]
+        output = data["uri"]
+        if (data.get("metrics") or {}).get("in_store") is False:  # an unquantized base: the model's own folder
+            return None
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
     return output if isinstance(output, str) and output else None
 
@@ -54,7 +57,9 @@ class DefaultConfig:
 
     def makes(self, run_folder_name: str) -> bool:
         name = run_folder_name.rsplit("-", 1)[0]
-        return name == self.name or (self.sweep and re.fullmatch(re.escape(self.name) + r"-v\d+", name) is not None)
+        if self.sweep:  # a sweep's runs are its variants only: a plain run of the same name is another deployment's
+            return re.fullmatch(re.escape(self.name) + r"-v\d+", name) is not None
+        return name == self.name
 
 
 @dataclass

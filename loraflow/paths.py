@@ -104,7 +104,10 @@ def missing_local_inputs(config: FinetuneConfig) -> list[str]:
     return problems
 
 
-def check_local_inputs(config: FinetuneConfig) -> None:
+COMMAND_LINE_HINT = "a path on the command line is relative to where the command runs, one in a YAML file to that file's folder"
+FLOW_HINT = "a path in a flow's parameters is read on the host the flow runs on; give it absolute, or as an fsspec URL"
+
+
+def check_local_inputs(config: FinetuneConfig, hint: str = COMMAND_LINE_HINT) -> None:
     if problems := missing_local_inputs(config):
-        raise LoraflowError("; ".join(problems) + " (a path on the command line is relative to where the command runs, "
-                            "one in a YAML file to that file's folder)")
+        raise LoraflowError("; ".join(problems) + f" ({hint})")

@@ -535,7 +535,8 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
         "imports_rss_mb": run.imports_rss_mb,  # peak_rss_mb minus this: the memory the run itself needed
     }
     # A number, or None and a note saying why there is none: never a bare nan in a summary.
-    summary["eval_loss"], summary["eval_note"] = None, "no validation split (data.val_set_size is 0)"
+    # (data.val_set_size 0, or a file too small to hold rows out: the data stage's stats say which)
+    summary["eval_loss"], summary["eval_note"] = None, "no validation split (data.val_set_size is 0, or too few rows to hold any out)"
     summary["eval_loss_before"] = eval_loss_before(run.metrics_path) if has_eval else None
     early_stopping = trainer.args.load_best_model_at_end
     if early_stopping:  # the adapter is the best evaluated step's, or the starting one if no step beat it

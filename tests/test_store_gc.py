@@ -192,3 +192,22 @@ def test_a_cache_record_pointing_outside_its_store_is_refused(store, tmp_path):
     assert check_result_file("dataset-k", record, elsewhere.url) == record
     with pytest.raises(RefusedResult, match="outside this store"):  # the copy's records name the original store
         check_result_file("dataset-k", record, store.url)
+    # An unquantized base's record names the model's own folder (not a store output): read, not refused (a trial saw
+    # "refused Prefect result base-…: it points to …/models/tiny-llama, outside this store" on every rerun)
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    base = json.dumps({"metadata": {"serializer": SAFE_SERIALIZER}, "result": json.dumps(
+        {"__class__": "loraflow.storage.StageRecord",
+         "data": {"stage": "base", "key": "k", "uri": str(model), "metrics": {"quantization": "none", "in_store": False}}})}).encode()
+    assert check_result_file("base-k", base, store.url) == base
+
+
+def test_a_sweeps_default_config_makes_only_its_variants_runs():
+    """A new-user trial: gc kept a plain `loraflow demo` run "as the newest run of the default config of deployment
+    sweep-xpu (demo-v<N> …)": a sweep's runs are its variants, `<name>-v<N>-<key>`."""
+    from loraflow.gc import DefaultConfig
+
+    sweep = DefaultConfig("sweep-xpu", "demo", "/data/sample.json", sweep=True)
+    single = DefaultConfig("sft-xpu", "demo", "/data/sample.json")
+    assert sweep.makes("demo-v3-17182e7ab5d2") and not sweep.makes("demo-a1bbeb8080a6")
+    assert single.makes("demo-a1bbeb8080a6") and not single.makes("demo-v3-17182e7ab5d2")

@@ -59,3 +59,51 @@ def test_a_temporary_server_that_cannot_start_in_time_is_one_error_line_saying_w
                           "once (`.venv/bin/prefect server start`) and export PREFECT_API_URL=http://127.0.0.1:4200/api, then run this "
                           "again"), error
     assert output.count("did not answer") == 1
+
+
+def test_a_command_waits_for_a_server_started_just_before_it(tmp_path):
+    """The README's steps start `prefect server start &` and run `loraflow demo` on the next line: the demo failed with
+    httpx's ConnectError traceback while the server was still starting. A server that answers a moment later is
+    waited for."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from loraflow.cli import wait_for_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", port), Health)
+    starter = threading.Timer(1.5, server.serve_forever)  # it answers 1.5 s after the command began
+    starter.start()
+    try:
+        started = time.monotonic()
+        wait_for_server(f"http://127.0.0.1:{port}/api")
+        assert time.monotonic() - started >= 1.0
+    finally:
+        starter.cancel()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_named_server_that_never_answers_is_one_error_line(tmp_path):
+    with __import__("socket").socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # closed once the with ends: nothing listens there
+    env = {**_fresh_prefect_env(tmp_path / "home"), "PREFECT_API_URL": f"http://127.0.0.1:{closed}/api",
+           "LORAFLOW_SERVER_WAIT_SECONDS": "2"}
+    result = subprocess.run([*LORAFLOW, "runs"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"PREFECT_API_URL=http://127.0.0.1:{closed}/api did not answer within 2 s" in errors[0], result.stderr

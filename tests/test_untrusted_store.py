@@ -7,6 +7,7 @@ fine-tune looks for its cached results and check that nothing runs and the stage
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,20 @@ def test_a_committed_folder_is_never_rewritten_and_a_damaged_one_is_refused(tmp_
     with pytest.raises(LoraflowError, match=r"dataset/k/train.parquet: its sha256 differs from the manifest's"):
         store.local_copy(uri, verify=True)
     assert store.local_copy(uri) == tmp_path / "store/dataset/k"  # reads that do not train check nothing more
+
+
+def test_importing_the_training_libraries_looks_up_no_outside_host():
+    """bitsandbytes asked the Hugging Face hub for CPU kernels (code to run) on import: a lookup of huggingface.co
+    from every loraflow process, the CLI's, the flows', the trainer's."""
+    import subprocess
+    import sys
+
+    probe = ("import socket\nseen = []\nreal = socket.getaddrinfo\n"
+             "def spy(host, *a, **k):\n    seen.append(host)\n    return real(host, *a, **k)\n"
+             "socket.getaddrinfo = spy\nimport loraflow.train, loraflow.models.native, bitsandbytes, peft, trl\n"
+             "print(sorted({h for h in seen if h not in ('127.0.0.1', 'localhost', '::1')}))\n")
+    # (as a user runs it: the suite's HF_HUB_OFFLINE would hide the lookup)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("HF_")}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr[-2000:]

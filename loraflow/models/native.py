@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,9 +28,23 @@ TOKENIZER_FILES = (
 QV_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("query_key_value",), ("c_attn",), ("Wqkv",))
 
 
-# bitsandbytes tries to fetch optional CPU kernels from a hub at import and warns when it cannot;
-# the built-in CPU path works without them.
+# bitsandbytes (0.49 on) asks the Hugging Face hub for optional CPU kernels through the `kernels` package when it is
+# imported: a lookup of huggingface.co from every process, and code fetched from a hub that no setting of the user's
+# asked to run (the trust rule: code runs only where the flow's parameters allow it). Its built-in CPU path needs
+# neither: bitsandbytes is imported here first with `kernels` hidden, so it takes that path at once; `kernels` is
+# visible again afterwards (transformers asks for it by name).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+_hidden = sys.modules.get("kernels")
+sys.modules["kernels"] = None
+try:
+    import bitsandbytes  # noqa: F401
+except ImportError:  # (the ipex-llm backend's environment has none: it quantizes with ipex-llm)
+    pass
+finally:
+    if _hidden is None:
+        del sys.modules["kernels"]
+    else:
+        sys.modules["kernels"] = _hidden
 # peft still calls transformers' renamed is_gradient_checkpointing; the warning says nothing to a user.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 # (and TRL's DPOTrainer still calls the deprecated gradient_checkpointing_enable spelling)
