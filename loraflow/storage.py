@@ -219,6 +219,15 @@ class ArtifactStore:
         is reported now, naming `storage`, not as a failure deep inside a stage."""
         from loraflow.errors import LoraflowError
 
+        if self.is_local and not os.path.exists(self.root):
+            # A local store that does not exist yet is not created by a check: the run may still stop at a later one
+            # (a model folder that is not there). Its nearest existing folder must let it be created.
+            parent = self.root
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+                raise LoraflowError(f"storage {self.url}: cannot create it ({parent} is not a folder this user can write in)")
+            return
         path = f"{self.root}/.loraflow-probe-{os.getpid()}-{time.time_ns()}"
         try:
             # A read first: its timeouts hold, where a PUT to an endpoint that accepts and never answers waits

@@ -282,3 +282,16 @@ def test_a_run_too_short_to_change_the_model_says_so(tiny_model, tmp_path):
     assert short_run_note(planned_steps(2000, train), 2000, train) is None
     assert loss_text({"first_loss": 8.3096, "final_loss": 8.3096, "short_run_note": note}, "{:.4f}".format) == (
         f"train loss 8.3096 → 8.3096 — {note}")
+
+
+def test_a_model_that_is_neither_here_nor_on_the_hub_creates_no_store(tmp_path):
+    """A trial: `--set model.base=models/tiny` (shaped like a hub id, so it is not refused as a missing folder before
+    the flow) created the store folder in the env check, then failed in the sources stage."""
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 4))
+    (tmp_path / "c.yaml").write_text("model: {base: nope/missing-model}\ndata: {path: d.json}\nstorage: new-store\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", "c.yaml"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output and "nope/missing-model: not a local folder" in output, output[-3000:]
+    assert not (tmp_path / "new-store").exists()
