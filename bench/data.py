@@ -4,7 +4,7 @@
 
 Rows: the 999 real Alpaca-GPT4 rows of ../shared/data repeated to the count (there are not 200k distinct real rows
 on disk), written as one JSON file; GPT-2's tokenizer (../shared/data/tokenizers/gpt2_tokenizer.json), cutoff 256,
-prompt masked, 1% validation. Each measurement is `loraflow.data.prepare_dataset` (read → format → tokenize and
+prompt masked, 1% validation. Each measurement is `loraflow.data.sft.prepare_dataset` (read → format → tokenize and
 mask → split → parquet) in a fresh process, so its peak RSS is its own.
 """
 
@@ -30,7 +30,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 def measure(data: str, tokenizer: str, out: str, val_rows: int) -> None:
     """In the child process: run the stage once and print its figures as JSON."""
     from loraflow.config import DataSettings
-    from loraflow.data import prepare_dataset
+    from loraflow.data.sft import prepare_dataset
 
     imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.time()

@@ -46,7 +46,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from loraflow import stages
-    from loraflow.config import build_config
+    from loraflow.config_loader import build_config
     from loraflow.data.formats import read_rows
     from loraflow.launch import Topology, build_command, run_streaming
     from loraflow.models.tiny import build_tiny_llama, sample_texts

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from loraflow import stages
-from loraflow.config import build_config
+from loraflow.config_loader import build_config
 from loraflow.data.formats import read_rows
 from loraflow.models.tiny import build_tiny_llama, sample_texts
 from loraflow.plan import GB, estimate_memory

@@ -34,7 +34,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from loraflow import stages
-from loraflow.config import build_config
+from loraflow.config_loader import build_config
 from loraflow.data.formats import read_rows
 from loraflow.launch import Topology, build_command
 from loraflow.models.tiny import build_tiny_llama, sample_texts

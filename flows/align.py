@@ -12,7 +12,11 @@ from prefect import flow
 from flows.common import finetune_run_name
 from flows.dpo import dpo as dpo_flow
 from flows.sft import sft as sft_flow
-from loraflow.config import DpoLoraAdapter, DpoFinetuneConfig, FinetuneConfig
+from loraflow import adapters
+from loraflow.backends import backend
+from loraflow.adapters import DpoLoraAdapter
+from loraflow.config import FinetuneConfig
+from loraflow.objectives import DpoFinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.storage import StageRecord
 from tasks.common import prepare_flow_process
@@ -32,12 +36,13 @@ def align(config: FinetuneConfig, preferences: DpoFinetuneConfig) -> dict[str, d
     """
     if config.objective != "sft" or preferences.objective != "dpo":
         raise LoraflowError("align takes an SFT config (objective sft) and a DPO config (objective dpo), in that order")
-    if config.model.backend != "native":  # (checked now, not after the SFT half has trained)
+    if preferences.objective not in backend(config.model.backend).objectives:  # (checked now, not after the SFT half has trained)
         raise LoraflowError(f"align's DPO half shares the SFT half's model section, and model.backend {config.model.backend} "
-                            "trains SFT only: use model.backend: native")
-    if config.lora.method not in ("lora", "ia3"):  # (checked now, not after the SFT half has trained)
-        raise LoraflowError(f"align's DPO half continues the SFT half's adapter, and TRL's DPOTrainer trains LoRA or IA3 "
-                            f"adapters, not {config.lora.method}: set the SFT half's lora.method to lora or ia3")
+                            f"trains {' and '.join(name.upper() for name in backend(config.model.backend).objectives)} only: use model.backend: native")
+    if preferences.objective not in adapters.method(config.lora.method).objectives:  # (checked now, not after the SFT half has trained)
+        able = adapters.for_objective(preferences.objective)
+        raise LoraflowError(f"align's DPO half continues the SFT half's adapter, and TRL's DPOTrainer trains {adapters.titles(able)} "
+                            f"adapters, not {config.lora.method}: set the SFT half's lora.method to {adapters.choices(able)}")
     if preferences.lora != DpoLoraAdapter():
         raise LoraflowError("align's DPO half continues the SFT half's adapter with its settings, so the DPO config's lora "
                             "section does not apply: remove it (the SFT half's lora section chooses the adapter)")

@@ -1,17 +1,22 @@
-"""What the fine-tune flows (SFT, DPO) share: how a run is named and tells the upload that started it, the
-stages before training (env → sources → dataset → base → lora) and after training (export → merge → evaluation →
-report)."""
+"""What the fine-tune flows (one per objective: SFT, DPO) share: the fine-tune itself (`fine_tune`, each objective's
+flow is one call of it), how a run is named and tells the upload that started it, the stages before training (env →
+sources → dataset → base → lora, then the objective's own, e.g. DPO's reference) and after training (export → merge
+→ evaluation → report)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import PurePosixPath
 
+from flows.train import run_objective_stages, run_training, trainer_started_early
+from loraflow import adapters
 from loraflow.config import FinetuneConfig
+from loraflow.errors import LoraflowError
+from loraflow.objectives import OBJECTIVES, Objective
 from loraflow.paths import FLOW_HINT, check_local_inputs
 from loraflow.plan import planned_steps, short_run_note
-from loraflow.registry import ADAPTER, BASE, DATASET, ENV, EVALUATION, LORA, MERGED, SOURCES, TRAIN
-from loraflow.stages import check_token_ids, with_data_shape
+from loraflow.registry import ADAPTER, BASE, DATASET, ENV, EVALUATION, LORA, MERGED, SOURCES, TRAIN, Records
+from loraflow.stages import check_token_ids, start_from_adapter, with_data_shape
 from loraflow.storage import StageRecord
 from loraflow.watch import RESOURCE_PREFIX
 from tasks.common import event_url, stage_options
@@ -67,6 +72,35 @@ def announce_upload(config: FinetuneConfig, upload_event: str) -> None:
     )
 
 
+def finetune_flow(objective: str):
+    """The Prefect flow of a registered objective (its `entrypoint`, a module of flows/ that imports this one)."""
+    import importlib
+
+    module, _, name = OBJECTIVES[objective].entrypoint.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def fine_tune(objective: type[Objective], config: FinetuneConfig, dataset: str, upload_event: str) -> Records:
+    """An objective's fine-tune flow: the stages before training, the objective's own stages (here, or in the pool's
+    job when training runs on train.pool), training (here, or a job on train.pool), then export → merge → evaluation →
+    report. The records of every stage, by stage name."""
+    if config.objective != objective.name:
+        other = OBJECTIVES.get(config.objective)
+        raise LoraflowError(f"the {objective.flow} flow trains objective {objective.name}, not {config.objective}: set "
+                            f"objective: {objective.name} in the config" + (f", or run {other.flow}" if other else ""))
+    config = config.for_run(dataset)
+    if config.starts_from_an_adapter:
+        start_from_adapter(config)  # (a wrong starting adapter fails now, not after the data and base stages)
+    if upload_event:
+        announce_upload(config, upload_event)
+    with trainer_started_early(config, trains_here=not config.train.pool):  # its imports beside the stages before it
+        config, records = inputs(config)  # env → sources → dataset → base → lora (fresh, or dpo.start_from's)
+        if not config.train.pool:  # (on a pool, the job runs them on its device)
+            run_objective_stages(config, records)  # DPO with a precomputed reference: reference
+        records[TRAIN.name] = run_training(config, records)  # here, or a job on train.pool
+    return outputs(config, records, upload_event)  # adapter → merged → evaluation → report
+
+
 def inputs(config: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, StageRecord]]:
     """env → sources → dataset → base → lora: the records every objective trains from (dataset, base and lora cached),
     and the config as the sources stage read the data (data.format and data.template resolved from the file's shape:
@@ -101,7 +135,7 @@ def outputs(config: FinetuneConfig, records: dict[str, StageRecord], upload_even
     records[ADAPTER.name] = export_adapter(config, records[DATASET.name], records[TRAIN.name])
     failures = []  # a merge or evaluation that fails still leaves the trained adapter reported, then fails the run
     for stage, wanted, task, inputs in (
-            (MERGED, config.merge.enabled and config.lora.mergeable, merge_adapter, (ENV, SOURCES, DATASET, ADAPTER)),
+            (MERGED, config.merge.enabled and adapters.method(config.lora.method).merges, merge_adapter, (ENV, SOURCES, DATASET, ADAPTER)),
             (EVALUATION, config.evaluation.enabled, evaluate_run, (ENV, BASE, ADAPTER))):
         if wanted:
             state = task(config, *(records[name.name] for name in inputs), return_state=True)

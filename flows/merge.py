@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from loraflow.config import AnyFinetuneConfig
+from loraflow.objectives import AnyFinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.registry import ADAPTER
 from loraflow.stages import check_token_ids, with_data_shape

@@ -4,24 +4,23 @@ Training runs in this flow run (a task) or, with `train.pool` set, on that Prefe
 
 Each stage is a cached task returning a JSON StageRecord; a second run with the same inputs reuses
 every finished stage (Prefect cache, or the committed output in the store with a cold database).
+The body is every objective's (flows.common.fine_tune); this flow gives the SFT objective its name and form.
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import announce_upload, finetune_run_name, inputs, outputs
-from flows.train import run_training, trainer_started_early
+from flows.common import fine_tune, finetune_run_name
 from loraflow.config import FinetuneConfig
-from loraflow.errors import LoraflowError
+from loraflow.objectives import Sft
 from loraflow.storage import StageRecord
-from loraflow.registry import TRAIN
 from tasks.common import prepare_flow_process
 
 prepare_flow_process()
 
 
-@flow(name="loraflow-sft", flow_run_name=finetune_run_name,
+@flow(name=Sft.flow, flow_run_name=finetune_run_name,
       description="Supervised QLoRA/LoRA fine-tune: env → dataset → base → lora → train → adapter → merged, every stage cached.")
 def sft(config: FinetuneConfig, dataset: str = "", upload_event: str = "") -> dict[str, StageRecord]:
     """Fine-tune a base model on an instruction dataset and publish the run's report.
@@ -34,13 +33,4 @@ def sft(config: FinetuneConfig, dataset: str = "", upload_event: str = "") -> di
         upload_event: The id of the upload event that started this run (set by the upload trigger;
             leave it empty).
     """
-    if config.objective != "sft":
-        raise LoraflowError(f"the loraflow-sft flow trains objective sft, not {config.objective}; run loraflow-dpo for preference pairs")
-    config = config.for_run(dataset)
-    if upload_event:
-        announce_upload(config, upload_event)
-
-    with trainer_started_early(config, trains_here=not config.train.pool):  # its imports beside the stages before it
-        config, records = inputs(config)  # env → sources → dataset → base → lora
-        records[TRAIN.name] = run_training(config, records)  # here, or a job on train.pool
-    return outputs(config, records, upload_event)  # adapter → merged → report
+    return fine_tune(Sft, config, dataset, upload_event)

@@ -19,12 +19,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import parameter_field
-from flows.dpo import dpo as dpo_flow
-from flows.sft import sft as sft_flow
+from flows.common import finetune_flow, parameter_field
 from flows.train import local_work_one_at_a_time
 from loraflow.compare import comparison_artifact, read_run
-from loraflow.config import AnyFinetuneConfig
+from loraflow.objectives import AnyFinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.registry import EVALUATION
 from loraflow.report import run_uri_of
@@ -152,7 +150,7 @@ def fine_tune_variant(variant: AnyFinetuneConfig) -> dict:
     """One variant's fine-tune: the SFT or DPO flow, as a flow run nested in this task; its work in this process one
     variant at a time, its training (a pool job with parallel > 1) beside the others'."""
     with local_work_one_at_a_time():
-        return (dpo_flow if variant.objective == "dpo" else sft_flow)(variant)
+        return finetune_flow(variant.objective)(variant)
 
 
 def rank_variants(results: dict[str, dict], metric: str, higher_is_better: bool) -> list[tuple[str, float]]:

@@ -18,15 +18,17 @@ from contextvars import ContextVar
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
-from loraflow.config import AnyFinetuneConfig, FinetuneConfig
+from loraflow.backends import backend
+from loraflow.config import FinetuneConfig
+from loraflow.objectives import AnyFinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.launch import Topology, deepspeed_config, start_warm_trainer, stop_warm_trainer
-from loraflow.registry import BASE, DATASET, ENV, LORA, REFERENCE
-from loraflow.stages import training_fields
+from loraflow.registry import DATASET, ENV, LORA, TRAIN, Records
+from loraflow.stages import objective_stages, training_fields
 from loraflow.storage import ArtifactStore, StageRecord, sha256_hex
 from tasks.common import prepare_flow_process, retry_unless_user_error, stage_options
 from tasks.env import check_env
-from tasks.model import reference_logps
+from tasks.model import OBJECTIVE_STAGE_TASKS
 from tasks.train import TrainingProgress, train_adapter
 
 TRAIN_FLOW = "loraflow-train"
@@ -80,7 +82,7 @@ def trainer_started_early(config: FinetuneConfig, trains_here: bool):
     this process launches the trainer itself: the local launcher, no DeepSpeed."""
     train = config.train
     if (not trains_here or Topology.from_train(train).launcher != "local" or deepspeed_config(train.deepspeed_zero) is not None
-            or config.model.backend != "native"):  # (the ipex-llm backend's trainer runs in its own environment)
+            or not backend(config.model.backend).trains_in_this_python):  # (the ipex-llm backend's runs in its own Python)
         yield
         return
     process = start_warm_trainer(config.storage, config.model.trust_remote_code)
@@ -91,19 +93,24 @@ def trainer_started_early(config: FinetuneConfig, trains_here: bool):
 
 
 @flow(name=TRAIN_FLOW, description="Train a LoRA/QLoRA adapter on this worker's host (started by a fine-tune whose train.pool names this pool).")
-def train_flow(config: AnyFinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord,
-               reference: StageRecord | None = None) -> StageRecord:
+def train_flow(config: AnyFinetuneConfig, records: dict[str, StageRecord]) -> StageRecord:
     """Check this host (its device decides precision and backend), then train with retries that resume.
 
-    DPO with a precomputed reference: the reference pass (a forward over every pair) runs here too, on the pool's
-    device, not on the host that started the fine-tune; it is the same cached stage.
+    Args:
+        config: The fine-tune (any objective's config).
+        records: The train stage's input records but env (loraflow.registry: TRAIN.inputs), by stage name; this
+            host checks its own env.
+
+    The stages the objective adds before training (DPO's precomputed reference: a forward over every pair) run here
+    too, on the pool's device, not on the host that started the fine-tune; they are the same cached stages.
     """
     with trainer_started_early(config, trains_here=True):
         # (this host trains: the checks the fine-tune's host left to it, the trackers and memory, run here)
         env = check_env(config.model_copy(update={"train": config.train.model_copy(update={"pool": ""})}))
-        if reference is None and config.precomputes_reference:
-            reference = reference_logps.with_options(**stage_options(config.storage))(config, env, dataset, base, lora)
-        record = train_task(config)(config, env, dataset, base, lora, reference)
+        records = {**records, ENV.name: env}
+        TRAIN.inputs_from(records)  # (the job's parameters, validated on arrival: a missing or unknown record is named)
+        run_objective_stages(config, records)
+        record = train_task(config)(config, TRAIN.inputs_from(records))
     # A caller on another host cannot read this flow's result from the worker's disk; it reads this.
     store = ArtifactStore(config.storage)
     store.write_json(store.uri(RECORDS, f"{current_flow_run.id}.json"), record.model_dump(mode="json"))
@@ -114,17 +121,24 @@ def deployment_name(pool: str) -> str:
     return f"{TRAIN_FLOW}/train-{pool}"
 
 
-def run_training(config: FinetuneConfig, records: dict[str, StageRecord]) -> StageRecord:
-    """The train stage on the fine-tune's inputs (env, dataset, base, lora and, for a precomputed DPO reference,
-    reference): here, or as a job on train.pool."""
-    env, dataset, base, lora, reference = (records.get(stage.name) for stage in (ENV, DATASET, BASE, LORA, REFERENCE))
+def run_objective_stages(config: FinetuneConfig, records: Records) -> None:
+    """The stages the config's objective adds before training (loraflow.objectives), each the cached task of its stage,
+    into records; one already there (made by the fine-tune that started this pool job) is not run again."""
+    for stage in objective_stages(config):
+        if stage.name not in records:
+            task = OBJECTIVE_STAGE_TASKS[stage.name].with_options(**stage_options(config.storage))
+            records[stage.name] = task(config, stage.inputs_from(records))
+
+
+def run_training(config: FinetuneConfig, records: Records) -> StageRecord:
+    """The train stage on the fine-tune's records (TRAIN.inputs: env, dataset, base, lora and, for a precomputed DPO
+    reference, reference): here, or as a job on train.pool."""
     if not config.train.pool:
-        return train_task(config)(config, env, dataset, base, lora, reference)
-    return _run_on_pool(config, dataset, base, lora, reference)
+        return train_task(config)(config, TRAIN.inputs_from(records))
+    return _run_on_pool(config, TRAIN.inputs_from(records))
 
 
-def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord,
-                 reference: StageRecord | None) -> StageRecord:
+def _run_on_pool(config: FinetuneConfig, records: Records) -> StageRecord:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
@@ -132,12 +146,12 @@ def _run_on_pool(config: FinetuneConfig, dataset: StageRecord, base: StageRecord
     logger = get_run_logger()
     store = ArtifactStore(config.storage)
     name = deployment_name(config.train.pool)
-    parameters = {"config": config.model_dump(mode="json"), "dataset": dataset.model_dump(mode="json"),
-                  "base": base.model_dump(mode="json"), "lora": lora.model_dump(mode="json")}
-    if reference is not None:
-        parameters["reference"] = reference.model_dump(mode="json")
+    # (env is the job's own: its host checks itself)
+    parameters = {"config": config.model_dump(mode="json"),
+                  "records": {name: record.model_dump(mode="json") for name, record in records.items() if name != ENV.name}}
     # Content, not the caller's run id: any fine-tune asking for this training joins the same job.
-    job = sha256_hex(TRAIN_FLOW, config.storage, config.name, training_fields(config), dataset.key, lora.key)[:24]
+    job = sha256_hex(TRAIN_FLOW, config.storage, config.name, training_fields(config), records[DATASET.name].key,
+                     records[LORA.name].key)[:24]
     for attempt in range(1000):
         run = run_deployment(name, parameters=parameters, idempotency_key=f"{job}-{attempt}", timeout=0)
         finished_without_adapter = run.state.is_final() and _read_record(store, run.id) is None

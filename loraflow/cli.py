@@ -9,11 +9,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
+from loraflow import process
+from loraflow.backends import BACKENDS, backend
+from loraflow.compare import comparison_artifact, comparison_markdown, differing, loss_curves_png, read_run
+from loraflow.config_loader import load_config, parse_overrides
+from loraflow.data.formats import read_rows
+from loraflow.data.shapes import names as shape_names
 from loraflow.errors import LoraflowError
+from loraflow.gc import DefaultConfig, apply, plan, usage
+from loraflow.paths import check_local_inputs
+from loraflow.registry import DATASET, EVALUATION, TRAIN
+from loraflow.report import eval_text, evaluation_text, generate_command, loss_text, reward_text, rows_text, run_uri_of
+from loraflow.storage import STORE_URL_SETTING, ArtifactStore, remote_failure, sha256_hex
+from loraflow.store_server import DEFAULT_HOST, DEFAULT_PORT, StoreRoot, exposure_note, make_server, server_url, start_in_thread
+from loraflow.sweep import describe
+
+# Lazy imports: flows/ and tasks/ (Prefect: about 1.5 s, and by DESIGN.md only inside commands) and the modules that
+# import torch, transformers and bitsandbytes (models, plan, envcheck, generate: seconds) are imported inside the
+# commands that use them, so `loraflow --help` and the store, gc, runs and watch commands start without them.
 
 # A Prefect server that reports nothing outside: no usage analytics, and the v1 UI at its root (Prefect 3.8's v2 UI,
 # the default there, fetches its analytics library's remote config from amplitude.com on load even with analytics off).
@@ -31,7 +47,7 @@ model:
   quantization: nf4
 data:
   path: {sample}
-  format: auto  # detected from the file (alpaca, sharegpt, messages)
+  format: auto  # detected from the file ({shapes})
   template: auto  # alpaca rows: alpaca-lora's template; conversations: chatml
   cutoff_len: 256
   val_set_size: 20
@@ -52,18 +68,14 @@ train:
 
 def _quiet_libraries() -> None:
     # The CLI's own process builds, quantizes and merges models but never runs DeepSpeed (a trainer process does):
-    # transformers would import it whenever installed, and it prints an accelerator warning (flows/__init__.py too).
-    sys.modules.setdefault("deepspeed", None)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # loraflow.process blocks its import; SIGTERM ends a command as Ctrl-C does (its run ends Crashed, Prefect's
+    # temporary server is stopped).
+    process.setup(quiet_environment=True, interrupt_on_sigterm=True)
     for name, value in (setting.split("=") for setting in QUIET_SERVER.split()):
         os.environ.setdefault(name, value)
 
 
 def _print_records(records: dict, outcomes: dict[str, str]) -> None:
-    from loraflow.registry import DATASET, EVALUATION, TRAIN
-
     print("\noutputs (built: computed in this run; cached: Prefect's cache; reused: found committed in the store):")
     for name, record in records.items():
         if record.uri:
@@ -71,21 +83,17 @@ def _print_records(records: dict, outcomes: dict[str, str]) -> None:
     data = records.get(DATASET.name)
     if data:
         d = data.metrics
-        from loraflow.report import rows_text
 
         print(f"\ndata: {rows_text(d)}; {d.get('truncated_rows')} truncated "
               + (f"at cutoff {d['cutoff_len']}" if "cutoff_len" in d else f"to max prompt {d.get('max_prompt_length')} / max length {d.get('max_length')} tokens"))
     train = records.get(TRAIN.name)
     if train:
         m = train.metrics
-        from loraflow.report import eval_text, loss_text, reward_text
 
         print(f"\n{loss_text(m, '{:.4f}'.format)}, {eval_text(m, '{:.4f}'.format)}, {m.get('tokens_per_s')} tokens/s on {m.get('device')}")
         if (rewards := reward_text(m)) is not None:
             print(rewards)
     if (evaluation := records.get(EVALUATION.name)) is not None:
-        from loraflow.report import evaluation_text
-
         for line in evaluation_text(evaluation.metrics):
             print(line)
 
@@ -165,27 +173,20 @@ def wait_for_server(api_url: str) -> None:
 
 
 def _run_flow(config, show_ui_hint: bool) -> dict:
-    from loraflow.paths import check_local_inputs
-
     check_local_inputs(config)  # before the temporary server starts and the store or a block is created
     import tasks.common
     from tasks.runs import stage_outcomes, task_states
 
     start_temporary_server()
     tasks.common.CALLER_PRINTS_USER_ERRORS = True  # printed once, at the end (_failure_reason)
-    if config.objective == "dpo":
-        from flows.dpo import dpo as flow
-    else:
-        from flows.sft import sft as flow
+    from flows.common import finetune_flow
 
-    state = flow(config, return_state=True)
+    state = finetune_flow(config.objective)(config, return_state=True)
     records = state.result(raise_on_failure=False)
     if state.is_failed():
         raise _failure_reason(state)
     _print_records(records, stage_outcomes(records, task_states(state.state_details.flow_run_id)))
     if "adapter" in records:
-        from loraflow.report import generate_command, run_uri_of
-
         print(f"\nsummary (with Python that loads the adapter): {run_uri_of(records)}/summary.md\n"
               f"try it: {generate_command(config.for_run().model_dump(mode='json'), records)}")
     if show_ui_hint:
@@ -215,8 +216,6 @@ def _failure_reason(state) -> Exception:
 
 
 def cmd_run(args) -> int:
-    from loraflow.config import load_config
-
     config = load_config(args.config, args.set or [])
     _run_flow(config, show_ui_hint=True)
     return 0
@@ -226,11 +225,6 @@ def cmd_sweep(args) -> int:
     """The sweep flow on a config and a grid given as --grid KEY=[V1,V2] (YAML lists)."""
     import tasks.common
     from flows.sweep import rank_variants, sweep
-    from loraflow.compare import differing, read_run
-    from loraflow.report import run_uri_of
-    from loraflow.storage import ArtifactStore
-    from loraflow.sweep import describe
-    from loraflow.config import load_config, parse_overrides
 
     config = load_config(args.config, args.set or [])
     grid = {key: values if isinstance(values, list) else [values] for key, values in parse_overrides(args.grid or [])}
@@ -258,7 +252,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_build_model(args) -> int:
-    from loraflow.data.formats import read_rows
     from loraflow.models.tiny import build_tiny_llama, sample_texts
 
     out = build_tiny_llama(args.out, sample_texts(read_rows(args.data)), vocab_size=args.vocab_size,
@@ -269,7 +262,6 @@ def cmd_build_model(args) -> int:
 
 def _demo_config_path(workdir: Path) -> Path:
     """The demo's config in workdir, building the demo model there first if it is missing."""
-    from loraflow.data.formats import read_rows
     from loraflow.models.tiny import build_tiny_llama, sample_texts
 
     model_dir = workdir / "models" / "tiny-llama"
@@ -278,7 +270,7 @@ def _demo_config_path(workdir: Path) -> Path:
         build_tiny_llama(model_dir, sample_texts(read_rows(str(SAMPLE_DATA))))
     config_path = workdir / "demo.yaml"
     if not config_path.exists():
-        config_path.write_text(DEMO_CONFIG.format(sample=SAMPLE_DATA))
+        config_path.write_text(DEMO_CONFIG.format(sample=SAMPLE_DATA, shapes=", ".join(shape_names("sft"))))
     return config_path
 
 
@@ -286,7 +278,6 @@ def cmd_demo(args) -> int:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
-    from loraflow.config import load_config
 
     config_path = _demo_config_path(workdir)
     print(f"config: {config_path}   (edit it, or run `loraflow run {config_path} --set key=value`)")
@@ -328,10 +319,14 @@ def served_deployments(config: dict, watch_prefix: str | None, interval: float) 
         for name in ("config", "preferences"):
             if name in parameters:
                 own = parameters[name]
-                # A DPO config keeps its own preference data and settings; model and store are the served config's
-                # (on the native backend: the ipex-llm one trains SFT only).
-                parameters[name] = config if own.get("objective") != "dpo" else {
-                    **own, "storage": config["storage"], "model": {**config["model"], "backend": "native"},
+                # Another objective's config (a DPO one, serving an SFT config) keeps its own data and settings; model
+                # and store are the served config's (on the native backend where the served one does not train it).
+                objective = own.get("objective", "sft")
+                model = config["model"]
+                if objective not in backend(model.get("backend", "native")).objectives:
+                    model = {**model, "backend": "native"}
+                parameters[name] = config if objective == config.get("objective", "sft") else {
+                    **own, "storage": config["storage"], "model": model,
                     "data": {**own["data"], "path": str(DEPLOYMENTS_YAML.parents[1] / own["data"]["path"])}}
         if "prefix" in parameters:
             parameters.update(prefix=watch_prefix or parameters["prefix"], storage=config["storage"])
@@ -347,8 +342,6 @@ def served_deployments(config: dict, watch_prefix: str | None, interval: float) 
 
 def cmd_serve(args) -> int:
     """Serve the SFT (with the upload trigger), training, merge and watcher deployments from this process."""
-    from loraflow.config import load_config
-
     _require_server()
     config_path = Path(args.config) if args.config else _demo_config_path(Path(args.workdir).resolve())
     config = load_config(config_path, args.set or []).model_dump(mode="json")
@@ -365,15 +358,12 @@ def cmd_serve(args) -> int:
 def _start_store_server(storage: str, args) -> str:
     """`loraflow serve`'s store server (a thread of this process), and LORAFLOW_STORE_URL for the runs it starts (they
     inherit this environment), so their artifact links open in the UI. Returns the line that says so."""
-    from loraflow.storage import STORE_URL_SETTING
-
     if os.environ.get(STORE_URL_SETTING):
         return f"store links: {os.environ[STORE_URL_SETTING]} ({STORE_URL_SETTING} is set; no store server started here)"
     if args.no_store_server:
         return "store server off (--no-store-server): links to store files are file:// paths to copy"
     if "://" in storage and not storage.startswith("file://"):
         return f"store server not started: {storage} is not a local store (its links open the object store's own view)"
-    from loraflow.store_server import StoreRoot, exposure_note, start_in_thread
 
     _, url = start_in_thread([storage], args.store_host, args.store_port)
     os.environ[STORE_URL_SETTING] = url
@@ -384,9 +374,6 @@ def _start_store_server(storage: str, args) -> str:
 
 def cmd_store_serve(args) -> int:
     """Serve local artifact stores read-only over HTTP until Ctrl-C."""
-    from loraflow.storage import STORE_URL_SETTING
-    from loraflow.store_server import StoreRoot, exposure_note, make_server, server_url
-
     for store in args.stores:
         if not os.path.isdir(StoreRoot(store).path):
             raise LoraflowError(f"{store}: no such folder (give the `storage:` folder of your config)")
@@ -421,8 +408,6 @@ def cmd_watch(args) -> int:
 def cmd_artifacts(args) -> int:
     """A run's summary and output URIs: from the store when --storage is given, else from Prefect by flow-run name or run id."""
     if args.storage:
-        from loraflow.storage import ArtifactStore
-
         store = ArtifactStore(args.storage)
         run_uri = store.uri("runs", args.run)
         try:
@@ -467,9 +452,6 @@ def cmd_generate(args) -> int:
 
 def cmd_compare(args) -> int:
     """Two or more runs of a store side by side: the settings that differ, the results, the loss curves overlaid."""
-    from loraflow.compare import comparison_artifact, comparison_markdown, loss_curves_png, read_run
-    from loraflow.storage import ArtifactStore
-
     if len(set(args.runs)) < 2:
         raise LoraflowError("compare needs two different runs or more (run ids, as `loraflow du --storage …` lists them)")
     store = ArtifactStore(args.storage)
@@ -486,7 +468,6 @@ def cmd_compare(args) -> int:
         print(f"written: {out / 'compare.md'}, {out / 'loss-curves.png'}")
     if os.environ.get("PREFECT_API_URL"):  # a running server: the comparison on its Artifacts page too
         from flows.compare import publish_comparison
-        from loraflow.storage import sha256_hex
 
         key = f"compare-{sha256_hex(store.url, sorted(args.runs))[:8]}"
         publish_comparison(comparison_artifact(runs), key=key, description=f"runs compared: {', '.join(args.runs)}")
@@ -497,12 +478,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from tasks.runs import recent_runs
+    from tasks.runs import FINETUNE_FLOWS, recent_runs
 
     start_temporary_server()
     rows = recent_runs(limit=args.limit)
     if not rows:
-        print("no fine-tune flow runs (loraflow-sft, loraflow-dpo) in this Prefect database (PREFECT_HOME)")
+        print(f"no fine-tune flow runs ({', '.join(FINETUNE_FLOWS)}) in this Prefect database (PREFECT_HOME)")
         return 0
     width = max(len("flow run"), *(len(row["flow_run"]) for row in rows))
     print(f"{'flow run':<{width}} {'state':<10} {'started':<17} {'run':<28} result")
@@ -522,8 +503,6 @@ def _size(count: float) -> str:
 def cmd_du(args) -> int:
     import time
 
-    from loraflow.gc import usage
-    from loraflow.storage import ArtifactStore
 
     store = ArtifactStore(args.storage)
     parts, runs = usage(store)
@@ -546,7 +525,6 @@ def _deployment_defaults(store_url: str) -> tuple[dict[str, str], list]:
     Relative paths in them resolve against the checkout, as a deployment's runs (working directory: the checkout) do."""
     import yaml
 
-    from loraflow.gc import DefaultConfig
 
     found: dict[str, str] = {}
     configs: list[DefaultConfig] = []
@@ -585,9 +563,6 @@ def _deployment_defaults(store_url: str) -> tuple[dict[str, str], list]:
 
 
 def cmd_gc(args) -> int:
-    from loraflow.gc import apply, plan
-    from loraflow.storage import ArtifactStore
-
     store = ArtifactStore(args.storage)
     protected, defaults = _deployment_defaults(store.url)
     removable, notes = plan(store, args.older_than, args.grace_hours, protected, defaults=defaults)
@@ -608,20 +583,13 @@ def cmd_gc(args) -> int:
 
 def cmd_plan(args) -> int:
     """The training footprint of a config, estimated from the model's config alone: nothing is loaded or run."""
-    from loraflow.config import load_config
     from loraflow.models import native
     from loraflow.plan import check_fits, choose_precision, context_warning, estimate_memory, free_memory_bytes
 
     config = load_config(args.config, args.set or [])
-    quantization = config.model.quantization
-    if config.model.backend == "ipex-llm":  # (its own environment decides the device and the low-bit format)
-        from loraflow.envcheck import ipex_llm_device
-        from loraflow.models import ipex_llm
-
-        device = ipex_llm_device(config, {})
-        quantization = f"{ipex_llm.low_bit_format(device)} with ipex-llm (estimated as NF4, of about its size)"
-    else:
-        device = native.resolve_device(config.train.device)
+    part = backend(config.model.backend)
+    device = part.training_device(config, {})  # (the ipex-llm backend's own environment decides the device and format)
+    quantization = part.describe_quantization(config, device)
     precision, why = choose_precision(config.train.precision, device)
     estimate = estimate_memory(config, native.resolve_model_path(config.model.base), precision)
     print(f"{config.model.base} on {device} ({precision}: {why}), {config.lora.method} adapter, quantization {quantization}:")
@@ -636,13 +604,11 @@ def cmd_plan(args) -> int:
 
 def cmd_doctor(args) -> int:
     from loraflow.envcheck import describe_environment
-    from loraflow.models import ipex_llm
 
     report = describe_environment()
-    try:  # the ipex-llm backend's own environment (model.backend: ipex-llm), where there is one
-        report["ipex_llm_environment"] = ipex_llm.probe(log=lambda line: None)
-    except LoraflowError as error:
-        report["ipex_llm_environment"] = f"not available: {error}"
+    for part in BACKENDS.values():  # a backend's own environment (the ipex-llm backend's), where there is one
+        if (environment := part.environment_report()) is not None:
+            report[f"{part.name.replace('-', '_')}_environment"] = environment
     print(json.dumps(report, indent=2))
     return 0
 
@@ -715,7 +681,6 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--workdir", default="loraflow-demo", help="where the demo model and config live when --config is not given")
     serve.add_argument("--watch", metavar="PREFIX", help="also scan this folder or fsspec prefix for new datasets on a schedule")
     serve.add_argument("--interval", type=int, default=60, help="seconds between scans with --watch")
-    from loraflow.store_server import DEFAULT_HOST, DEFAULT_PORT
 
     serve.add_argument("--store-port", type=int, default=DEFAULT_PORT, help="port of the store server it starts for the "
                        f"config's local store, so artifact links open (default {DEFAULT_PORT}; 0: a free one); not started "
@@ -767,30 +732,15 @@ def main(argv: list[str] | None = None) -> int:
     """The `loraflow` command (argv None) or a call with its arguments (tests)."""
     code = _main(argv)
     if argv is None:
-        _exit_without_teardown(code)
+        # The interpreter's teardown of torch, transformers and Prefect took 1.7 s after the last line; Prefect sends its
+        # last logs and events in the exit handlers, which run first.
+        process.exit_now(code, run_exit_handlers=True)
     return code
-
-
-def _exit_without_teardown(code: int) -> None:
-    """End the command once its output is out and the exit handlers have run (Prefect sends its last logs and events
-    there): the interpreter's teardown of torch, transformers and Prefect took 1.7 s after the last line, and guards
-    nothing a finished command needs."""
-    import atexit
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    atexit._run_exitfuncs()  # (CPython's own call at shutdown; os._exit would skip it)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _main(argv: list[str] | None) -> int:
     _quiet_libraries()
     args = parser().parse_args(argv)
-    # SIGTERM (kill, systemd, a job scheduler) ends a command as Ctrl-C does: the run ends Crashed and Prefect's
-    # temporary server is stopped. By default it killed this process at once and left that server running.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return args.handler(args)
     except LoraflowError as error:
@@ -799,7 +749,6 @@ def _main(argv: list[str] | None) -> int:
     except Exception as error:
         # A command given --storage that cannot reach it (du, gc, artifacts, generate, watch): the same one-line
         # message `loraflow run` gives, naming the store and what was read; anything else keeps its traceback.
-        from loraflow.storage import remote_failure
 
         failure = remote_failure(error, args.storage, "--storage") if getattr(args, "storage", None) else None
         if failure is None:

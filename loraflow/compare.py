@@ -12,7 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraflow import adapters
 from loraflow.errors import LoraflowError
+from loraflow.objectives import OBJECTIVES
 from loraflow.registry import EVALUATION, RUNS_FOLDER, TRAIN
 from loraflow.report import _fmt, read_metrics
 from loraflow.storage import ArtifactStore
@@ -23,8 +25,7 @@ _NOT_SETTINGS = {"train.pool", "train.retries", "train.timeout_s", "train.master
 RESULTS = (
     ("eval loss before", "eval_loss_before", 4), ("eval loss", "eval_loss", 4), ("perplexity", "perplexity", 4),
     ("train loss (last logged)", "final_loss", 4), ("steps", "global_step", None), ("kept step (early stopping)", "kept_step", None),
-    # DPO: TRL's rewards at the last logged training step (the policy's log-ratio against the reference, times beta)
-    ("reward margin (last step)", "final_reward_margins", 4), ("reward accuracy (last step)", "final_reward_accuracies", 4),
+    *(column for objective in OBJECTIVES.values() for column in objective.compare_columns),  # (DPO: its rewards)
     ("exact match before", "exact_match_before", 3), ("exact match", "exact_match_after", 3),
     ("ROUGE-L before", "rouge_l_before", 3), ("ROUGE-L", "rouge_l_after", 3),
     ("general-text loss before", "general_loss_before", 4), ("general-text loss", "general_loss_after", 4),
@@ -75,13 +76,9 @@ def read_run(store: ArtifactStore, run: str) -> RunFacts:
     try:
         # The trained adapter's own config: a DPO run from dpo.start_from trained that adapter, not its lora section.
         adapter = store.read_json(f"{run_uri}/{TRAIN.folder}/adapter_config.json")
-        settings |= {"lora.method": adapter.get("peft_type", "LORA").lower().replace("_", "-"), "lora.r": adapter.get("r"),
-                     "lora.alpha": adapter.get("lora_alpha"), "lora.dropout": adapter.get("lora_dropout"),
-                     "lora.use_dora": adapter.get("use_dora"), "lora.use_rslora": adapter.get("use_rslora"),
-                     "lora.num_virtual_tokens": adapter.get("num_virtual_tokens"),
-                     "lora.prompt_init_text": adapter.get("prompt_tuning_init_text"),
-                     "lora.target": sorted(adapter.get("target_modules") or []) or None,  # (prompt and prefix tuning: none)
-                     "lora.feedforward": sorted(adapter["feedforward_modules"]) if adapter.get("feedforward_modules") else None}
+        # (each method's own columns: loraflow.adapters; a setting another run's method lacks shows as empty there)
+        method = adapters.saved_method(adapter)
+        settings |= {"lora.method": method.name if method else adapter.get("peft_type")} | (method.compare_columns(adapter) if method else {})
     except (FileNotFoundError, KeyError):
         pass
     lora_stage = (store.manifest(spec["lora_uri"]) or {}).get("metrics", {})  # (what the adapter trains: methods differ most here)

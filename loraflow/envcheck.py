@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 
 import torch
 
 from loraflow import tracking
+from loraflow.backends import BACKEND_NAMES, backend
 from loraflow.config import FinetuneConfig
 from loraflow.errors import LoraflowError
 from loraflow.launch import LAUNCHER_BINARIES, distributed_backend, launcher_available
 from loraflow.models import native
 from loraflow.plan import check_fits, choose_precision, context_warning, estimate_memory, free_memory_bytes
+from loraflow.versions import installed_version
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed", "prefect")
-
-
-def installed_version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _device_memory(device: str) -> list[int]:
@@ -44,23 +38,10 @@ def describe_environment() -> dict:
         "precision": auto_precision,
         "precision_reason": why,
         "distributed_backend": distributed_backend(device),
-        "backend": "native",
+        "backend": BACKEND_NAMES[0],  # (this Python's: the default backend's)
         "versions": {name: installed_version(name) for name in PACKAGES},
         "launchers": {name: launcher_available(name) for name in ("local", *LAUNCHER_BINARIES)},
     }
-
-
-def ipex_llm_device(config: FinetuneConfig, report: dict) -> str:
-    """model.backend ipex-llm: the device and libraries of its own environment are the ones training uses."""
-    from loraflow.models import ipex_llm
-
-    pinned = ipex_llm.probe(log=lambda line: None)
-    report.update(backend="ipex-llm", backend_python=pinned["python"], backend_versions=pinned["versions"])
-    if config.train.device not in ("auto", pinned["device"]):
-        raise LoraflowError(f"train.device is {config.train.device}, but the ipex-llm environment ({pinned['python']}) finds "
-                            f"only the {pinned['device']}; set train.device: auto, or install ipex-llm's XPU build there "
-                            "(infra/envs/ipex-llm/README.md)")
-    return pinned["device"]
 
 
 def memory_check(config: FinetuneConfig, device: str, precision: str) -> tuple[bool, str]:
@@ -82,17 +63,13 @@ def memory_check(config: FinetuneConfig, device: str, precision: str) -> tuple[b
 def check_environment(config: FinetuneConfig) -> dict:
     """The environment report, or a LoraflowError naming what the config asks for and the machine lacks."""
     report = describe_environment()
-    if config.model.backend == "ipex-llm":
-        device = ipex_llm_device(config, report)
-    else:
-        device = native.resolve_device(config.train.device)
+    part = backend(config.model.backend)
+    device = part.training_device(config, report)  # (the ipex-llm backend's: its own environment's)
     report["device"] = device
     report["distributed_backend"] = distributed_backend(device)
     # (a bf16 the device lacks is refused here, before any stage)
     report["precision"], report["precision_reason"] = choose_precision(config.train.precision, device)
-    problems = []
-    if config.model.quantization == "nf4" and config.model.backend == "native" and report["versions"]["bitsandbytes"] is None:
-        problems.append("quantization nf4 needs bitsandbytes (pip install 'bitsandbytes>=0.48'), or set model.quantization: none")
+    problems = part.environment_problems(config, report)
     if not report["launchers"][config.train.launcher]:
         problems.append(f"train.launcher is {config.train.launcher}, but {LAUNCHER_BINARIES[config.train.launcher]} is not on PATH nor beside this Python")
     if config.train.launcher == "deepspeed" and report["versions"]["deepspeed"] is None:

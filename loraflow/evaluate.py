@@ -16,8 +16,10 @@ from pathlib import Path
 
 from loraflow.data.formats import read_rows
 from loraflow.data.templates import generation_prompt
+from loraflow.data.tokenize import load_tokenizer
 from loraflow.errors import LoraflowError
 from loraflow.generate import answer
+from loraflow.models import native
 from loraflow.storage import open_url
 
 GENERAL_TOKENS = 256  # tokens of each general-text row scored (the rest of a long document is left out)
@@ -117,9 +119,6 @@ def _mean_token_loss(model, tokenizer, texts: list[str]) -> float:
 def evaluate_adapter(settings, base_dir: Path, adapter_dir: Path, data_format: str, template: str, device: str,
                      precision: str, out: Path, trust_remote_code: bool = False, log=print) -> dict:
     """Write outputs.jsonl (every prompt's reference, before and after answers) into out; return the metrics."""
-    from loraflow.data.tokenize import load_tokenizer
-    from loraflow.models import native
-
     tokenizer = load_tokenizer(str(adapter_dir))  # the export stage keeps the tokenizer the run trained with
     model = native.with_adapter(native.load_causal_lm(base_dir, device, precision, None, trust_remote_code), adapter_dir, tokenizer).eval()
     metrics: dict = {}

@@ -11,10 +11,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from loraflow.config import PROMPT_METHODS
+from loraflow import adapters
 from loraflow.data.templates import generation_prompt
 from loraflow.errors import LoraflowError
+from loraflow.data.tokenize import load_tokenizer
 from loraflow.models import native
+from loraflow.plan import choose_precision
 from loraflow.storage import ArtifactStore
 
 BATCH = 8  # prompts answered together when nothing is streamed
@@ -41,19 +43,17 @@ def generate(storage: str, run: str, prompts: list[str], max_new_tokens: int = 1
     prompt's answer, and with on_text each answer is streamed to it as it is generated; log hears what was loaded."""
     import warnings
 
-    from loraflow.data.tokenize import load_tokenizer
-
     store = ArtifactStore(storage)
     outputs = run_outputs(store, run)
     adapter_dir = store.local_copy(outputs["adapter"])
     config = json.loads((adapter_dir / "loraflow_config.json").read_text())
     device = native.available_device()
-    precision = native.resolve_precision("auto", device)
+    precision = choose_precision("auto", device)[0]
     tokenizer = load_tokenizer(str(adapter_dir))  # the export stage keeps the tokenizer the run trained with
     if merged:
         if "merged" not in outputs:
-            why = ("its adapter is " + config["lora"]["method"].replace("-", " ") + ", which cannot be merged"
-                   if config["lora"].get("method", "lora") in PROMPT_METHODS else "merge.enabled was false")
+            method = adapters.of_section(config["lora"])
+            why = f"its adapter is {method.words}, which cannot be merged" if not method.merges else "merge.enabled was false"
             raise LoraflowError(f"run {run} has no merged model ({why}); drop --merged to use base + adapter")
         model = native.load_causal_lm(store.local_copy(outputs["merged"]), device, precision, None, trust_remote_code)
     else:
@@ -82,7 +82,7 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int, on_text: C
     size = 1 if on_text or on_start else BATCH
     # A prefix-tuning adapter is the key/value cache PEFT hands the model; transformers 5's generate builds its own cache
     # and ignores PEFT's (the answer would be the base model's), unless generation runs without a cache.
-    use_cache = not is_prefix_tuning(model)
+    use_cache = generates_with_cache(model)
     answers = []
     for start in range(0, len(prompts), size):
         if on_start:
@@ -97,9 +97,11 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int, on_text: C
     return answers
 
 
-def is_prefix_tuning(model) -> bool:
+def generates_with_cache(model) -> bool:
+    """Whether generation may use transformers' KV cache with this model's active adapter (its method says; no adapter: yes)."""
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
-    return config is not None and config.peft_type.value == "PREFIX_TUNING"
+    method = adapters.saved_method({"peft_type": config.peft_type.value}) if config is not None else None
+    return method is None or method.generates_with_cache
 
 
 def _CallbackStreamer(tokenizer, on_text):

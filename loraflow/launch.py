@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from loraflow import process
 from loraflow.errors import LoraflowError
+from loraflow.storage import open_url
 
 LAUNCHER_BINARIES = {"torchrun": "torchrun", "deepspeed": "deepspeed", "mpirun": "mpirun"}
 
@@ -340,14 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     """
     import argparse
 
+    process.setup()
     parser = argparse.ArgumentParser(prog="python -m loraflow.launch", description=main.__doc__.splitlines()[0])
     parser.add_argument("spec_uri", help="the run spec the training flow wrote (runs/<run>/spec.json, any fsspec URL)")
     parser.add_argument("--node-rank", type=int, required=True, help="this host's index in train.hosts (1, 2, …)")
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code to run (never read from the spec)")
     args = parser.parse_args(argv)
-    from loraflow.storage import open_url
-
     with open_url(args.spec_uri, "r") as stream:
         topology = Topology.from_train(json.load(stream)["train"])
     if topology.launcher != "torchrun" or not 0 < args.node_rank < topology.nnodes:

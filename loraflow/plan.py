@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from loraflow.errors import LoraflowError
+from loraflow.models import native
 
 # On a CPU, micro batches beyond this many tokens ran no faster (bench/train.py: 8 rows of 256 tokens ran as fast as
 # 16) and only took more memory; an accelerator's micro batch is bounded by its memory alone.
@@ -208,8 +209,6 @@ def estimate_memory(config, model_path: str | Path, precision: str, checkpointin
     of one micro batch of full-length examples. Nothing is loaded: the model is built on the meta device. Settings on
     auto (micro batch 0, gradient checkpointing auto) are decided as the trainer's memory plan would decide them with
     the memory free once the rest is in place (plan_memory); checkpointing and micro_batch_size override them."""
-    from loraflow.models import native
-
     train = config.train
     model = native.meta_model(model_path, config.model.trust_remote_code)
     element_bytes = 4 if precision == "fp32" else 2
@@ -223,7 +222,7 @@ def estimate_memory(config, model_path: str | Path, precision: str, checkpointin
             weights += sum(p.numel() for p in module.parameters(recurse=False)) * element_bytes
     # (the same adapter, counted on the meta model: a prompt's initial text changes no count; new tokens train the
     # embeddings and output head in full)
-    counted = config.lora.model_copy(update={"prompt_init_text": ""}) if config.lora.method == "prompt-tuning" else config.lora
+    counted = config.lora.as_counted()
     _, report = native.inject_adapter(model, counted, train.seed, train_embeddings=bool(config.data.new_tokens))
     trained = report["trainable_params"]
     world = train.nproc_per_node * max(1, len(train.hosts))

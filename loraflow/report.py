@@ -16,8 +16,11 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+from loraflow import adapters
 from loraflow.config import adapter_settings
+from loraflow.data.templates import generation_prompt
 from loraflow.storage import FILE_LINK_NOTE, ArtifactStore, StageRecord, browser_url
+from loraflow.objectives import OBJECTIVES
 from loraflow.registry import ADAPTER, BASE, DATASET, EVALUATION, LORA, MERGED, TRAIN
 
 METRIC_COLUMNS = ("step", "epoch", "loss", "eval_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -179,12 +182,11 @@ def eval_text(train: dict, number: Callable[[float], str]) -> str:
 
 
 def reward_text(train: dict) -> str | None:
-    """DPO: how the rewards moved (first → last logged training step), and the reference passes training ran."""
-    if "final_reward_margins" not in train:
-        return None
-    return (f"DPO rewards: margin {train['first_reward_margins']:.3f} → {train['final_reward_margins']:.3f}, "
-            f"accuracy {train['first_reward_accuracies']:.2f} → {train['final_reward_accuracies']:.2f} "
-            f"(first → last step); reference forward passes during training: {train.get('reference_forwards')}")
+    """The run's objective's own summary lines (DPO: how the rewards moved, first → last logged training step, and the
+    reference passes training ran), or None where it has none."""
+    objective = OBJECTIVES.get(train.get("objective", "sft"))
+    lines = objective.summary_lines(train) if objective else []
+    return "\n".join(lines) if lines else None
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -234,8 +236,6 @@ def _py_str(value: str, indent: int) -> str:
 
 def usage_snippet(config: dict, records: dict[str, StageRecord], example: str = "Give three tips for staying healthy.") -> str:
     """Python that loads the adapter onto its base with PEFT (and the merged model), real paths filled in."""
-    from loraflow.data.templates import generation_prompt
-
     adapter = records[ADAPTER.name].uri
     merged = records.get(MERGED.name)
     prompt = generation_prompt(config["data"]["format"], config["data"]["template"], example)
@@ -262,7 +262,7 @@ def usage_snippet(config: dict, records: dict[str, StageRecord], example: str = 
            "# keys and values)",
            "output = model.generate(**inputs, max_new_tokens=64, do_sample=False,",
            "                        use_cache=False)"]
-          if config["lora"].get("method") == "prefix-tuning" else
+          if not adapters.of_section(config["lora"]).generates_with_cache else
           ["output = model.generate(**inputs, max_new_tokens=64, do_sample=False)"]),
         "answer = output[0, inputs['input_ids'].shape[1]:]",
         "print(tokenizer.decode(answer, skip_special_tokens=True))",
@@ -390,8 +390,8 @@ def summary_markdown(config: dict, records: dict[str, StageRecord], stage_rows: 
          f"{lora.get('total_params'):,} parameters ({lora.get('trainable_percent')}%)"),
         f"- base quantization: {records[BASE.name].metrics.get('quantization')}",
     ]
-    if not adapter.mergeable:
-        lines.append(f"- not merged: {adapter.method.replace('-', ' ')} trains virtual tokens, not weights, so there is nothing "
+    if not (method := adapters.method(adapter.method)).merges:
+        lines.append(f"- not merged: {method.words} trains {method.trains}, not weights, so there is nothing "
                      "to fold into the base; load the adapter with PeftModel.from_pretrained, as above")
     if merged is not None:
         lines.append(f"- merged model checked: max |logit difference| {_fmt(merged.metrics.get('max_abs_logit_diff'), 3)} "

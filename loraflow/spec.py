@@ -11,23 +11,26 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from loraflow.config import DpoSettings, TrainSettings
+from loraflow import adapters
+from loraflow.backends import BACKEND_NAMES
+from loraflow.config import TrainSettings
 from loraflow.errors import LoraflowError
+from loraflow.objectives import OBJECTIVES, DpoSettings
 
 
 class RunSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    objective: Literal["sft", "dpo"] = "sft"
+    objective: Literal[tuple(OBJECTIVES)] = "sft"  # (a registered objective: loraflow.objectives)
     store: str
     run_uri: str
     dataset_uri: str
     base_uri: str
     base_in_store: bool
     quantized: bool
-    backend: Literal["native", "ipex-llm"] = "native"  # model.backend: which library loads the base and its adapter
+    backend: Literal[BACKEND_NAMES] = BACKEND_NAMES[0]  # model.backend: which library loads the base and its adapter
     lora_uri: str  # the adapter training starts from: a fresh LoRA init, or (DPO) an SFT run's adapter
-    adapter_method: Literal["lora", "ia3", "prompt-tuning", "prefix-tuning"] = "lora"
+    adapter_method: Literal[adapters.NAMES] = "lora"  # (the registered methods: loraflow.adapters)
     train: TrainSettings  # device and precision resolved on the host that checked the environment
     dpo: DpoSettings | None = None
     precision_reason: str = ""  # why train.precision is what it is (the env stage's choice on auto)

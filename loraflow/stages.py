@@ -18,22 +18,24 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from loraflow import data as data_stage
+from loraflow import adapters
+from loraflow.adapters.targets import describe_targets
+from loraflow.backends import LOW_BIT_FORMATS, backend
 from loraflow import export as export_stage
 from loraflow import merge as merge_stage
-from loraflow.config import FinetuneConfig, Ia3Adapter, LoraAdapter
+from loraflow.config import FinetuneConfig
 from loraflow.data.formats import read_rows
-from loraflow.data.preference import prepare_preference_dataset
 from loraflow.data.shapes import resolve_data
 from loraflow.data.tokenize import load_tokenizer
 from loraflow.envcheck import check_environment
 from loraflow.errors import LoraflowError
 from loraflow.evaluate import evaluate_adapter
-from loraflow.launch import Topology, build_command, deepspeed_config, distributed_backend, run_streaming, write_hostfile
+from loraflow.launch import Topology, build_command, deepspeed_config, run_streaming, write_hostfile
 from loraflow.lease import build_once
-from loraflow.models import ipex_llm, native
+from loraflow.objectives import objective_of
+from loraflow.models import native
 from loraflow.plan import rows_used
-from loraflow.registry import ADAPTER, BASE, DATASET, ENV, EVALUATION, LORA, MERGED, REFERENCE, RUNS_FOLDER, SOURCES, TRAIN
+from loraflow.registry import ADAPTER, BASE, DATASET, ENV, EVALUATION, LORA, MERGED, REFERENCE, RUNS_FOLDER, SOURCES, TRAIN, Records
 from loraflow.spec import RunSpec
 from loraflow.storage import ArtifactStore, StageRecord, hash_uri, remote_failure, sha256_hex
 from loraflow.train import USER_ERROR_EXIT, compute_reference_logps
@@ -45,13 +47,22 @@ def _short(key: str) -> str:
     return key[:16]
 
 
+def _hold_for_test() -> None:
+    """Tests: the build lasts LORAFLOW_TEST_SLOW_SECONDS, or, with LORAFLOW_TEST_HOLD_UNTIL set, until that file exists
+    (at most 5 minutes): a test that needs other runs to meet this build in progress releases it when they have."""
+    release = os.environ.get("LORAFLOW_TEST_HOLD_UNTIL")
+    deadline = time.monotonic() + (300 if release else float(os.environ.get("LORAFLOW_TEST_SLOW_SECONDS", 8)))
+    while time.monotonic() < deadline and not (release and os.path.exists(release)):
+        time.sleep(0.2)
+
+
 def reuse_or_build(store: ArtifactStore, stage: str, key: str, uri: str, build: Callable[[Path], dict], log: Log) -> StageRecord:
     """The committed output at `uri`, built first if absent: by exactly one process of all that share the store
     (the others wait for it and reuse it; see loraflow.lease)."""
     with build_once(store, f"{stage}-{_short(key)}", lambda: store.is_committed(uri), log) as must_build:
         if must_build:
             if stage == os.environ.get("LORAFLOW_TEST_SLOW_STAGE"):  # tests: a build as long as a real base's
-                time.sleep(float(os.environ.get("LORAFLOW_TEST_SLOW_SECONDS", 8)))
+                _hold_for_test()
             with tempfile.TemporaryDirectory(prefix=f"loraflow-{stage}-") as tmp:
                 metrics = build(Path(tmp))
                 store.commit(tmp, uri, {"stage": stage, "key": key, "metrics": metrics})
@@ -129,20 +140,12 @@ def check_token_ids(dataset: StageRecord, sources: StageRecord) -> None:
 # ---- keys ---------------------------------------------------------------------------------------
 def dataset_key(config: FinetuneConfig, sources: StageRecord) -> str:
     # (the data as the sources stage resolved it: the same key whether or not the caller's config still says auto)
-    fields = with_data_shape(config, sources).data.model_dump(exclude={"path"})
-    if config.objective == "dpo":  # the same file as preference pairs: another output, cut to the DPO lengths
-        fields |= {"objective": "dpo", **config.dpo.model_dump(include={"max_prompt_length", "max_length"})}
+    fields = with_data_shape(config, sources).data.model_dump(exclude={"path"}) | objective_of(config).dataset_fields(config)
     return DATASET.key(sources.metrics["dataset_sha256"], sources.metrics["tokenizer_key"], fields)
 
 
 def quantize_key(config: FinetuneConfig, env: StageRecord, sources: StageRecord) -> str:
-    fields = config.model.model_dump(include={"quantization", "double_quant"})
-    if config.model.backend != "native":  # (another format of the same base; native keys stay what they were)
-        # (ipex-llm's low-bit format is chosen by the device and has no double quantization)
-        fields = {"quantization": config.model.quantization, "backend": config.model.backend, "device": env.metrics["device"],
-                  # (it quantizes in its own environment: those libraries decide the bytes, and the lora stage's and
-                  # training's keys follow from this one)
-                  "versions": env.metrics.get("backend_versions")}
+    fields = backend(config.model.backend).quantize_key_fields(config, env)
     return BASE.key(sources.metrics["model_key"], fields, env.metrics["precision"])
 
 
@@ -156,16 +159,16 @@ def training_fields(config: FinetuneConfig) -> dict:
     """What training computes from, beyond its data and starting adapter: the one list of it (the train key and a
     pool job's identity read it). Where and how patiently it runs, and where it reports, do not change what it computes."""
     fields = config.train.model_dump(exclude={"pool", "device", "retries", "timeout_s", "master_port", "mpi", "report_to"})
-    if config.objective == "dpo":
-        fields |= {"objective": "dpo", "dpo": config.dpo.model_dump(exclude={"max_prompt_length", "max_length"})}  # lengths: in dataset.key
-    return fields
+    return fields | objective_of(config).training_fields(config)
 
 
-def train_key(config: FinetuneConfig, dataset: StageRecord, lora: StageRecord, env: StageRecord) -> str:
+def train_key(config: FinetuneConfig, records: Records) -> str:
+    dataset, lora, env = records[DATASET.name], records[LORA.name], records[ENV.name]
     return TRAIN.key(dataset.key, lora.key, training_fields(config), env.metrics["device"], env.metrics["precision"])
 
 
-def reference_key(config: FinetuneConfig, dataset: StageRecord, base: StageRecord, lora: StageRecord, env: StageRecord) -> str:
+def reference_key(config: FinetuneConfig, records: Records) -> str:
+    dataset, base, lora, env = (records[stage.name] for stage in (DATASET, BASE, LORA, ENV))
     # The pairs (their template and lengths are in dataset.key) and which of them training reaches, the frozen weights,
     # the starting adapter, the arithmetic. A rerun that changes only beta, the loss or the schedule shares it.
     train_rows = dataset.metrics["train_rows"]
@@ -184,9 +187,7 @@ def prepare_data(config: FinetuneConfig, sources: StageRecord, log: Log = print)
     store = ArtifactStore(config.storage)
     key = dataset_key(config, sources)
     def build(out: Path) -> dict:
-        if config.objective == "dpo":
-            return prepare_preference_dataset(config.data, config.dpo, sources.metrics["model_path"], out, log)
-        return data_stage.prepare_dataset(config.data, sources.metrics["model_path"], out, log)
+        return objective_of(config).prepare_dataset(config, sources.metrics["model_path"], out, log)
 
     return reuse_or_build(store, DATASET.name, key, DATASET.uri(store, key), build, log)
 
@@ -199,22 +200,9 @@ def quantize_base(config: FinetuneConfig, env: StageRecord, sources: StageRecord
         return StageRecord(stage=BASE.name, key=key, uri=sources.metrics["model_path"], metrics={"quantization": "none", "in_store": False})
 
     def build(out: Path) -> dict:
-        if config.model.backend == "ipex-llm":
-            low_bit = ipex_llm.low_bit_format(env.metrics["device"])
-            log(f"quantizing {sources.metrics['model_path']} to {low_bit} with ipex-llm on {env.metrics['device']}")
-            return {"in_store": True, **ipex_llm.run_command(
-                "quantize", sources.metrics["model_path"], str(out), "--device", env.metrics["device"], "--precision",
-                env.metrics["precision"], *_trust_flag(config), log=log)}
-        log(f"quantizing {sources.metrics['model_path']} to NF4 on {env.metrics['device']}")
-        return {"quantization": "nf4", "double_quant": config.model.double_quant, "in_store": True, **native.quantize(
-            Path(sources.metrics["model_path"]), out, env.metrics["device"], env.metrics["precision"],
-            config.model.double_quant, config.model.trust_remote_code)}
+        return backend(config.model.backend).quantize(config, env, sources, out, log)
 
     return reuse_or_build(store, BASE.name, key, BASE.uri(store, key), build, log)
-
-
-# What a PEFT folder's peft_type is as a lora.method; DPO trains the first two (TRL's DPOTrainer trains weights).
-PEFT_METHODS = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning"}
 
 
 def start_from_adapter(config: FinetuneConfig) -> tuple[str, dict, dict]:
@@ -238,21 +226,18 @@ def start_from_adapter(config: FinetuneConfig) -> tuple[str, dict, dict]:
     trained_on = adapter_config.get("base_model_name_or_path")
     if trained_on and Path(trained_on).name != Path(config.model.base).name and trained_on != config.model.base:
         raise LoraflowError(f"dpo.start_from {start!r}: that adapter was trained on {trained_on}, not on model.base {config.model.base}")
-    method = PEFT_METHODS.get(adapter_config.get("peft_type", ""), adapter_config.get("peft_type"))
-    if method not in ("lora", "ia3"):
-        raise LoraflowError(f"dpo.start_from {start!r}: that adapter is {method} (virtual tokens), and TRL's DPOTrainer trains "
-                            "LoRA or IA3 adapters: start from an SFT run with lora.method lora or ia3, or leave dpo.start_from empty")
+    method = adapters.saved_method(adapter_config)
+    if method is None or config.objective not in method.objectives:
+        what = f"{method.name} ({method.trains})" if method else f"a {adapter_config.get('peft_type')} adapter"
+        able = adapters.for_objective(config.objective)
+        raise LoraflowError(f"dpo.start_from {start!r}: that adapter is {what}, and TRL's DPOTrainer trains {adapters.titles(able)} "
+                            f"adapters: start from an SFT run with lora.method {adapters.choices(able)}, or leave dpo.start_from empty")
     return uri, manifest, adapter_config
 
 
 def describe_saved_adapter(adapter_config: dict) -> str:
-    """A saved LoRA or IA3 adapter in a few words, as the logs and the summary name a configured one (its settings'
-    own describe)."""
-    targets = ", ".join(sorted(adapter_config.get("target_modules") or []))
-    if adapter_config.get("peft_type") == "IA3":
-        return Ia3Adapter().describe(targets)
-    return LoraAdapter(r=adapter_config["r"], alpha=adapter_config["lora_alpha"], dropout=adapter_config.get("lora_dropout") or 0.0,
-                       use_dora=bool(adapter_config.get("use_dora")), use_rslora=bool(adapter_config.get("use_rslora"))).describe(targets)
+    """A saved adapter in a few words, as the logs and the summary name a configured one (its method's settings' describe)."""
+    return adapters.describe_saved(adapter_config)
 
 
 def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = print) -> StageRecord:
@@ -270,7 +255,7 @@ def starting_adapter(config: FinetuneConfig, sources: StageRecord, log: Log = pr
             log(f"warning: that adapter was trained with template {earlier!r}, this run formats pairs with {config.data.template!r} "
                 f"(unless the tokenizer has a chat template of its own); set data.template: {earlier} to keep the format it learned")
     return StageRecord(stage=LORA.name, key=LORA.key("start-from", manifest["sha256"]), uri=uri, reused=True,
-                       metrics={"start_from": uri, "method": PEFT_METHODS[adapter_config["peft_type"]], "description": description,
+                       metrics={"start_from": uri, "method": adapters.saved_method(adapter_config).name, "description": description,
                                 "r": adapter_config.get("r"), "target_modules": sorted(adapter_config.get("target_modules") or [])})
 
 
@@ -289,10 +274,6 @@ def lora_cache_key(config: FinetuneConfig, base: StageRecord) -> str | None:
     return LORA.cache_key(lora_key(config, base))
 
 
-def _trust_flag(config: FinetuneConfig) -> list[str]:
-    return ["--trust-remote-code"] if config.model.trust_remote_code else []
-
-
 def _base_dir(store: ArtifactStore, base: StageRecord) -> Path:
     return store.local_copy(base.uri) if base.metrics.get("in_store") else Path(base.uri)
 
@@ -303,37 +284,25 @@ def inject_adapter(config: FinetuneConfig, env: StageRecord, sources: StageRecor
     key = lora_key(config, base)
 
     def build(out: Path) -> dict:
-        if config.model.backend == "ipex-llm":
-            lora = {"r": config.lora.r, "lora_alpha": config.lora.alpha, "lora_dropout": config.lora.dropout,
-                    "target_modules": sources.metrics["lora_targets"]}
-            report = ipex_llm.run_command("init-adapter", str(_base_dir(store, base)), str(out), "--device", env.metrics["device"],
-                                          "--precision", env.metrics["precision"], "--lora", json.dumps(lora),
-                                          "--seed", str(config.train.seed), *_trust_flag(config), log=log)
-            layers = " (ipex-llm QLoRA layers)"
-        else:
-            report, layers = native_adapter(out), ""
-        log(f"{config.lora.describe(native.describe_targets(report['target_modules']))}{layers}: {report['trainable_params']:,} "
+        part = backend(config.model.backend)
+        report = part.init_adapter(config, env, sources, _base_dir(store, base), base.metrics["in_store"],
+                                   lambda: load_tokenizer(sources.metrics["model_path"], config.data.new_tokens), out, log)
+        layers = part.adapter_layers_note
+        log(f"{config.lora.describe(describe_targets(report['target_modules']))}{layers}: {report['trainable_params']:,} "
             f"trainable of {report['total_params']:,} parameters ({report['trainable_percent']}%)")
-        return report
-
-    def native_adapter(out: Path) -> dict:
-        model = native.load_causal_lm(_base_dir(store, base), env.metrics["device"], env.metrics["precision"], None, config.model.trust_remote_code)
-        model = native.prepare_for_training(model, base.metrics["in_store"], gradient_checkpointing=False)  # (init only)
-        # (the model's own tokenizer: prompt tuning may start its virtual tokens from a text's embeddings)
-        new_vocabulary = native.fit_vocabulary(model, load_tokenizer(sources.metrics["model_path"], config.data.new_tokens), initialise=True)
-        peft_model, report = native.inject_adapter(model, config.lora, config.train.seed, Path(sources.metrics["model_path"]),
-                                                   train_embeddings=new_vocabulary)
-        peft_model.save_pretrained(str(out / "adapter"))
         return report
 
     return reuse_or_build(store, LORA.name, key, LORA.uri(store, key), build, log)
 
 
-def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,
-               reference: StageRecord | None = None) -> tuple[str, str, RunSpec]:
-    """(key, run URI, spec) for the training subprocess."""
+def train_spec(config: FinetuneConfig, records: Records) -> tuple[str, str, RunSpec]:
+    """(key, run URI, spec) for the training subprocess, from the train stage's input records (a reference record:
+    training reads its log-probs instead of running the reference)."""
+    records = TRAIN.inputs_from(records)
+    env, dataset, base, lora = (records[stage.name] for stage in (ENV, DATASET, BASE, LORA))
+    reference = records.get(REFERENCE.name)
     store = ArtifactStore(config.storage)
-    key = train_key(config, dataset, lora, env)
+    key = train_key(config, records)
     run = run_uri(store, config, key)
     spec = RunSpec(
         objective=config.objective,
@@ -342,38 +311,31 @@ def train_spec(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, b
         dataset_uri=dataset.uri,
         base_uri=base.uri,
         base_in_store=bool(base.metrics.get("in_store")),
-        quantized=base.metrics.get("quantization") in ("nf4", "sym_int4"),
+        quantized=base.metrics.get("quantization") in LOW_BIT_FORMATS,
         backend=config.model.backend,
         lora_uri=lora.uri,
         adapter_method=lora.metrics.get("method", config.lora.method),  # (dpo.start_from's adapter: its own method)
         train=config.train.model_copy(update={"device": env.metrics["device"], "precision": env.metrics["precision"]}),
         precision_reason=env.metrics.get("precision_reason", ""),
-        dpo=config.dpo if config.objective == "dpo" else None,
+        **objective_of(config).spec_fields(config),
         reference_uri=reference.uri if reference is not None else "",
-        ddp_backend=_ddp_backend(config, env) if Topology.from_train(config.train).world_size > 1 else None,
+        ddp_backend=backend(config.model.backend).ddp_backend(env.metrics["device"]) if Topology.from_train(config.train).world_size > 1 else None,
         deepspeed_config=deepspeed_config(config.train.deepspeed_zero, config.train.deepspeed_offload_optimizer),
         # No trust_remote_code here: the spec is a file in the shared store (see launch.build_command).
     )
     return key, run, spec
 
 
-def _ddp_backend(config: FinetuneConfig, env: StageRecord) -> str:
-    # (the ipex-llm backend's torch 2.1 has no xccl: oneCCL's bindings register ccl there)
-    if config.model.backend == "ipex-llm" and env.metrics["device"] == "xpu":
-        return "ccl"
-    return distributed_backend(env.metrics["device"])
-
-
-def reference_logps(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,
-                    log: Log = print) -> StageRecord:
+def reference_logps(config: FinetuneConfig, records: Records, log: Log = print) -> StageRecord:
     """DPO's reference log-probs of every pair (the frozen base with the starting adapter), computed once and kept
     in the store: training, its retries and every rerun that changes only beta, the loss or the schedule read them
     instead of running the reference model."""
     store = ArtifactStore(config.storage)
-    key = reference_key(config, dataset, base, lora, env)
+    records = REFERENCE.inputs_from(records)
+    key = reference_key(config, records)
 
     def build(out: Path) -> dict:
-        _, _, spec = train_spec(config, env, dataset, base, lora)
+        _, _, spec = train_spec(config, records)
         # One process here, whatever the training's launcher: no process group, no DeepSpeed engine.
         spec = spec.model_copy(update={"ddp_backend": None, "deepspeed_config": None})
         metrics = compute_reference_logps(spec, out, config.model.trust_remote_code, log)
@@ -383,15 +345,14 @@ def reference_logps(config: FinetuneConfig, env: StageRecord, dataset: StageReco
     return reuse_or_build(store, REFERENCE.name, key, REFERENCE.uri(store, key), build, log)
 
 
-def train(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,
-          reference: StageRecord | None = None, log: Log = print, on_line: Log = print) -> StageRecord:
+def train(config: FinetuneConfig, records: Records, log: Log = print, on_line: Log = print) -> StageRecord:
     """The train stage: the committed adapter of this content if there is one, else write the run spec, launch
     `python -m loraflow.train` (local/torchrun/deepspeed/mpirun) and stream its lines to on_line.
 
     One trainer per run folder, even when a retry races a rerun of the same content: the other waits and reuses.
     """
     store = ArtifactStore(config.storage)
-    key, run, spec = train_spec(config, env, dataset, base, lora, reference)
+    key, run, spec = train_spec(config, records)
     final = f"{run}/{TRAIN.folder}"
     with build_once(store, f"{TRAIN.name}-{_short(key)}", lambda: store.is_committed(final), log) as must_train:
         if not must_train:
@@ -410,7 +371,7 @@ def train(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: 
         on_line(TRAINING_RUN_LINE.format(run=run.rsplit("/", 1)[-1], uri=run))
         with tempfile.TemporaryDirectory(prefix="loraflow-launch-") as scratch:
             command = build_command(topology, spec_uri, hostfile=write_hostfile(topology, Path(scratch)),
-                                    python=ipex_llm.python_executable() if config.model.backend == "ipex-llm" else None,
+                                    python=backend(config.model.backend).trainer_python(),
                                     trust_remote_code=config.model.trust_remote_code)
             log(f"launching: {' '.join(command.argv)}")
             if topology.launcher == "torchrun" and topology.nnodes > 1:
@@ -452,6 +413,20 @@ def evaluation(config: FinetuneConfig, env: StageRecord, base: StageRecord, adap
     return reuse_or_build(store, EVALUATION.name, key, f"{run}/{EVALUATION.folder}/{key[:16]}", build, log)
 
 
+# The stages an objective adds before training (loraflow.objectives: `Objective.stages`), by name: (its logic, which
+# takes the config, its input records (Stage.inputs) and a log; its content key from the config and those records).
+# tasks/model.py makes each a cached task; the flows run the ones the config's objective names.
+OBJECTIVE_STAGES: dict[str, tuple[Callable[[FinetuneConfig, Records, Log], StageRecord], Callable[[FinetuneConfig, Records], str]]] = {
+    REFERENCE.name: (reference_logps, reference_key),
+}
+
+
+def objective_stages(config: FinetuneConfig) -> list:
+    """The registry's stages this config's objective runs before training (DPO with a precomputed reference: reference)."""
+    objective = objective_of(config)
+    return [stage for stage in objective.stages if objective.runs_stage(stage, config)]
+
+
 # The line that names a training run, first in its log: the progress display keys on it (tasks/train.py).
 TRAINING_RUN_LINE = "training run {run}: {uri}"
 
@@ -467,8 +442,10 @@ def prepare_training(config: FinetuneConfig, log: Log = print) -> tuple[Artifact
     dataset = prepare_data(config, sources, log)
     base = quantize_base(config, env, sources, log)
     lora = initial_adapter(config, env, sources, base, log)
-    reference = reference_logps(config, env, dataset, base, lora, log) if config.precomputes_reference else None
-    key, run, spec = train_spec(config, env, dataset, base, lora, reference)
+    records = {ENV.name: env, SOURCES.name: sources, DATASET.name: dataset, BASE.name: base, LORA.name: lora}
+    for stage in objective_stages(config):
+        records[stage.name] = OBJECTIVE_STAGES[stage.name][0](config, stage.inputs_from(records), log)
+    key, run, spec = train_spec(config, records)
     store = ArtifactStore(config.storage)
     store.write_json(f"{run}/spec.json", spec.model_dump(mode="json"))
     return store, key, run, f"{run}/spec.json"

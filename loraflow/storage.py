@@ -31,6 +31,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
+from loraflow.errors import LoraflowError
+
 MANIFEST = "_manifest.json"
 LAST_USED = "_last_used"  # written on each reuse of a committed folder (loraflow gc reads its time)
 _CHUNK = 4 * 1024 * 1024
@@ -69,8 +71,6 @@ def open_url(url: str, mode: str = "rb", **options):
 def remote_failure(error: BaseException, url: str, setting: str):
     """A LoraflowError that says what went wrong reading or writing `url` (named by config `setting`) and what to
     check, for the failures of a remote store; None for errors that are not about reaching it."""
-    from loraflow.errors import LoraflowError
-
     if _protocol(url) in ("", "file", "local"):
         return None
     name = type(error).__name__
@@ -155,7 +155,7 @@ def fingerprint_file(path: Path, full_hash_limit: int = 256 * 1024 * 1024) -> di
 # Where `loraflow store serve` answers (http://127.0.0.1:4201): local store links then point at it.
 STORE_URL_SETTING = "LORAFLOW_STORE_URL"
 FILE_LINK_NOTE = ("Browsers do not open file:// links from a web page such as the Prefect UI: copy the path, or serve "
-                  f"the store with `loraflow store serve` and set {STORE_URL_SETTING} (README: Opening the store's files).")
+                  f"the store with `loraflow store serve` and set {STORE_URL_SETTING} (docs/store-and-security.md: Opening the store's files).")
 
 
 def browser_url(uri: str) -> str | None:
@@ -217,8 +217,6 @@ class ArtifactStore:
     def probe(self) -> None:
         """Write, read back and remove a small file at the store's root: a store that cannot be reached or written
         is reported now, naming `storage`, not as a failure deep inside a stage."""
-        from loraflow.errors import LoraflowError
-
         if self.is_local and not os.path.exists(self.root):
             # A local store that does not exist yet is not created by a check: the run may still stop at a later one
             # (a model folder that is not there). Its nearest existing folder must let it be created.
@@ -316,8 +314,6 @@ class ArtifactStore:
             with destination.open("rb") as stream:  # what was downloaded is what was committed
                 if destination.stat().st_size != entry["size"] or hash_stream(stream) != entry["sha256"]:
                     shutil.rmtree(tmp, ignore_errors=True)
-                    from loraflow.errors import LoraflowError
-
                     raise LoraflowError(f"{uri}/{entry['path']}: its bytes differ from the manifest's (truncated or altered "
                                         f"after commit); delete {uri} to rebuild it")
         (tmp / MANIFEST).write_text(json.dumps(manifest))
@@ -330,8 +326,6 @@ class ArtifactStore:
         """The manifest of a committed folder after checking its files against it: sizes always, sha256 with
         hashes=True (before data is trained on or merged). A missing, truncated or altered file is a
         LoraflowError naming it, never silently used."""
-        from loraflow.errors import LoraflowError
-
         manifest = self.manifest(uri)
         if manifest is None:
             raise LoraflowError(f"{uri}: no committed output there (no {MANIFEST})")

@@ -26,12 +26,13 @@ from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 from loraflow.errors import LoraflowError
+from loraflow.storage import MANIFEST, STORE_URL_SETTING
 
 # (loraflow.storage, with fsspec and pydantic, is imported where used: the CLI's parser reads the defaults below)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4201  # beside Prefect's 4200
-# Shown as text, not run: the store is untrusted input (README: "A shared store is untrusted input"), and a page
+# Shown as text, not run: the store is untrusted input (docs/store-and-security.md: "A shared store is untrusted input"), and a page
 # served from here shares its origin with every other file of the store.
 TEXT_TYPES = {".json": "application/json", ".jsonl": "text/plain", ".md": "text/plain", ".txt": "text/plain",
               ".log": "text/plain", ".yaml": "text/plain", ".yml": "text/plain", ".csv": "text/plain",
@@ -183,8 +184,6 @@ class StoreRequestHandler(SimpleHTTPRequestHandler):
             download = "" if is_dir else f"<a href='{link}?download'>download</a>"
             rows.append(f"<tr><td><a href='{link}'>{html.escape(name)}{'/' if is_dir else ''}</a></td>"
                         f"<td class='size'>{size}</td><td>{modified}</td><td>{download}</td></tr>")
-        from loraflow.storage import MANIFEST
-
         committed = (f"<p>Committed: <a href='{MANIFEST}'>{MANIFEST}</a> lists every file with its size and sha256.</p>"
                      if os.path.isfile(os.path.join(real, MANIFEST)) else "")
         body = (f"<h1>{_breadcrumbs(shown, root)}</h1><p>loraflow artifact store <code>{html.escape(root.path)}</code>, read-only."
@@ -254,8 +253,6 @@ def start_in_thread(stores: list[str], host: str = DEFAULT_HOST, port: int = DEF
 
 def exposure_note(host: str) -> str | None:
     """A line for a server reachable from other machines: the store is then readable by anyone who can reach it."""
-    from loraflow.storage import STORE_URL_SETTING
-
     if host in ("127.0.0.1", "localhost", "::1"):
         return None
     return (f"note: bound to {host}, not loopback: anyone who can reach this port can read the whole store "

@@ -10,7 +10,8 @@ import itertools
 import json
 from typing import Any
 
-from loraflow.config import FinetuneConfig, build_config, set_dotted
+from loraflow.config import FinetuneConfig
+from loraflow.config_loader import build_config, set_dotted
 from loraflow.errors import LoraflowError
 
 

@@ -30,15 +30,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from loraflow import objectives, tracking
+from loraflow import adapters, process, tracking
+from loraflow.backends import Backend, backend
 from loraflow.data.split import training_subset
 from loraflow.data.tokenize import load_tokenizer
-from loraflow.config import PROMPT_METHODS
 from loraflow.errors import LoraflowError
 from loraflow.evaluate import perplexity
 from loraflow.launch import SPEC_FROM_STDIN
 from loraflow.models import native
 from loraflow.objectives import OBJECTIVES, Dpo, load_split
+from loraflow.objectives import dpo as dpo_objective
 from loraflow.plan import MemoryPlan, choose_precision, plan_memory, rows_used, short_run_note
 from loraflow.spec import RunSpec
 from loraflow.storage import ArtifactStore, open_url, sha256_hex
@@ -263,6 +264,9 @@ class RunContext:
         truncated or altered), or the full-precision base where it is."""
         return self.store.local_copy(self.spec.base_uri, verify=True) if self.spec.base_in_store else Path(self.spec.base_uri)
 
+    def starting_adapter_dir(self) -> Path:
+        return starting_adapter_dir(self)
+
 
 def setup_run(spec: RunSpec, trust_remote_code: bool = False) -> RunContext:
     """Ranks, device, precision, seed, and this run's scratch folder on this host."""
@@ -302,7 +306,7 @@ def setup_model(run: RunContext, tokens_per_example: int, tokenizer):
     adapter_dir = starting_adapter_dir(run)
     # (DPO: TRL adds a frozen copy of this starting adapter, named "ref", as the reference: the base plus a fresh
     # adapter is the base itself; plus an SFT run's adapter, the model DPO starts from.)
-    if spec.adapter_method not in PROMPT_METHODS:
+    if adapters.method(spec.adapter_method).loads_trainable:
         return backend.with_adapter(model, adapter_dir, tokenizer, trainable=True)
     # PEFT loads a saved prompt or prefix adapter for inference only ("cannot set a prompt learning adapter to
     # trainable"): the same adapter, built trainable and given the saved weights.
@@ -318,13 +322,9 @@ def setup_model(run: RunContext, tokens_per_example: int, tokenizer):
     return trainable
 
 
-def model_backend(spec: RunSpec):
-    """The module that loads the base and its adapter (loraflow.models.native or .ipex_llm): the same functions."""
-    if spec.backend == "ipex-llm":
-        from loraflow.models import ipex_llm
-
-        return ipex_llm
-    return native
+def model_backend(spec: RunSpec) -> Backend:
+    """The backend that loads the base and its adapter (loraflow.backends)."""
+    return backend(spec.backend)
 
 
 def starting_adapter_dir(run: RunContext) -> Path:
@@ -530,7 +530,7 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
         # Which environment trained it (the ipex-llm backend's is another Python, with older libraries).
         "backend": run.spec.backend,
         "python": sys.executable,
-        "libraries": library_versions(run.spec.backend),
+        "libraries": backend(run.spec.backend).library_versions(),
         **_memory_report(run.device),
         "imports_rss_mb": run.imports_rss_mb,  # peak_rss_mb minus this: the memory the run itself needed
     }
@@ -573,12 +573,6 @@ def _train_and_summarize(run: RunContext, objective, trainer, resume_uri, resume
     return summary
 
 
-def library_versions(backend: str) -> dict:
-    from loraflow.envcheck import installed_version
-
-    return {name: installed_version(name) for name in ("torch", "transformers", "peft", "ipex-llm" if backend == "ipex-llm" else "bitsandbytes")}
-
-
 def _save_and_commit(run: RunContext, trainer, summary: dict) -> None:
     final = run.work / FINAL
     # Every rank calls save_model: under ZeRO-3 it gathers the sharded LoRA weights (a collective);
@@ -596,7 +590,7 @@ def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = 
     """The reference stage's build: TRL's own reference pass (the same concatenation and masks its loss uses) over
     the pairs training reaches and every validation pair, kept as train.parquet / val.parquet columns
     ref_chosen_logps, ref_rejected_logps in out; progress in `log`."""
-    sys.modules.setdefault("deepspeed", None)  # (as in main(): this pass never uses DeepSpeed)
+    process.block_deepspeed()  # (this pass never uses DeepSpeed)
     run = setup_run(spec, trust_remote_code)
     objective = Dpo(spec)
     tokenizer, train_set, val_set = setup_data(run, objective.trains_on_rows_used)
@@ -604,7 +598,7 @@ def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = 
     if len(train_set) < all_pairs:
         log(f"reference log-probs for the {len(train_set)} of {all_pairs} training pairs that {spec.train.max_steps} steps "
             f"× batch {spec.train.batch_size} reach" + (f", and the {len(val_set)} validation pairs" if val_set is not None else ""))
-    objectives.REFERENCE_PROGRESS_LOG = log
+    dpo_objective.REFERENCE_PROGRESS_LOG = log
     model = setup_model(run, objective.tokens_per_example(train_set), tokenizer)
     args = objective.arguments(training_arguments(run, val_set is not None), precompute=True)
     trainer = objective.trainer(run, model, args, train_set, val_set, tokenizer, [])  # TRL computes them on init
@@ -613,14 +607,14 @@ def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = 
         if rows is not None:
             rows.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_parquet(str(out / f"{split}.parquet"))
     shutil.rmtree(run.work, ignore_errors=True)
-    return {"pairs": len(train_set) + (len(val_set) if val_set is not None else 0), "reference_forwards": objectives.REFERENCE_FORWARDS}
+    return {"pairs": len(train_set) + (len(val_set) if val_set is not None else 0), "reference_forwards": dpo_objective.REFERENCE_FORWARDS}
 
 
 def _warm_start() -> str:
     """Started before its spec exists (loraflow.launch.start_warm_trainer): import what training uses while the stages
     before it run, then wait for the spec URI on stdin ("" when the flow ends without one)."""
     started = time.time()
-    sys.modules.setdefault("deepspeed", None)  # the flow starts a warm trainer only for runs without DeepSpeed
+    process.block_deepspeed()  # the flow starts a warm trainer only for runs without DeepSpeed
     import datasets  # noqa: F401
     import peft  # noqa: F401  (and bitsandbytes)
     import transformers.trainer  # noqa: F401
@@ -636,6 +630,7 @@ def _warm_start() -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    process.setup(deepspeed=True)  # (DeepSpeed is blocked below once the spec says it is not used)
     parser = argparse.ArgumentParser(prog="python -m loraflow.train")
     parser.add_argument("spec_uri", help="the run spec (JSON, any fsspec URL); - : import first, then read it from stdin")
     # The deepspeed launcher appends --local_rank=N; the same value is in LOCAL_RANK.
@@ -655,9 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         if warm and args.store and spec.store != args.store:
             raise LoraflowError(f"a trainer started for the store {args.store} was given a spec of {spec.store}")
         if spec.deepspeed_config is None:
-            # transformers and accelerate import DeepSpeed whenever it is installed (a third of a second, and a native
-            # build check that prints "cannot find -laio"); a run without it never uses it.
-            sys.modules.setdefault("deepspeed", None)
+            process.block_deepspeed()  # (a run without it never uses it: loraflow.process says what its import costs)
         train(spec, trust_remote_code=args.trust_remote_code)
     except LoraflowError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -666,12 +659,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
     # Everything is committed to the store and closed by now, and every collective is done (saving the adapter was the
-    # last): skip the interpreter's teardown (freeing the model and every library's state: 1.4 s on the CPU). A rank
-    # of a process group too: left to the teardown, gloo's threads were once destroyed still running ("terminate
-    # called without an active exception", SIGABRT) in a rank that had finished; with destroy_process_group called
-    # first, a finished rank was once seen hanging under torch 2.1 (the ipex-llm backend's environment).
-    os._exit(code)
+    # last): the interpreter's teardown (freeing the model and every library's state: 1.4 s on the CPU) is skipped, and
+    # so are the exit handlers (loraflow.process.exit_now says what a rank's teardown did).
+    process.exit_now(main())

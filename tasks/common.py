@@ -11,6 +11,7 @@ from prefect.logging import get_run_logger
 
 from loraflow.errors import LoraflowError
 from loraflow.storage import ArtifactStore, sha256_hex
+from tasks.results import JsonOnlyLocalResults, JsonOnlyRemoteResults
 
 
 def result_storage(storage: str):
@@ -20,8 +21,6 @@ def result_storage(storage: str):
     block's id, so it must be saved) named from the store's URL, carrying no settings: credentials
     stay in the environment, never in Prefect's database. It reads back only plain JSON results.
     """
-    from tasks.results import JsonOnlyLocalResults, JsonOnlyRemoteResults
-
     store = ArtifactStore(storage)
     block = (JsonOnlyLocalResults if store.is_local else JsonOnlyRemoteResults)(basepath=store.uri("prefect-results"))
     block.save(f"loraflow-results-{sha256_hex(store.url)[:16]}", overwrite=True)

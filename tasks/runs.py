@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
+from loraflow.objectives import OBJECTIVES
 from loraflow.registry import BY_NAME
 
 
@@ -45,8 +46,8 @@ def stage_outcomes(records: dict, states: dict[str, str]) -> dict[str, str]:
     return outcomes
 
 
-# The flows whose runs are fine-tunes (each publishes a summary artifact); align's halves are these too.
-FINETUNE_FLOWS = ("loraflow-sft", "loraflow-dpo")
+# The flows whose runs are fine-tunes, one per objective (each publishes a summary artifact); align's halves are these too.
+FINETUNE_FLOWS = tuple(objective.flow for objective in OBJECTIVES.values())
 
 
 def _reason(state) -> str:

@@ -5,7 +5,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from loraflow import stages
 from loraflow.config import FinetuneConfig
-from loraflow.registry import TRAIN
+from loraflow.registry import TRAIN, Records
 from loraflow.storage import StageRecord
 from tasks.common import log_info
 
@@ -67,8 +67,7 @@ def _progress_artifact(run: str) -> tuple:
 
 
 @task(name=TRAIN.task, description=TRAIN.summary,
-      cache_key_fn=lambda _, p: TRAIN.cache_key(stages.train_key(p["config"], p["dataset"], p["lora"], p["env"])))
-def train_adapter(config: FinetuneConfig, env: StageRecord, dataset: StageRecord, base: StageRecord, lora: StageRecord,
-                  reference: StageRecord | None = None) -> StageRecord:
+      cache_key_fn=lambda _, p: TRAIN.cache_key(stages.train_key(p["config"], p["records"])))
+def train_adapter(config: FinetuneConfig, records: Records) -> StageRecord:
     """Launch `python -m loraflow.train` (local/torchrun/deepspeed/mpirun) and stream its log and progress."""
-    return stages.train(config, env, dataset, base, lora, reference, log_info, TrainingProgress().on_line)
+    return stages.train(config, records, log_info, TrainingProgress().on_line)

@@ -1,9 +1,19 @@
+"""Shared fixtures, and how the suite runs in parallel (pytest-xdist; pyproject.toml's addopts: `-n auto --dist loadgroup`).
+
+Each worker is its own process with its own Prefect home, loraflow cache, temporary folders, built model (tiny_model)
+and Prefect test server (prefect_server): nothing mutable is shared between workers. A test module whose tests share a
+module-scoped fixture (a first pipeline run, a real server with its pool and worker) runs whole on one worker: its
+tests get an xdist_group mark named after the module (pytest_collection_modifyitems below), so that fixture is built
+once; a module may also set `pytest.mark.xdist_group(name)` itself. Every other test goes to whichever worker is free.
+`-n 0` (or `-p no:xdist`) runs in this process alone.
+"""
+
 import os
 import tempfile
 from pathlib import Path
 
 # Before Prefect is imported anywhere: a private Prefect home (database, local results) for the
-# whole test session, so no test reads another run's cache, and no network calls.
+# whole test session (each xdist worker its own), so no test reads another run's cache, and no network calls.
 _HOME = Path(tempfile.mkdtemp(prefix="loraflow-tests-prefect-"))
 os.environ["PREFECT_HOME"] = str(_HOME)
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(_HOME / "results")
@@ -52,14 +62,39 @@ def cpu_bf16(request, monkeypatch) -> str:
     return request.param
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _run_folder(tmp_path_factory):
+    """Where real_prefect keeps the run's migrated Prefect database: the run's temporary folder, which every xdist
+    worker's (basetemp/popen-gwN) is inside, so the workers build it once between them."""
+    import real_prefect
+
+    base = tmp_path_factory.getbasetemp()
+    real_prefect.RUN_FOLDER = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
+    """Prefect's test server for this worker (flows run in the test's process report to it); its database starts as a
+    copy of the run's migrated one (prefect_test_harness makes its own folder: it is given a seeded one)."""
+    from prefect.testing import utilities
     from prefect.testing.utilities import prefect_test_harness
 
+    import real_prefect
     from loraflow.cli import TEMPORARY_SERVER_START_SECONDS  # (the bound the CLI gives the same server)
 
-    with prefect_test_harness(server_startup_timeout=TEMPORARY_SERVER_START_SECONDS):
+    def seeded_folder() -> str:
+        folder = tempfile.mkdtemp(prefix="prefect-test-harness-")
+        real_prefect.seed_database(Path(folder), "prefect-test.db")  # (the file name the harness gives its database)
+        return folder
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(utilities, "mkdtemp", seeded_folder)
+        harness = prefect_test_harness(server_startup_timeout=TEMPORARY_SERVER_START_SECONDS)
+        harness.__enter__()
+    try:
         yield
+    finally:
+        harness.__exit__(None, None, None)
 
 
 @pytest.fixture
@@ -85,3 +120,40 @@ def silent_endpoint():
     server.close()
     for connection in accepted:
         connection.close()
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core for the suite or whole files; no workers (this process alone) where single tests are
+    picked (node ids or -k), where starting and collecting in each worker would cost more than it saves."""
+    if config.option.keyword or any("::" in arg for arg in config.args):
+        return 0
+    return None  # (xdist's own answer: the cores)
+
+
+@pytest.hookimpl(tryfirst=True)  # (before xdist's own hook reads the xdist_group marks)
+def pytest_collection_modifyitems(config, items):
+    """Under xdist: tests that share a module-scoped fixture of their module stay on one worker (an xdist_group mark
+    named after the module, unless the module set one), and the long work is handed out first, so the workers do not
+    end with one still running a long group while the other idles: slow groups, then the other slow tests, then the
+    rest. A stable sort: tests keep their order within a module (some rely on it, e.g. test_work_pool's last test
+    stops the module's worker). The order is the same in every worker (xdist checks that they collected the same)."""
+    def module_of(item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    group_sizes: dict[str, int] = {}
+    for item in items:
+        if not item.get_closest_marker("xdist_group") and any(
+                definition.scope in ("module", "class") for definitions in item._fixtureinfo.name2fixturedefs.values()
+                for definition in definitions[-1:]):
+            item.add_marker(pytest.mark.xdist_group(module_of(item).rsplit("/", 1)[-1].removesuffix(".py")))
+        if marker := item.get_closest_marker("xdist_group"):
+            name = marker.args[0] if marker.args else marker.kwargs.get("name", "default")
+            group_sizes[name] = group_sizes.get(name, 0) + 1
+
+    def cost_rank(item) -> tuple:
+        marker = item.get_closest_marker("xdist_group")
+        group = (marker.args[0] if marker.args else marker.kwargs.get("name", "default")) if marker else None
+        slow = item.get_closest_marker("slow") is not None
+        return (not slow, group is None, -group_sizes.get(group, 0))
+
+    items.sort(key=cost_rank)

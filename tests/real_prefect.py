@@ -1,13 +1,15 @@
 """A real `prefect server start` and `prefect worker start` in subprocesses, for end-to-end tests.
 
 Each gets its own PREFECT_HOME (so its SQLite database and settings are private), listens on a free
-loopback port, runs in its own process group, and is killed with that group when the test ends.
+loopback port, runs in its own process group, and is killed with that group when the test ends. Its database starts
+as a copy of one migrated once per test run (migrated_database), not as a new one that runs every migration.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from pathlib import Path
 from loraflow.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+UI_GUIDE = REPO / "docs" / "ui-and-schedules.md"
 BIN = Path(sys.executable).parent
 
 
@@ -37,6 +39,42 @@ def prefect_env(home: Path, api_url: str) -> dict[str, str]:
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     })
     return env
+
+
+# The run's shared temporary folder (tests/conftest.py sets it; under pytest-xdist every worker's is the same), where
+# migrated_database keeps its database. None outside pytest: servers then start from a new database.
+RUN_FOLDER: Path | None = None
+DATABASE = "prefect.db"  # (the file a PREFECT_HOME's default database URL names)
+
+
+def migrated_database() -> Path | None:
+    """A Prefect database with every migration applied, made once per test run (the first caller builds it under a file
+    lock; the other workers wait for it and reuse it) for each server to start from a copy of. A new database runs
+    Prefect's migrations (over a hundred) before the server answers: 10-20 s of every start on 2 cores."""
+    if RUN_FOLDER is None:
+        return None
+    from filelock import FileLock  # (installed with torch; a lock that works across the xdist worker processes)
+
+    template = RUN_FOLDER / "prefect-template" / DATABASE
+    with FileLock(str(RUN_FOLDER / "prefect-template.lock")):
+        if not template.exists():
+            building = RUN_FOLDER / "prefect-template.partial"  # (renamed when complete: a killed build leaves no template)
+            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir(parents=True)
+            env = {k: v for k, v in prefect_env(building, "").items() if k != "PREFECT_API_URL"}
+            result = subprocess.run([str(BIN / "prefect"), "server", "database", "upgrade", "-y"], env=env, cwd=building,
+                                    capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0 and (building / DATABASE).exists(), result.stdout[-3000:] + result.stderr[-3000:]
+            building.rename(template.parent)
+    return template
+
+
+def seed_database(folder: Path, name: str = DATABASE) -> None:
+    """Put a copy of the migrated database in folder (a new PREFECT_HOME) unless it has one."""
+    template = migrated_database()
+    if template is not None and not (folder / name).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, folder / name)
 
 
 def _ignore_sigint() -> None:
@@ -84,9 +122,9 @@ class Server:
         return log
 
     def create_pool_and_deploy(self) -> None:
-        """The README's "With a worker" commands that make the pool and the deployments, as a script, before any worker
+        """docs/ui-and-schedules.md's "With a worker" commands that make the pool and the deployments, as a script, before any worker
         has started: every line but the server's start, its `export`, `loraflow demo` and the worker's start."""
-        block = README.read_text().split("**With a worker**", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+        block = UI_GUIDE.read_text().split("**With a worker**", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
         commands = [line for line in block.replace("\\\n", " ").splitlines()
                     if not re.search(r"prefect server start|^export |loraflow demo|start-worker", line)]
         assert any("prefect deploy --all" in line for line in commands), block
@@ -102,6 +140,7 @@ class Server:
 @contextmanager
 def real_server(home: Path, startup_timeout: float = 120):
     home.mkdir(parents=True, exist_ok=True)
+    seed_database(home)
     server = Server(home)
     process = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(server.port)], server.env, server.log)
     server.processes.append(process)
@@ -121,3 +160,15 @@ def real_server(home: Path, startup_timeout: float = 120):
     finally:
         for started in reversed(server.processes):
             _stop(started)
+
+
+@contextmanager
+def server_with_pool_worker(home: Path, worker_name: str):
+    """A real server with the xpu pool from its JSON, the deployments, and a worker of the pool started as
+    `infra/worker/start-worker xpu &` from a script starts it (SIGINT ignored)."""
+    with real_server(home) as server:
+        server.create_pool_and_deploy()
+        server.worker_log = server.start_background(str(REPO / "infra/worker/start-worker"), "xpu", log_name="worker.log",
+                                                    env={"LORAFLOW_VENV": str(BIN.parent), "LORAFLOW_WORKER_NAME": worker_name},
+                                                    sigint_ignored=True)
+        yield server

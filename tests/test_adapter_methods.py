@@ -4,7 +4,8 @@ original base with PeftModel.from_pretrained and reproduces the trained model, a
 import pytest
 import torch
 
-from loraflow.config import Ia3Adapter, LoraAdapter, PrefixTuningAdapter, PromptTuningAdapter
+from loraflow import adapters
+from loraflow.adapters import Ia3Adapter, LoraAdapter, PrefixTuningAdapter, PromptTuningAdapter, VeraAdapter
 from loraflow.models import native
 
 METHODS = {
@@ -15,7 +16,13 @@ METHODS = {
     "ia3": Ia3Adapter(),
     "prompt-tuning": PromptTuningAdapter(num_virtual_tokens=8, prompt_init_text="Answer the question:"),
     "prefix-tuning": PrefixTuningAdapter(num_virtual_tokens=8),
+    "vera": VeraAdapter(),
 }
+
+
+def test_every_registered_method_is_tested_here():
+    """The tests below run every entry of METHODS: a method registered in loraflow.adapters without one is untested."""
+    assert {settings.method for settings in METHODS.values()} == set(adapters.NAMES)
 
 
 def _load(tiny_model, quantized: bool):
@@ -69,19 +76,48 @@ def test_each_method_trains_and_its_saved_adapter_reproduces_the_trained_model(n
     with torch.no_grad():
         again = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         assert torch.allclose(again, trained, atol=1e-5), (again - trained).abs().max()
-        if settings.mergeable:
+        if adapters.method(settings.method).merges:
             merged = loaded.merge_and_unload()
             assert torch.allclose(merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, trained, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_each_method_trains_on_an_nf4_base(name, tiny_model, tokenizer):
-    model, _ = native.inject_adapter(_load(tiny_model, quantized=True), METHODS[name], seed=0, tokenizer_dir=tiny_model)
+def test_each_method_trains_on_an_nf4_base(name, tiny_model, tokenizer, tmp_path):
+    """QLoRA with every method: gradients reach every trained parameter through the 4-bit layers, a few steps lower the
+    loss, the saved adapter loads on a fresh NF4 base (PeftModel.from_pretrained) to the same logits, and a method that
+    merges folds into the full-precision base (as the merge stage does) to that base + adapter's logits."""
+    from peft import PeftModel
+
+    settings = METHODS[name]
+    model, _ = native.inject_adapter(_load(tiny_model, quantized=True), settings, seed=0, tokenizer_dir=tiny_model)
     batch = _batch(tokenizer)
     loss = model(**batch, use_cache=False).loss
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    losses = [float(loss)]
+    for _ in range(3):
+        optimizer.step()
+        optimizer.zero_grad()
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+    model.eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        trained = model(**inputs).logits
+    model.save_pretrained(str(tmp_path / "adapter"))
+
+    loaded = PeftModel.from_pretrained(_load(tiny_model, quantized=True), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs).logits, trained, atol=1e-5), (loaded(**inputs).logits - trained).abs().max()
+    if adapters.method(settings.method).merges:
+        full = PeftModel.from_pretrained(native.load_causal_lm(tiny_model, "cpu", "fp32", None), str(tmp_path / "adapter")).eval()
+        with torch.no_grad():
+            expected = full(**inputs).logits
+            assert torch.allclose(full.merge_and_unload()(**inputs).logits, expected, atol=1e-4)
 
 
 def test_prompt_tuning_starts_from_the_texts_embeddings(tiny_model, tokenizer):
@@ -94,7 +130,7 @@ def test_prompt_tuning_starts_from_the_texts_embeddings(tiny_model, tokenizer):
 
 
 def test_a_setting_of_another_method_is_refused_with_the_method_it_belongs_to():
-    from loraflow.config import build_config
+    from loraflow.config_loader import build_config
     from loraflow.errors import LoraflowError
 
     base = {"model": {"base": "m"}, "data": {"path": "d.json"}}
@@ -102,8 +138,9 @@ def test_a_setting_of_another_method_is_refused_with_the_method_it_belongs_to():
         build_config({**base, "lora": {"method": "ia3", "use_dora": True}})
     with pytest.raises(LoraflowError, match=r"lora: r does not apply to method prompt-tuning: remove it \(or set the default: --set lora.r=8\), or choose the method lora"):
         build_config({**base, "lora": {"method": "prompt-tuning", "r": 16}})
+    with_r = " or ".join(method.name for method in adapters.METHODS if "r" in method.settings.model_fields)  # (lora or vera)
     with pytest.raises(LoraflowError, match=r"lora: r, num_virtual_tokens do not apply to method ia3: remove them \(or set the defaults: "
-                                            r"--set lora.r=8 --set lora.num_virtual_tokens=20\), or choose the method lora for r, "
+                                            rf"--set lora.r=8 --set lora.num_virtual_tokens=20\), or choose the method {with_r} for r, "
                                             r"prefix-tuning or prompt-tuning for num_virtual_tokens"):
         build_config({**base, "lora": {"method": "ia3", "r": 16, "num_virtual_tokens": 4}})
     with pytest.raises(LoraflowError, match=r"lora.lora_alpha: Extra inputs are not permitted; did you mean lora.alpha\?"):
@@ -115,13 +152,15 @@ def test_a_setting_of_another_method_is_refused_with_the_method_it_belongs_to():
     with pytest.raises(LoraflowError, match=r"lora: the lora section is a mapping of settings: for the method write lora: \{method: ia3\}"):
         build_config({**base, "lora": "ia3"})
     with pytest.raises(LoraflowError, match=r"lora: num_virtual_tokens is a setting of prefix-tuning and prompt-tuning, not offered "
-                                            r"here \(prompt and prefix tuning are SFT only"):
+                                            r"here \(prefix tuning and prompt tuning are SFT only, as they train virtual tokens: DPO trains"):
         build_config({**base, "objective": "dpo", "lora": {"num_virtual_tokens": 4}})
     assert build_config({**base, "lora": {"target": "q_proj, v_proj"}}).lora.target == ["q_proj", "v_proj"]  # (--set lora.target=q_proj,v_proj)
     with pytest.raises(LoraflowError, match=r"lora: with dpo.start_from, training continues that adapter with its own settings"):
         build_config({**base, "objective": "dpo", "dpo": {"start_from": "sft-1"}, "lora": {"r": 32}})
-    with pytest.raises(LoraflowError, match=r"lora: method 'prefix-tuning' is not one of lora, ia3 \(prompt and prefix tuning are SFT "
-                                            r"only: TRL's DPOTrainer trains LoRA or IA3 adapters\)"):
+    dpo_methods = adapters.for_objective("dpo")  # (the registered methods that train weights: lora, ia3, vera)
+    with pytest.raises(LoraflowError, match=rf"lora: method 'prefix-tuning' is not one of {', '.join(m.name for m in dpo_methods)} \(prefix "
+                                            rf"tuning and prompt tuning are SFT only, as they train virtual tokens: DPO trains "
+                                            rf"{adapters.titles(dpo_methods)} adapters\)"):
         build_config({**base, "objective": "dpo", "lora": {"method": "prefix-tuning"}})
     # A setting at its default (a config dumped from LoRA, then switched: a sweep over lora.method) is dropped.
     lora_dump = build_config({**base, "objective": "dpo"}).model_dump(mode="json")["lora"]
@@ -167,7 +206,7 @@ def test_the_sft_flow_trains_exports_and_merges_each_method(prefect_server, tiny
 
     from peft import PeftModel
 
-    from loraflow.config import build_config
+    from loraflow.config_loader import build_config
     from test_sft_pipeline import run_sft, sft_config
 
     tree = sft_config(tiny_model, tmp_path / "store").model_dump(mode="json")
@@ -218,7 +257,7 @@ def test_new_tokens_become_single_trained_tokens_of_the_adapter_and_the_merged_m
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraflow.config import build_config
+    from loraflow.config_loader import build_config
     from conftest import SAMPLE
     from test_sft_pipeline import run_sft, sft_config
 
@@ -264,7 +303,7 @@ def test_dpo_trains_an_ia3_adapter(tiny_model, tmp_path, cpu_bf16):
 
     from conftest import REPO
     from loraflow import stages
-    from loraflow.config import build_config
+    from loraflow.config_loader import build_config
     from loraflow.launch import Topology, build_command, run_streaming
 
     config = build_config({

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from loraflow.config import build_config, load_config
+from loraflow.config_loader import build_config, load_config
 from loraflow.data.formats import read_rows
 from loraflow.data.shapes import resolve_data
 from loraflow.errors import LoraflowError

@@ -109,7 +109,8 @@ def test_deployment_form_and_finished_run_artifacts_in_chromium(browser, tiny_mo
         v2_form.get_by_role("button", name="Submit").click()
         from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-        from loraflow.config import Ia3Adapter, build_config
+        from loraflow.adapters import Ia3Adapter
+        from loraflow.config_loader import build_config
 
         deadline = time.time() + 30
         with server.client_settings(), get_client(sync_client=True) as client:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from loraflow import stages
-from loraflow.config import build_config, load_config
+from loraflow.config_loader import build_config, load_config
 from loraflow.errors import LoraflowError
 from loraflow.storage import ArtifactStore
 
@@ -206,9 +206,10 @@ def test_a_config_written_out_and_read_back_keeps_its_cache_keys(tmp_path):
     env = StageRecord(stage="env", key="e", metrics={"device": "cpu", "precision": "fp32"})
     data = StageRecord(stage="dataset", key="d")
     lora = StageRecord(stage="lora", key="l")
-    assert stages.train_key(again, data, lora, env) == stages.train_key(config, data, lora, env)
+    records = {"env": env, "dataset": data, "lora": lora}
+    assert stages.train_key(again, records) == stages.train_key(config, records)
     tracked = build_config({**config.model_dump(), "train": {"learning_rate": 1e-2, "report_to": "tensorboard"}})
-    assert stages.train_key(tracked, data, lora, env) == stages.train_key(config, data, lora, env)  # where it reports: not what it computes
+    assert stages.train_key(tracked, records) == stages.train_key(config, records)  # where it reports: not what it computes
     sources = StageRecord(stage="sources", key="s", metrics={"dataset_sha256": "x", "tokenizer_key": "t", "model_key": "m"})
     assert stages.dataset_key(again, sources) == stages.dataset_key(config, sources)
     assert stages.lora_key(again, data) == stages.lora_key(config, data)

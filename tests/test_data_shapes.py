@@ -1,5 +1,5 @@
 """The data-shape registry: every registered shape is detected from real rows, resolved once, checked against a set
-format (one error naming both), and is what the config's choices, the watcher's routing and the README list."""
+format (one error naming both), and is what the config's choices, the watcher's routing and docs/data.md list."""
 
 import gzip
 import json
@@ -7,7 +7,9 @@ import typing
 
 import pytest
 
-from loraflow.config import DataSettings, DpoDataSettings, build_config
+from loraflow.config import DataSettings
+from loraflow.objectives import DpoDataSettings
+from loraflow.config_loader import build_config
 from loraflow.data.formats import read_rows
 from loraflow.data.shapes import SHAPES, detect_shape, markdown_table, resolve_data
 from loraflow.errors import LoraflowError
@@ -64,8 +66,8 @@ def test_the_config_choices_are_the_registry_shapes():
     assert build_config({"model": {"base": "m"}, "data": {"path": "d.json"}}).data.format == "auto"
 
 
-def test_the_readme_lists_every_shape_from_the_registry():
-    assert markdown_table() in (REPO / "README.md").read_text()
+def test_the_data_guide_lists_every_shape_from_the_registry():
+    assert markdown_table() in (REPO / "docs" / "data.md").read_text()
 
 
 def test_a_byte_order_mark_is_read_and_a_wrapped_list_is_unwrapped_and_said(tmp_path):

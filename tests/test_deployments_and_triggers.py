@@ -58,7 +58,7 @@ def _wait_for_runs(server, expected: int, settle: float = 4.0, timeout: float = 
 
 
 def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
-    """The server fixture ran the README's pool and deploy commands before any worker started (deploying needs the pool,
+    """The server fixture ran docs/ui-and-schedules.md's pool and deploy commands before any worker started (deploying needs the pool,
     which `infra/work-pools/create-pool` makes; `prefect deploy` refused a pool only a worker's start created)."""
     from prefect.client.orchestration import get_client
 
@@ -70,12 +70,12 @@ def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
     sft = _deployment(server, "loraflow-sft/sft-xpu")
     assert [schedule.active for schedule in sft.schedules] == [False]  # the example schedule is off
     sections = sft.parameter_openapi_schema["definitions"]
-    adapters = ("LoraAdapter", "Ia3Adapter", "PrefixTuningAdapter", "PromptTuningAdapter")
+    adapters = ("LoraAdapter", "Ia3Adapter", "VeraAdapter", "PrefixTuningAdapter", "PromptTuningAdapter")
     assert {"FinetuneConfig", "ModelSettings", "DataSettings", "TrainSettings", "MergeSettings", *adapters} <= set(sections)
     # The adapter: one form tab per method (an anyOf of their sections, which Prefect's forms render as tabs; a oneOf
     # would be a JSON box), each with only its own fields.
     assert sections["FinetuneConfig"]["properties"]["lora"]["anyOf"] == [{"$ref": f"#/definitions/{name}"} for name in adapters]
-    assert [sections[name]["title"] for name in adapters] == ["LoRA", "IA3", "Prefix tuning", "Prompt tuning"]
+    assert [sections[name]["title"] for name in adapters] == ["LoRA", "IA3", "VeRA", "Prefix tuning", "Prompt tuning"]
     assert "r" in sections["LoraAdapter"]["properties"] and "r" not in sections["Ia3Adapter"]["properties"]
     for section in ("ModelSettings", "DataSettings", "TrainSettings", "MergeSettings", *adapters):
         for field, schema in sections[section]["properties"].items():
@@ -90,7 +90,8 @@ def test_deploy_all_registers_every_deployment_with_enforced_schemas(server):
     dpo = _deployment(server, "loraflow-dpo/dpo-xpu")
     assert dpo.parameters["config"]["objective"] == "dpo"
     assert dpo.parameter_openapi_schema["definitions"]["DpoFinetuneConfig"]["properties"]["lora"]["anyOf"] == [
-        {"$ref": "#/definitions/DpoLoraAdapter"}, {"$ref": "#/definitions/Ia3Adapter"}]  # (TRL's DPOTrainer trains these)
+        {"$ref": "#/definitions/DpoLoraAdapter"}, {"$ref": "#/definitions/Ia3Adapter"},
+        {"$ref": "#/definitions/VeraAdapter"}]  # (the methods that train weights: TRL's DPOTrainer trains these)
     for field, schema in dpo.parameter_openapi_schema["definitions"]["DpoSettings"]["properties"].items():
         assert schema.get("description") and schema.get("title"), f"dpo.{field} has no title or description for the UI form"
     assert set(sections["TrainSettings"]["properties"]["launcher"]["enum"]) == {"local", "torchrun", "deepspeed", "mpirun"}

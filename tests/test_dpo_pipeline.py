@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loraflow import stages
-from loraflow.config import build_config
+from loraflow.config_loader import build_config
 from loraflow.registry import LORA
 from loraflow.storage import ArtifactStore
 from tasks.runs import task_states
@@ -131,7 +131,7 @@ def test_precomputed_reference_equals_the_recipe_separate_reference_copy(first_d
 
     records = first_dpo["records"]
     config = build_config(first_dpo["config"]).for_run()
-    _, _, spec = stages.train_spec(config, records["env"], records["dataset"], records["base"], records["lora"])
+    _, _, spec = stages.train_spec(config, {name: records[name] for name in ("env", "dataset", "base", "lora")})
     separate = spec.model_copy(update={"dpo": spec.dpo.model_copy(update={"reference": "separate"})})
     compute_reference_logps(separate, tmp_path / "separate")
     stage = first_dpo["store"].local_copy(records["reference"].uri)
@@ -148,7 +148,7 @@ def test_the_reference_stage_computes_only_the_pairs_training_reaches_and_says_h
     tree = first_dpo["config"]
     config = build_config({**tree, "train": {**tree["train"], "max_steps": 1, "save_steps": 1}}).for_run()
     said = []
-    reference = stages.reference_logps(config, records["env"], records["dataset"], records["base"], records["lora"], said.append)
+    reference = stages.reference_logps(config, {name: records[name] for name in ("env", "dataset", "base", "lora")}, said.append)
     assert reference.uri != records["reference"].uri  # another key: other pairs
     assert "reference log-probs for the 8 of 16 training pairs that 1 steps × batch 8 reach" in said
     assert "reference log-probs: 8 of 8 train pairs" in " ".join(said)  # progress, in the stage's log
@@ -156,7 +156,7 @@ def test_the_reference_stage_computes_only_the_pairs_training_reaches_and_says_h
 
     assert pq.ParquetFile(first_dpo["store"].local_copy(reference.uri) / "train.parquet").metadata.num_rows == 8
     lines = []
-    trained = stages.train(config, records["env"], records["dataset"], records["base"], records["lora"], reference,
+    trained = stages.train(config, {**{name: records[name] for name in ("env", "dataset", "base", "lora")}, "reference": reference},
                            log=lines.append, on_line=lines.append)
     assert trained.metrics["reference_forwards"] == 0 and trained.metrics["global_step"] == 1, "\n".join(lines)[-3000:]
 
@@ -194,6 +194,7 @@ def test_dpo_from_a_prompt_tuning_adapter_is_refused_before_any_stage(prefect_se
 
     from flows.align import align
     from flows.dpo import dpo
+    from loraflow import adapters
     from loraflow.errors import LoraflowError
     from test_sft_pipeline import sft_config
 
@@ -203,8 +204,9 @@ def test_dpo_from_a_prompt_tuning_adapter_is_refused_before_any_stage(prefect_se
     PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM", base_model_name_or_path=str(tiny_model)).save_pretrained(str(saved))
     ArtifactStore(str(store)).commit(saved, ArtifactStore(str(store)).uri("runs", "pt-1", "adapter"))
     state = dpo(build_config(dpo_config(tiny_model, store, hh_pairs, start_from="pt-1")), return_state=True)
+    dpo_methods = adapters.titles(adapters.for_objective("dpo"))  # (LoRA, IA3 or VeRA: the registered methods DPO trains)
     assert state.is_failed() and "dpo.start_from 'pt-1': that adapter is prompt-tuning (virtual tokens), and TRL's DPOTrainer " \
-        "trains LoRA or IA3 adapters" in state.message, state.message
+        f"trains {dpo_methods} adapters" in state.message, state.message
     assert not (store / "dataset").exists()  # refused before the data stage
     # The run's folder as the summary links it (file://) names its adapter too: refused for what it is, not its name.
     state = dpo(build_config(dpo_config(tiny_model, store, hh_pairs, start_from=f"file://{store}/runs/pt-1")), return_state=True)
@@ -212,5 +214,5 @@ def test_dpo_from_a_prompt_tuning_adapter_is_refused_before_any_stage(prefect_se
     supervised = sft_config(tiny_model, store).model_copy(update={"lora": build_config(
         {"model": {"base": "m"}, "data": {"path": "p"}, "lora": {"method": "prompt-tuning"}}).lora})
     with pytest.raises(LoraflowError, match="align's DPO half continues the SFT half's adapter, and TRL's DPOTrainer trains "
-                                            "LoRA or IA3 adapters, not prompt-tuning"):
+                                            f"{dpo_methods} adapters, not prompt-tuning"):
         align(supervised, build_config(dpo_config(tiny_model, store, hh_pairs)))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loraflow import stages
-from loraflow.config import build_config
+from loraflow.config_loader import build_config
 from loraflow.launch import Topology, build_command, run_streaming
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraflow.config import build_config
+from loraflow.config_loader import build_config
 from loraflow.errors import LoraflowError
 from loraflow.models import ipex_llm
 
@@ -156,7 +156,7 @@ def test_served_deployments_of_an_ipex_llm_config_keep_dpo_on_the_native_backend
     """`loraflow serve --config` with backend ipex-llm: the SFT deployments train through it; the DPO one, whose model
     section is the served config's, stays on the native backend (ipex-llm trains SFT only) and validates."""
     from loraflow.cli import served_deployments
-    from loraflow.config import build_config
+    from loraflow.config_loader import build_config
 
     served = {deployment.name: deployment for deployment in served_deployments(ipex_config(tiny_model, tmp_path), None, 60)}
     assert served["sft-local"].parameters["config"]["model"]["backend"] == "ipex-llm"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loraflow import stages
-from loraflow.config import build_config
+from loraflow.config_loader import build_config
 from loraflow.errors import LoraflowError
 from loraflow.launch import Topology, build_command, deepspeed_config, distributed_backend, run_streaming, write_hostfile
 from loraflow.train import rank_info

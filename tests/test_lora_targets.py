@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from loraflow.config import LoraAdapter
+from loraflow.adapters import LoraAdapter
 from loraflow.errors import LoraflowError
-from loraflow.models.native import inject_adapter, target_modules
+from loraflow.adapters.targets import target_modules
+from loraflow.models.native import inject_adapter
 
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
 LLAMA_LIKE = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -61,7 +62,8 @@ def test_injection_counts_trainable_parameters_and_is_seeded():
 
 @pytest.mark.parametrize("kind, qv", [("gpt2", ["c_attn"]), ("qwen2", ["q_proj", "v_proj"])])
 def test_targets_resolve_from_the_config_alone_and_a_fused_projection_is_named_as_such(kind, qv, tmp_path):
-    from loraflow.models.native import describe_targets, targets_without_weights
+    from loraflow.adapters.targets import describe_targets
+    from loraflow.models.native import targets_without_weights
 
     build(kind).config.save_pretrained(tmp_path)  # config.json only: no weight file exists
     assert targets_without_weights(tmp_path, LoraAdapter(target="attention-qv")) == qv
@@ -76,7 +78,7 @@ def test_one_module_name_is_a_list_of_one():  # `--set lora.target=q_proj`
 
 
 def test_ia3_feedforward_modules_are_peft_s_or_the_ones_named():
-    from loraflow.config import Ia3Adapter
+    from loraflow.adapters import Ia3Adapter
     from loraflow.models.native import adapter_config
 
     model = build("llama")

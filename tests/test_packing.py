@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loraflow.config import DataSettings
-from loraflow.data import prepare_dataset
+from loraflow.data.sft import prepare_dataset
 from loraflow.data.packing import PackedCollator, pack_into_rows
 
 REPO = Path(__file__).resolve().parents[1]

@@ -97,7 +97,7 @@ def test_doctor_plan_and_the_env_check_give_one_precision_answer(tmp_path, monke
     """`loraflow doctor`, `loraflow plan` and the env check every run starts with say the same precision and reason
     (doctor said `bf16_supported: true` where every run said fp32). Under the setting, so as not to depend on the host;
     the reason shows the setting was read (the trainer's side: tests/test_evaluation.py's cpu_bf16 runs)."""
-    from loraflow.config import build_config
+    from loraflow.config_loader import build_config
     from loraflow.envcheck import check_environment
 
     (tmp_path / "m").mkdir()
@@ -132,7 +132,7 @@ def llama_7b(tmp_path):
 
 
 def _config(tmp_path, **train):
-    from loraflow.config import build_config
+    from loraflow.config_loader import build_config
 
     return build_config({"storage": str(tmp_path), "model": {"base": "unused"}, "data": {"path": "d.json", "cutoff_len": 256},
                          "train": {"micro_batch_size": 2, "batch_size": 16, **train}})
@@ -182,7 +182,7 @@ def test_a_config_that_cannot_fit_stops_in_the_env_check_with_what_would_make_it
 
 
 def test_a_separate_dpo_reference_counts_a_second_base_and_the_advice_names_the_dpo_lengths(llama_7b, tmp_path):
-    from loraflow.config import build_config
+    from loraflow.config_loader import build_config
 
     config = build_config({"objective": "dpo", "storage": str(tmp_path), "model": {"base": "unused"}, "data": {"path": "d.json"},
                            "dpo": {"reference": "separate", "max_length": 1536}, "train": {"micro_batch_size": 4, "gradient_checkpointing": "off"}})

@@ -8,7 +8,7 @@ and the test holds either way.
 
 import torch
 
-from loraflow.config import LoraAdapter
+from loraflow.adapters import LoraAdapter
 from loraflow.models import native
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraflow.config import build_config
+from loraflow.config_loader import build_config
 from tasks.runs import task_states
 from loraflow.storage import ArtifactStore
 
@@ -249,7 +249,8 @@ def test_the_flow_parameter_schema_is_the_config_form():
 
     from flows.sft import sft
 
-    from loraflow.config import FinetuneConfig, Ia3Adapter, LoraAdapter, PrefixTuningAdapter, PromptTuningAdapter
+    from loraflow.adapters import Ia3Adapter, LoraAdapter, PrefixTuningAdapter, PromptTuningAdapter
+    from loraflow.config import FinetuneConfig
 
     schema = parameter_schema(sft).model_dump()
     definitions = schema["definitions"]

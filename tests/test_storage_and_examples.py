@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.config import load_config
+from loraflow.config_loader import load_config
 from loraflow.data.shapes import resolve_data
 from loraflow.errors import LoraflowError
 from loraflow.storage import MANIFEST, ArtifactStore
@@ -66,13 +66,16 @@ def test_the_dpo_example_and_the_dpo_recipe_defaults(tmp_path):
     assert (minimal.train.learning_rate, minimal.train.micro_batch_size, minimal.train.batch_size, minimal.train.max_steps) == (5e-5, 4, 16, 50)
     # The DPO deployment's form shows the DPO recipe's values, not SFT's (its schema carries them); the SFT form has
     # no DPO section, and an SFT config with one is told to set the objective.
-    from loraflow.config import DpoFinetuneConfig, FinetuneConfig
+    from loraflow.config import FinetuneConfig
+    from loraflow.objectives import DpoFinetuneConfig
 
     assert "dpo" not in FinetuneConfig.model_json_schema()["properties"]
     # Each form's data-format choices are its objective's.
-    assert FinetuneConfig.model_json_schema()["$defs"]["DataSettings"]["properties"]["format"]["enum"] == ["auto", "alpaca", "sharegpt", "messages"]
-    assert DpoFinetuneConfig.model_json_schema()["$defs"]["DpoDataSettings"]["properties"]["format"]["enum"] == [
-        "auto", "orca", "pairs", "trl", "openai", "sharegpt-preference", "hh-rlhf"]
+    sft_formats = FinetuneConfig.model_json_schema()["$defs"]["DataSettings"]["properties"]["format"]["enum"]
+    dpo_formats = DpoFinetuneConfig.model_json_schema()["$defs"]["DpoDataSettings"]["properties"]["format"]["enum"]
+    assert sft_formats[0] == dpo_formats[0] == "auto"  # (the default first)
+    assert set(sft_formats) == {"auto", "alpaca", "sharegpt", "messages"}
+    assert set(dpo_formats) == {"auto", "orca", "pairs", "trl", "openai", "sharegpt-preference", "hh-rlhf"}
     (tmp_path / "sft.yaml").write_text("model: {base: m}\ndata: {path: rows.json}\ndpo: {beta: 0.2}\n")
     with pytest.raises(LoraflowError, match="the dpo section is for preference tuning: set objective: dpo"):
         load_config(tmp_path / "sft.yaml")

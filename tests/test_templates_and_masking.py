@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from loraflow.config import DataSettings
-from loraflow.data import prepare_dataset
+from loraflow.data.sft import prepare_dataset
 from loraflow.data.formats import format_alpaca, format_conversations, read_rows
 from loraflow.data.templates import VICUNA_SYSTEM, alpaca_template
 from loraflow.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize
@@ -130,7 +130,7 @@ def test_the_stage_tokenizes_in_chunks_with_the_same_output_and_row_numbers(tiny
 
     import pyarrow.parquet as pq
 
-    import loraflow.data as stage
+    import loraflow.data.sft as stage
 
     tokenize_module = importlib.import_module("loraflow.data.tokenize")  # (the package's `tokenize` is the function)
 

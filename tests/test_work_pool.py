@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from real_prefect import BIN, REPO, real_server
+from real_prefect import BIN, REPO, server_with_pool_worker
 
 pytestmark = pytest.mark.slow
 
@@ -77,11 +77,7 @@ def _dpo_config(tiny_model, tmp_path, **train) -> dict:
 def pool(tmp_path_factory):
     """A server, the xpu pool from its JSON, a worker started by infra/worker/start-worker, and the deployments."""
     home = tmp_path_factory.mktemp("prefect-pool")
-    with real_server(home) as server:
-        server.create_pool_and_deploy()
-        server.worker_log = server.start_background(str(REPO / "infra/worker/start-worker"), "xpu", log_name="worker.log",
-                                                    env={"LORAFLOW_VENV": str(BIN.parent), "LORAFLOW_WORKER_NAME": "e2e-worker"},
-                                                    sigint_ignored=True)  # as `start-worker xpu &` from a script starts it
+    with server_with_pool_worker(home, "e2e-worker") as server:
         yield server
 
 
@@ -282,10 +278,17 @@ def test_three_fine_tunes_of_one_base_started_at_once_build_it_once_and_all_comp
         uploads[-1].write_text(json.dumps(rows[n * 50:(n + 1) * 50]))
     with server.client_settings(), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("loraflow-sft/sft-xpu")
-        # Quantizing the tiny base takes a fraction of a second; a real base takes minutes, so the runs overlap.
-        slow = {"env": {"LORAFLOW_TEST_SLOW_STAGE": "base", "LORAFLOW_TEST_SLOW_SECONDS": "8"}}
+        # Quantizing the tiny base takes a fraction of a second; a real base takes minutes, so the runs overlap: the
+        # one that builds it holds the build until the other two are waiting for it (however loaded the host is).
+        release = tmp_path / "release-the-base"
+        slow = {"env": {"LORAFLOW_TEST_SLOW_STAGE": "base", "LORAFLOW_TEST_HOLD_UNTIL": str(release)}}
         runs = [client.create_flow_run_from_deployment(deployment.id, parameters={"config": config, "dataset": str(upload)},
                                                        job_variables=slow) for upload in uploads]
+    deadline = time.time() + 300
+    while sum(any("waiting to reuse it" in log.message for log in _logs(server, run.id)) for run in runs) < 2:
+        assert time.time() < deadline, server.worker_log.read_text()[-3000:]
+        time.sleep(1)
+    release.touch()
     finished = [_wait_final(server, run.id, timeout=600) for run in runs]
     assert all(run.state.is_completed() for run in finished), [run.state for run in finished]
     logs = [[log.message for log in _logs(server, run.id)] for run in runs]
@@ -346,7 +349,7 @@ def test_dpo_hands_training_to_the_pool_with_its_precomputed_reference(pool, tin
     finished = _wait_final(server, run.id, timeout=400)
     assert finished.state.is_completed(), server.worker_log.read_text()[-3000:]
     [job] = [r for r in _flow_runs(server, "loraflow-train") if r.id not in before]
-    assert job.state.is_completed() and "reference" not in job.parameters  # the job computed it, on the pool's host
+    assert job.state.is_completed() and "reference" not in job.parameters["records"]  # the job computed it, on the pool's host
     assert len(list((tmp_path / "store" / "reference").glob("*/_manifest.json"))) == 1
     from tasks.runs import task_states
 
@@ -383,69 +386,7 @@ def test_a_training_job_that_fails_on_the_worker_is_one_error_with_its_reason(po
     assert "environment check failed" in row, listed
 
 
-def test_an_upload_of_every_data_shape_starts_one_run_of_its_deployment_that_completes(pool, tiny_model, tmp_path):
-    """The watcher (a real `loraflow watch --once`) sees one file of every shape the data layer registers (SFT and
-    preference, made from real rows); the server's triggers start exactly one run per file, of the deployment of the
-    shape's objective, with the deployments' defaults (format and template auto), and the worker completes each."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolUpdate
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-    from loraflow.data.shapes import SHAPES
-    from shape_samples import every_shape, write_jsonl
-
-    server = pool
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    files = {}  # path → (shape, objective)
-    for stem, (shape, rows) in every_shape(8).items():
-        files[str(write_jsonl(incoming / f"{stem}.jsonl", rows))] = (shape, next(s.objective for s in SHAPES if s.name == shape))
-    assert {shape for shape, _ in files.values()} == {shape.name for shape in SHAPES}
-    # The deployments' defaults, made small: the tiny model, one step, no validation split, no merge.
-    tiny = {"storage": str(tmp_path / "store"), "model": {"base": str(tiny_model), "quantization": "none"},
-            "merge": {"enabled": False}}
-    train = {"batch_size": 4, "micro_batch_size": 4, "max_steps": 1, "save_steps": 1, "gradient_checkpointing": "off"}
-    defaults = {
-        "loraflow-sft/sft-xpu": {**tiny, "name": "shapes", "data": {"path": str(SAMPLE), "cutoff_len": 128, "val_set_size": 0},
-                                 "train": {**train, "learning_rate": 1e-2}},
-        "loraflow-dpo/dpo-xpu": {**tiny, "name": "shapes-dpo", "objective": "dpo",
-                                 "data": {"path": str(REPO / "loraflow/data/sample/orca_dpo_pairs_sample.jsonl"), "val_set_size": 0},
-                                 "dpo": {"max_prompt_length": 48, "max_length": 64}, "train": {**train, "learning_rate": 1e-3}},
-    }
-    with server.client_settings(), get_client(sync_client=True) as client:
-        deployments = {name: client.read_deployment_by_name(name) for name in defaults}
-        for name, config in defaults.items():
-            client.update_deployment(deployments[name].id, DeploymentUpdate(parameters={"config": config}))
-        client.update_work_pool("xpu", WorkPoolUpdate(concurrency_limit=4))  # (memory: 10 fine-tunes at once on a small host)
-    try:
-        output = server.run(str(BIN / "loraflow"), "watch", str(incoming), "--storage", str(tmp_path / "store"), "--once")
-        assert output.stdout.count("new dataset") == len(files), output.stdout + output.stderr
-
-        def started() -> dict[str, list]:
-            with server.client_settings(), get_client(sync_client=True) as client:
-                return {name: [run for run in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
-                               if run.parameters.get("dataset") in files] for name, deployment in deployments.items()}
-
-        deadline = time.time() + 900
-        while sum(run.state.is_final() for runs in [started()] for name in runs for run in runs[name]) < len(files):
-            runs = started()
-            assert time.time() < deadline, (server.worker_log.read_text()[-3000:], {n: [(r.parameters["dataset"], r.state_name) for r in rs] for n, rs in runs.items()})
-            time.sleep(2)
-    finally:
-        with server.client_settings(), get_client(sync_client=True) as client:
-            client.update_work_pool("xpu", WorkPoolUpdate(concurrency_limit=None))
-            for name, deployment in deployments.items():
-                client.update_deployment(deployment.id, DeploymentUpdate(parameters=deployment.parameters))
-    for name, runs in started().items():
-        objective = "dpo" if "dpo" in name else "sft"
-        # exactly one run per file of this objective, none for the other objective's files
-        assert sorted(run.parameters["dataset"] for run in runs) == sorted(path for path, (_, o) in files.items() if o == objective)
-        for run in runs:
-            assert run.state.is_completed(), (run.parameters["dataset"], run.state.message, server.worker_log.read_text()[-3000:])
-            shape = files[run.parameters["dataset"]][0]
-            messages = [log.message for log in _logs(server, run.id)]
-            template = "alpaca" if shape == "alpaca" else "chatml"
-            assert any(m.endswith(f"read as {shape} rows, template {template}") for m in messages), (shape, messages[:30])
+# Every data shape uploaded (one run each, completed): tests/test_combinations.py, beside the other entry points.
 
 
 def test_stopping_the_worker_ends_its_running_fine_tune_as_crashed_within_seconds(pool, tiny_model, tmp_path):

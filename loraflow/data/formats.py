@@ -19,7 +19,7 @@ from loraflow.errors import LoraflowError
 from loraflow.storage import open_url, remote_failure
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
-_ROLE = {
+ROLES = {  # the role names rows use, as the templates' three
     "human": "user", "user": "user",
     "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
     "system": "system",
@@ -198,11 +198,11 @@ def _turns(uri: str, index: int, row: dict, data_format: str) -> list[tuple[str,
     for position, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
             raise LoraflowError(f"{uri}: row {index}, turn {position}: expected {{{role_key!r}, {text_key!r}}}")
-        role = _ROLE.get(str(turn[role_key]).lower())
+        role = ROLES.get(str(turn[role_key]).lower())
         if role is None:
             raise LoraflowError(
                 f"{uri}: row {index}, turn {position}: unknown role {turn[role_key]!r}; "
-                f"known: {', '.join(sorted(_ROLE))}"
+                f"known: {', '.join(sorted(ROLES))}"
             )
         result.append((role, str(turn[text_key])))
     return result

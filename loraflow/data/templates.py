@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-from loraflow.config import ALPACA_TEMPLATES, CONVERSATION_TEMPLATES
 from loraflow.errors import LoraflowError
+
+# The alpaca-style templates, each a JSON file under templates/ (the order is the form's).
+ALPACA_TEMPLATES = ("alpaca", "alpaca_legacy", "alpaca_short", "vigogne")
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -69,6 +71,7 @@ CONVERSATION = {
         assistant_prefix="<|im_start|>assistant\n", assistant="{text}<|im_end|>", between_turns="\n",
     ),
 }
+CONVERSATION_TEMPLATES = tuple(CONVERSATION)
 
 
 def render_conversation(template: str, turns: list[tuple[str, str]], eos_token: str) -> list[Segment]:
@@ -104,7 +107,7 @@ def template_markers_not_in_vocabulary(template: str, tokenizer) -> list[str]:
 
 def generation_prompt(data_format: str, template: str, text: str) -> str:
     """The prompt a fine-tuned model expects for one user message: the template up to where the answer starts."""
-    if data_format == "alpaca":
+    if template in ALPACA_TEMPLATES:
         return alpaca_template(template).prompt(text)
     segments = render_conversation(template, [("user", text)], eos_token="")
     return "".join(segment for segment, _ in segments) + CONVERSATION[template].assistant_prefix

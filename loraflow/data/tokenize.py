@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from loraflow.errors import LoraflowError
+
 IGNORE_INDEX = -100
 
 # How many times the tokenizer was run in this process; tests read it to prove a cache hit did no work.
@@ -29,8 +31,6 @@ def load_tokenizer(path: str, new_tokens: list[str] | tuple = ()):
     so an unused special token (unk) is preferred, and EOS is reused only when nothing else exists.
     """
     from transformers import AutoTokenizer
-
-    from loraflow.errors import LoraflowError
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -65,8 +65,6 @@ def _saved_by_newer_libraries(path: Path):
     import tempfile
 
     from transformers import PreTrainedTokenizerFast
-
-    from loraflow.errors import LoraflowError
 
     spec = json.loads((path / "tokenizer.json").read_text())
     merges = (spec.get("model") or {}).get("merges") or []

@@ -19,15 +19,13 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
+from loraflow import process
 from loraflow.errors import LoraflowError
-
-# The libraries of ipex-llm's time warn about their own deprecations (transformers.deepspeed, TypedStorage) when ipex-llm
-# imports and saves: nothing a user can act on.
-warnings.filterwarnings("ignore", message=".*transformers.deepspeed module is deprecated.*", category=FutureWarning)
-warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+from loraflow.launch import LaunchCommand, run_streaming
+from loraflow.models.native import torch_dtype, trainable_report
+from loraflow.versions import installed_version
 
 PYTHON_VARIABLE = "LORAFLOW_IPEX_LLM_PYTHON"
 DEFAULT_VENV = ".venv-ipex-llm"  # beside the checkout: where infra/envs/ipex-llm/setup puts it
@@ -55,8 +53,6 @@ def python_executable() -> str:
 def run_command(command: str, *args: str, log=print) -> dict:
     """`python -m loraflow.models.ipex_llm COMMAND ARGS…` in the pinned environment; its output lines go to log, and its
     result (the line starting with RESULT_PREFIX) is returned. In its own process group, killed with this process."""
-    from loraflow.launch import LaunchCommand, run_streaming
-
     lines: list[str] = []
     results: list[dict] = []
 
@@ -110,8 +106,6 @@ def _available_device() -> str:
 
 
 def _probe() -> dict:
-    from loraflow.envcheck import installed_version
-
     try:
         import ipex_llm.transformers  # noqa: F401  (what the stages use: it fails here, once, if it cannot import)
     except ImportError as error:
@@ -125,8 +119,6 @@ def _probe() -> dict:
 def _from_pretrained_options(precision: str) -> dict:
     # optimize_model off: ipex-llm's inference rewrites of attention have no backward; the output head stays full
     # precision (as QLoRA keeps it): the settings of ipex-llm's own QLoRA example.
-    from loraflow.models.native import torch_dtype
-
     return {"optimize_model": False, "torch_dtype": torch_dtype(precision), "modules_to_not_convert": ["lm_head"]}
 
 
@@ -234,8 +226,6 @@ def init_adapter(base_dir: Path, out: Path, device: str, precision: str, lora: d
     torch.manual_seed(seed)
     from ipex_llm.transformers.qlora import get_peft_model
 
-    from loraflow.models.native import trainable_report
-
     peft_model = _saves_standard_config(get_peft_model(model, _lora_config(lora)))
     peft_model.save_pretrained(str(out / "adapter"))
     return trainable_report(peft_model, "lora", sorted(lora["target_modules"]))
@@ -245,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m loraflow.models.ipex_llm probe | quantize | init-adapter` in the pinned environment."""
     import argparse
 
+    process.setup()  # (its libraries' deprecation warnings filtered: loraflow.process)
     parser = argparse.ArgumentParser(prog="python -m loraflow.models.ipex_llm", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("probe", help="print the versions and the device")

@@ -10,11 +10,12 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
+from loraflow import adapters
+from loraflow.data.tokenize import load_tokenizer
 from loraflow.errors import LoraflowError
 from loraflow.storage import fingerprint_file
 
@@ -23,9 +24,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
 )
-# Query/value projection names across architectures: Llama, Mistral, Qwen2, Gemma (q_proj/v_proj),
-# BERT-like (query/value), GPT-NeoX/Falcon (fused query_key_value), GPT-2 (fused c_attn).
-QV_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("query_key_value",), ("c_attn",), ("Wqkv",))
 
 
 # bitsandbytes (0.49 on) asks the Hugging Face hub for optional CPU kernels through the `kernels` package when it is
@@ -45,10 +43,6 @@ finally:
         del sys.modules["kernels"]
     else:
         sys.modules["kernels"] = _hidden
-# peft still calls transformers' renamed is_gradient_checkpointing; the warning says nothing to a user.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-# (and TRL's DPOTrainer still calls the deprecated gradient_checkpointing_enable spelling)
-warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*deprecated.*", category=FutureWarning)
 
 
 # ---- devices and precision ------------------------------------------------------------------
@@ -68,13 +62,6 @@ def resolve_device(requested: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise LoraflowError("train.device is cuda, but torch.cuda finds no GPU; set train.device: auto or cpu")
     return requested
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """auto → bf16 where the device computes it fast, else fp32; bf16 the device lacks refused (loraflow.plan)."""
-    from loraflow.plan import choose_precision
-
-    return choose_precision(precision, device)[0]
 
 
 def torch_dtype(precision: str) -> torch.dtype:
@@ -130,8 +117,6 @@ _PROBE = " Hello  world!\n\tÜber 123 ünïcode — 你好 <s></s> end"
 def tokenizer_identity(path: Path) -> dict:
     """The tokenizer as built (as the data stage builds it), not only its files: class, size, special
     tokens with their ids, chat template, the ids of a probe text, and the files' fingerprints."""
-    from loraflow.data.tokenize import load_tokenizer
-
     files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
     if not files:
         raise LoraflowError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, …) in the model folder")
@@ -199,52 +184,7 @@ def quantize(model_path: Path, out_dir: Path, device: str, precision: str, doubl
     return {"quantized_linear_layers": len(quantized), "weights_bytes": size, "compute_dtype": precision}
 
 
-# ---- LoRA targets -----------------------------------------------------------------------------
-def _linear_module_names(model) -> dict[str, int]:
-    """Leaf names of every linear projection (nn.Linear, bnb Linear4bit/8bit, GPT-2 Conv1D) except the output head."""
-    from transformers.pytorch_utils import Conv1D
-
-    head = model.get_output_embeddings()
-    counts: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if module is head or not isinstance(module, (torch.nn.Linear, Conv1D)):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        counts[leaf] = counts.get(leaf, 0) + 1
-    return counts
-
-
-def target_modules(model, target) -> list[str]:
-    names = _linear_module_names(model)
-    if target == "all-linear":
-        return sorted(names)
-    if target == "attention-qv":
-        for candidate in QV_CANDIDATES:
-            if all(name in names for name in candidate):
-                return list(candidate)
-        raise LoraflowError(
-            f"target attention-qv: no query/value projections found (linear layers: {', '.join(sorted(names))}); "
-            "list the module names in lora.target"
-        )
-    missing = [name for name in target if name not in names]
-    if missing:
-        raise LoraflowError(
-            f"lora.target names {', '.join(missing)}, which this model does not have; its linear layers are: "
-            f"{', '.join(sorted(names))}"
-        )
-    return list(target)
-
-
-FUSED_ATTENTION = {"query_key_value": "query, key and value in one fused projection",
-                   "c_attn": "query, key and value in one fused projection, a Conv1D in GPT-2",
-                   "Wqkv": "query, key and value in one fused projection"}
-
-
-def describe_targets(targets: list[str]) -> str:
-    """What the chosen modules are, where a name alone misleads (a fused attention projection is more than q and v)."""
-    return ", ".join(f"{name} ({FUSED_ATTENTION[name]})" if name in FUSED_ATTENTION else name for name in targets)
-
-
+# ---- adapter targets (each method finds its own: loraflow.adapters) -----------------------------
 def meta_model(model_path: str | Path, trust_remote_code: bool = False):
     """The model's architecture from its config alone, on the meta device: no weights read, no memory."""
     from accelerate import init_empty_weights
@@ -256,13 +196,13 @@ def meta_model(model_path: str | Path, trust_remote_code: bool = False):
 
 
 def targets_without_weights(model_path: str | Path, lora, trust_remote_code: bool = False) -> list[str]:
-    """The adapter's target modules (lora.target for LoRA, IA3's modules; none for prompt and prefix tuning) resolved on
-    the model's architecture built on the meta device (no weights read, no memory): a wrong module name is reported
-    before anything is quantized or trained."""
-    if lora.method not in ("lora", "ia3"):
+    """The adapter's target modules (its method's targets; none for a method that targets no modules, such as prompt and
+    prefix tuning) resolved on the model's architecture built on the meta device (no weights read, no memory): a wrong
+    module name is reported before anything is quantized or trained."""
+    method = adapters.method(lora.method)
+    if method.targets is None:
         return []
-    model = meta_model(model_path, trust_remote_code)
-    return ia3_modules(model, lora.target, lora.feedforward)[0] if lora.method == "ia3" else target_modules(model, lora.target)
+    return method.targets(meta_model(model_path, trust_remote_code), lora)
 
 
 def keep_4bit_training_kernels(model) -> None:
@@ -289,53 +229,8 @@ def prepare_for_training(model, quantized: bool, gradient_checkpointing: bool):
 
 
 def adapter_config(model, lora, tokenizer_dir: Path | None = None):
-    """The PEFT config of the adapter lora.method asks for, on this model (its targets resolved)."""
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
-
-    if lora.method == "lora":
-        return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target_modules(model, lora.target),
-                          bias="none", task_type="CAUSAL_LM", use_dora=lora.use_dora, use_rslora=lora.use_rslora,
-                          init_lora_weights=True if lora.init == "default" else lora.init)
-    if lora.method == "ia3":
-        targets, feedforward = ia3_modules(model, lora.target, lora.feedforward)
-        return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
-    if lora.method == "prompt-tuning":
-        from_text = dict(prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=lora.prompt_init_text,
-                         tokenizer_name_or_path=str(tokenizer_dir)) if lora.prompt_init_text else {}
-        return PromptTuningConfig(num_virtual_tokens=lora.num_virtual_tokens, task_type="CAUSAL_LM", **from_text)
-    return PrefixTuningConfig(num_virtual_tokens=lora.num_virtual_tokens, task_type="CAUSAL_LM")
-
-
-# IA3 rescales the keys and values of attention and the input of the feed-forward block's output projection (the IA3
-# paper's choice). PEFT knows these per architecture; a list in lora.target picks them by hand, and unless
-# lora.feedforward names them, the feed-forward ones among them are recognised by these names (the down projection of
-# Llama/Mistral/Qwen, GPT-2's and Falcon's).
-FEEDFORWARD_OUTPUT_NAMES = ("down_proj", "fc2", "c_proj", "w2", "dense_4h_to_h", "fc_out")
-
-
-def ia3_modules(model, target, feedforward="auto") -> tuple[list[str], list[str]]:
-    """IA3's target modules on this model and the feed-forward ones among them (PEFT's IA3Config fields)."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
-
-    model_type = model.config.model_type
-    if isinstance(target, list):
-        targets = target_modules(model, target)
-        automatic = [name for name in targets if name in FEEDFORWARD_OUTPUT_NAMES]
-    elif target == "attention-qv" or model_type not in TARGETS:
-        raise LoraflowError(f"IA3 on {model_type}: {'PEFT has no default modules for this architecture; ' if model_type not in TARGETS else ''}"
-                            f"lora.target {target} does not apply to IA3: list the attention key/value modules and the "
-                            f"feed-forward down projection (its input is rescaled) in lora.target (its linear layers: {', '.join(sorted(_linear_module_names(model)))})")
-    else:
-        targets = list(TARGETS[model_type])
-        automatic = [name for name in FEEDFORWARD[model_type] if name in targets]
-    if feedforward == "auto":
-        return targets, automatic
-    outside = [name for name in feedforward if name not in targets]
-    if outside:
-        raise LoraflowError(f"lora.feedforward names {', '.join(outside)}, which IA3 does not target on {model_type} (its targets: "
-                            f"{', '.join(targets)}): name feed-forward modules among them, or list them in lora.target too")
-    return targets, list(feedforward)
+    """The PEFT config of the adapter lora.method asks for, on this model (its targets resolved): its method's own."""
+    return adapters.method(lora.method).peft_config(model, lora, tokenizer_dir)
 
 
 def fit_vocabulary(model, tokenizer, initialise: bool = False) -> bool:
