@@ -172,3 +172,19 @@ def server_with_pool_worker(home: Path, worker_name: str):
                                                     env={"LORAFLOW_VENV": str(BIN.parent), "LORAFLOW_WORKER_NAME": worker_name},
                                                     sigint_ignored=True)
         yield server
+
+
+def flow_run_logs(server: Server, flow_run_id) -> list:
+    """Every log of a flow run, oldest first (the API answers 200 at a time; a fine-tune logs more)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    logs = []
+    with server.client_settings(), get_client(sync_client=True) as client:
+        while page := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                       sort=LogSort.TIMESTAMP_ASC, limit=200, offset=len(logs)):
+            logs += page
+            if len(page) < 200:
+                break
+    return logs

@@ -7,6 +7,7 @@ import torch
 from loraflow import adapters
 from loraflow.adapters import Ia3Adapter, LoraAdapter, PrefixTuningAdapter, PromptTuningAdapter, VeraAdapter
 from loraflow.models import native
+from loraflow.objectives import OBJECTIVES
 
 METHODS = {
     "lora": LoraAdapter(),
@@ -178,13 +179,11 @@ def test_a_setting_of_another_method_is_refused_with_the_method_it_belongs_to():
         build_config({**base, "lora": {"method": "ia3", "nope": 1}})
 
 
-@pytest.mark.parametrize("config_class", ["FinetuneConfig", "DpoFinetuneConfig"])
-def test_the_form_shows_each_method_in_its_own_tab(config_class):
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_the_form_shows_each_method_in_its_own_tab(objective):
     """Prefect's forms show a lora value in the tab (anyOf option) with the most field names in common with it, the first
     on a tie: no method's fields may all be fields of a method before it. (In Chromium: tests/test_browser_ui.py.)"""
-    import loraflow.config
-
-    schema = getattr(loraflow.config, config_class).model_json_schema(ref_template="#/definitions/{model}")
+    schema = OBJECTIVES[objective].config.model_json_schema(ref_template="#/definitions/{model}")
     options = [schema["$defs"][option["$ref"].rsplit("/", 1)[-1]] for option in schema["properties"]["lora"]["anyOf"]]
     assert "oneOf" not in schema["properties"]["lora"]  # (a oneOf is a raw JSON box in the v1 form)
     assert [option["properties"]["method"]["const"] for option in options][:2] == ["lora", "ia3"]

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from loraflow.data.shapes import BY_NAME, SHAPES, names
-from real_prefect import BIN, REPO, server_with_pool_worker
+from real_prefect import BIN, REPO, flow_run_logs, server_with_pool_worker
 from shape_samples import every_shape, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("combinations")]  # (one module: one server, one store)
@@ -61,18 +61,7 @@ def _small_defaults(tiny_model: Path, store: Path) -> dict[str, dict]:
 
 
 def _logs(server, flow_run_id) -> list[str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.client.schemas.sorting import LogSort
-
-    logs = []
-    with server.client_settings(), get_client(sync_client=True) as client:
-        while page := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                       sort=LogSort.TIMESTAMP_ASC, limit=200, offset=len(logs)):
-            logs += page
-            if len(page) < 200:
-                break
-    return [log.message for log in logs]
+    return [log.message for log in flow_run_logs(server, flow_run_id)]
 
 
 def _example_data(example: dict, files: dict[str, Path]) -> Path:

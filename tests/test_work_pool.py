@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from real_prefect import BIN, REPO, server_with_pool_worker
+from real_prefect import BIN, REPO, flow_run_logs, server_with_pool_worker
 
 pytestmark = pytest.mark.slow
 
@@ -27,22 +27,6 @@ def _flow_runs(server, flow_name: str):
 
     with server.client_settings(), get_client(sync_client=True) as client:
         return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
-
-
-def _logs(server, flow_run_id):
-    """Every log line of a flow run, oldest first (the API answers 200 at a time; a fine-tune logs more)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.client.schemas.sorting import LogSort
-
-    logs = []
-    with server.client_settings(), get_client(sync_client=True) as client:
-        while page := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                       sort=LogSort.TIMESTAMP_ASC, limit=200, offset=len(logs)):
-            logs += page
-            if len(page) < 200:
-                break
-    return logs
 
 
 def _artifacts(server, flow_run_id):
@@ -108,7 +92,7 @@ def test_sft_hands_training_to_a_worker_of_the_xpu_pool(pool, tiny_model, tmp_pa
     assert len(list((tmp_path / "store" / "runs").glob("pooled-*/adapter/adapter_model.safetensors"))) == 1
     # The fine-tune's own run shows its training: the job's log lines relayed, and the progress bar.
     [fine_tune] = _flow_runs(server, "loraflow-sft")
-    messages = [log.message for log in _logs(server, fine_tune.id)]
+    messages = [log.message for log in flow_run_logs(server, fine_tune.id)]
     assert any(m.startswith("[pool job] trained adapter committed") for m in messages), messages[-20:]
     progress = [a for a in _artifacts(server, fine_tune.id) if a.type == "progress"]
     assert len(progress) == 1 and progress[0].key.startswith("pooled-") and progress[0].data == 100.0
@@ -285,13 +269,13 @@ def test_three_fine_tunes_of_one_base_started_at_once_build_it_once_and_all_comp
         runs = [client.create_flow_run_from_deployment(deployment.id, parameters={"config": config, "dataset": str(upload)},
                                                        job_variables=slow) for upload in uploads]
     deadline = time.time() + 300
-    while sum(any("waiting to reuse it" in log.message for log in _logs(server, run.id)) for run in runs) < 2:
+    while sum(any("waiting to reuse it" in log.message for log in flow_run_logs(server, run.id)) for run in runs) < 2:
         assert time.time() < deadline, server.worker_log.read_text()[-3000:]
         time.sleep(1)
     release.touch()
     finished = [_wait_final(server, run.id, timeout=600) for run in runs]
     assert all(run.state.is_completed() for run in finished), [run.state for run in finished]
-    logs = [[log.message for log in _logs(server, run.id)] for run in runs]
+    logs = [[log.message for log in flow_run_logs(server, run.id)] for run in runs]
     built = [n for n, messages in enumerate(logs) if any(m.startswith("base: committed") for m in messages)]
     assert len(built) == 1, [[m for m in messages if m.startswith("base")] for messages in logs]
     assert all(any(m.startswith("base-") and "waiting to reuse it" in m for m in messages)
@@ -358,7 +342,7 @@ def test_dpo_hands_training_to_the_pool_with_its_precomputed_reference(pool, tin
     # The run's state is final before its process has sent its last batches of log lines: they are read until there.
     deadline = time.time() + 60
     while True:
-        messages = [log.message for log in _logs(server, run.id)]
+        messages = [log.message for log in flow_run_logs(server, run.id)]
         if any(m.startswith("[pool job] trained adapter committed") for m in messages):
             break
         assert time.time() < deadline, (len(messages), messages[-20:])
@@ -417,7 +401,7 @@ def test_stopping_the_worker_ends_its_running_fine_tune_as_crashed_within_second
     # worker started with SIGINT ignored needed before start-worker reset it (Prefect stops its worker with SIGINT).
     assert time.time() - started < 15 and worker.returncode == 0, server.worker_log.read_text()[-3000:]
     final = _wait_final(server, run.id, timeout=30).state
-    assert final.name == "Crashed", (final.message, [log.message for log in _logs(server, run.id)][-15:], server.worker_log.read_text()[-3000:])
+    assert final.name == "Crashed", (final.message, [log.message for log in flow_run_logs(server, run.id)][-15:], server.worker_log.read_text()[-3000:])
     gone, alive = psutil.wait_procs(trainers, timeout=30)
     assert not alive, [p.pid for p in alive]
 
