@@ -66,6 +66,18 @@ def test_train_on_inputs_trains_every_token(tokenizer):
     assert np.array_equal(ids, labels)
 
 
+def test_rows_are_tokenized_whole_after_the_tokenizer_was_called_with_padding_and_truncation(tokenizer):
+    """A tokenizer used for a padded, truncated batch keeps those settings on its Rust backend (transformers 5); the
+    data stage's tokenize still reads each row whole and unpadded."""
+    formatted = format_alpaca("rows", ROWS, "alpaca", train_on_inputs=False)
+    before = tokenize(formatted.texts, formatted.spans, tokenizer, 256, add_eos=True)
+    tokenizer(["a", "a much longer text than the first one"], padding=True, truncation=True, max_length=4)
+    after = tokenize(formatted.texts, formatted.spans, tokenizer, 256, add_eos=True)
+    for was, now in zip(before, after):
+        assert np.array_equal(was, now)
+    assert tokenizer.pad_token_id not in after[0].tolist()
+
+
 def test_truncation_counts_and_no_eos_on_truncated_rows(tokenizer):
     rows = [{"instruction": "Repeat.", "input": "", "output": "word " * 200}, *ROWS]
     formatted = format_alpaca("rows", rows, "alpaca", train_on_inputs=False)

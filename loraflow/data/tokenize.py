@@ -102,7 +102,12 @@ def tokenize(texts: list[str], spans: list[list[tuple[int, int]]], tokenizer, cu
     """
     global TOKENIZE_CALLS
     TOKENIZE_CALLS += 1
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=True)
+    backend = tokenizer.backend_tokenizer
+    # Whole rows, unpadded: a tokenizer called with padding=True or truncation keeps them on its Rust backend until its
+    # next call (transformers resets them per call the same way).
+    backend.no_padding()
+    backend.no_truncation()
+    encodings = backend.encode_batch(texts, add_special_tokens=True)
     full_lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
     total = int(full_lengths.sum())
     ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
