@@ -113,11 +113,11 @@ def test_the_validation_split_scales_with_the_data(rows, asked, held_out, note, 
         assert note in record.metrics["val_note"] and record.metrics["val_note"] in said
 
 
-def test_cli_prints_the_problem_without_a_traceback(tiny_model, tmp_path, shared_data):
+def test_cli_prints_the_problem_without_a_traceback(tiny_model, tmp_path, shared_data, server_env):
     (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "input": "", "output": "b"}\nnot json\n')
     (tmp_path / "c.yaml").write_text(f"model: {{base: {tiny_model}}}\ndata: {{path: bad.jsonl, val_set_size: 0}}\nstorage: store\n")
     result = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", str(tmp_path / "c.yaml")],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=server_env)
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert "bad.jsonl: malformed JSON on line 2" in result.stderr.strip().splitlines()[-2] + result.stderr
@@ -142,7 +142,8 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("case, config, overrides, env, fragment", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
-def test_bad_input_is_reported_once_without_a_traceback(case, config, overrides, env, fragment, tiny_model, tmp_path, silent_endpoint):
+def test_bad_input_is_reported_once_without_a_traceback(case, config, overrides, env, fragment, tiny_model, tmp_path, silent_endpoint,
+                                                        server_env):
     (tmp_path / "half.json").write_text('[{"instruction": "a", "output": "b')
     tree = {"model": {"base": str(tiny_model)}, "data": {"path": "half.json", "val_set_size": 0}, "storage": "store"}
     for section, values in config.items():
@@ -151,7 +152,7 @@ def test_bad_input_is_reported_once_without_a_traceback(case, config, overrides,
     argv = [sys.executable, "-m", "loraflow.cli", "run", str(tmp_path / "c.yaml"), *(a for o in overrides for a in ("--set", o))]
     env = {name: value.format(silent_endpoint=silent_endpoint) for name, value in env.items()}
     fragment = fragment.format(silent_endpoint=silent_endpoint)
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, **env})
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**server_env, **env})
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
     assert output.count(fragment) == 1, output[-3000:]
@@ -285,12 +286,12 @@ def test_a_run_too_short_to_change_the_model_says_so(tiny_model, tmp_path):
         f"train loss 8.3096 → 8.3096 — {note}")
 
 
-def test_a_model_that_is_neither_here_nor_on_the_hub_creates_no_store(tmp_path):
+def test_a_model_that_is_neither_here_nor_on_the_hub_creates_no_store(tmp_path, server_env):
     """A trial: `--set model.base=models/tiny` (shaped like a hub id, so it is not refused as a missing folder before
     the flow) created the store folder in the env check, then failed in the sources stage."""
     (tmp_path / "d.json").write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 4))
     (tmp_path / "c.yaml").write_text("model: {base: nope/missing-model}\ndata: {path: d.json}\nstorage: new-store\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**server_env, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", "c.yaml"], capture_output=True, text=True,
                             timeout=300, cwd=tmp_path, env=env)
     output = result.stdout + result.stderr
