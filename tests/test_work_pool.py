@@ -189,11 +189,28 @@ def test_stopping_the_fine_tune_cancels_its_training_job_and_leaves_no_trainer(p
         time.sleep(1)
     training = next(run for run in _flow_runs(server, "loraflow-train") if run.id not in runs_before)
 
-    os.kill(fine_tune.pid, signal.SIGINT)
-    fine_tune.wait(timeout=60)
-    assert _wait_final(server, training.id, timeout=120).state.name == "Cancelled"
-    gone, alive = psutil.wait_procs(trainers, timeout=60)
-    assert not alive, [p.pid for p in alive]
+    try:
+        os.kill(fine_tune.pid, signal.SIGINT)
+        fine_tune.wait(timeout=60)
+        assert _wait_final(server, training.id, timeout=120).state.name == "Cancelled"
+        gone, alive = psutil.wait_procs(trainers, timeout=60)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        # A failure here must not leave the 100000-step job holding the pool's one training slot for the module's
+        # later tests: the fine-tune, its job and its trainer are stopped whatever happened.
+        if fine_tune.poll() is None:
+            fine_tune.kill()
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelling
+
+        with server.client_settings(), get_client(sync_client=True) as client:
+            if not client.read_flow_run(training.id).state.is_final():
+                client.set_flow_run_state(training.id, Cancelling(message="test cleanup"), force=True)
+        for trainer in trainers:
+            try:
+                trainer.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def test_a_schedule_added_to_the_sft_and_dpo_deployments_starts_fine_tunes_that_complete_on_the_worker(pool, tiny_model, tmp_path):
