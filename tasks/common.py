@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 
@@ -98,14 +99,16 @@ def hide_user_error_tracebacks() -> None:
 
 
 class _ResendLostTerminationSignal:
-    """sys.unraisablehook: a SIGTERM whose TerminationSignal was swallowed is sent again.
+    """sys.unraisablehook: a stop signal (SIGTERM, or Ctrl-C's SIGINT) whose exception was swallowed is sent again.
 
-    Prefect turns SIGTERM into an exception (TerminationSignal) raised wherever the main thread is when the handler
-    runs. Where that is a weakref callback or a __del__ (an import's module-lock cleanup, a finaliser), CPython only
-    prints the exception ("Exception ignored in …") and the run goes on: a worker that stops would wait for a flow
-    run that never ends, its trainer still training. Sending the signal again lets the handler run at the next
-    ordinary line, where the exception ends the run as Crashed (only a swallowed one: a second SIGTERM while the
-    engine reports the crash would interrupt that report). Anything else goes to the hook this one replaced.
+    Prefect turns SIGTERM into an exception (TerminationSignal), and Python SIGINT into KeyboardInterrupt, raised
+    wherever the main thread is when the handler runs. Where that is a weakref callback or a __del__ (an import's
+    module-lock cleanup, a finaliser the garbage collector runs), CPython only prints the exception ("Exception ignored
+    in …") and the run goes on: a worker that stops would wait for a flow run that never ends, its trainer still
+    training; a fine-tune stopped with Ctrl-C while it waits for its pool job would keep waiting, its job training on.
+    Sending the signal again lets the handler run at the next ordinary line, where the exception ends the run (only a
+    swallowed one: a second signal while the engine reports the crash would interrupt that report). Anything else goes
+    to the hook this one replaced.
     """
 
     def __init__(self, previous):
@@ -115,13 +118,17 @@ class _ResendLostTerminationSignal:
         from prefect.exceptions import TerminationSignal
 
         if isinstance(unraisable.exc_value, TerminationSignal):
-            # From another thread, a moment later: sent from here, the handler would run inside this hook, where its
-            # exception is swallowed as well.
-            resend = threading.Timer(0.05, os.kill, (os.getpid(), unraisable.exc_value.signal))
-            resend.daemon = True
-            resend.start()
+            lost = unraisable.exc_value.signal
+        elif isinstance(unraisable.exc_value, KeyboardInterrupt):
+            lost = signal.SIGINT
         else:
             self.previous(unraisable)
+            return
+        # From another thread, a moment later: sent from here, the handler would run inside this hook, where its
+        # exception is swallowed as well.
+        resend = threading.Timer(0.05, os.kill, (os.getpid(), lost))
+        resend.daemon = True
+        resend.start()
 
 
 def prepare_flow_process() -> None:
