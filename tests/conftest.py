@@ -22,6 +22,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["LORAFLOW_CACHE"] = str(_HOME / "loraflow-cache")
 os.environ.pop("LORAFLOW_STORE_URL", None)  # links are file:// unless a test starts a store server
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each worker's share of the cores, for torch's (OpenMP) threads here and in every process it starts (trainers,
+    # CLI runs, servers): torch's default of one thread per core in each of the workers' processes oversubscribes the
+    # cores, and OpenMP's threads then spin waiting for each other. Measured on 2 cores: two `loraflow run` at once took
+    # 78 s each at the default (twice the CPU time of one alone), 36 s each with one thread; one alone 34 s either way.
+    _cores = len(os.sched_getaffinity(0))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 import pytest  # noqa: E402
 

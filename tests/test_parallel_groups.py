@@ -7,6 +7,8 @@ the suite took half as long again. This test fails if a dependency update breaks
 import subprocess
 import sys
 
+import pytest
+
 GROUPED = '''
 import os, pytest
 
@@ -31,3 +33,19 @@ def test_the_tests_of_one_group_run_on_one_worker(tmp_path):
     assert finished.returncode == 0, finished.stdout + finished.stderr
     ran_on = workers.read_text().split()
     assert len(ran_on) == 12 and len(set(ran_on)) == 1, f"one group ran on {sorted(set(ran_on))}: loadgroup no longer groups"
+
+
+def test_a_worker_and_the_processes_it_starts_use_its_share_of_the_cores():
+    """Under xdist each worker's torch, and every trainer or CLI it starts, keeps to cores // workers threads
+    (tests/conftest.py): at torch's default each process takes every core and the suite ran about half as long again."""
+    import os
+
+    import torch
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("-n 0: one process, every core its own")
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    started = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, timeout=120)
+    assert (str(torch.get_num_threads()), started.stdout.strip()) == (share, share)
