@@ -36,3 +36,27 @@ def test_lora_gradients_through_nf4_layers_are_unchanged_by_an_evaluation(tiny_m
     assert first_layer  # the gradient reaches the first layer (through every quantized layer above it)
     for name, grad in before.items():
         assert torch.allclose(after[name], grad, rtol=1e-3, atol=1e-6), name
+
+
+def test_a_process_that_imports_bitsandbytes_through_loraflow_compiles_nothing_until_a_kernel_runs():
+    """bitsandbytes wraps its fallback kernels in torch.compile at import, and that call imports TorchDynamo and Inductor
+    (1.5-3 s of CPU in each trainer, flow process and command). loraflow.models.native imports it with the call put off
+    to a kernel's first call: a trainer's and a flow's imports leave Inductor unimported, and a wrapped kernel still
+    compiles, with its options, when it first runs."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import loraflow.train, flows.sft  # (a trainer's and a flow process's imports)
+print("inductor after imports:", "torch._inductor.compile_fx" in sys.modules)
+from loraflow.models import native
+calls = []
+native._torch_compile = lambda function, **options: calls.append(options) or function  # (records torch.compile's calls)
+kernel = native._compile_at_first_call(dynamic=False)(lambda x: x * 2)  # (as bitsandbytes decorates a kernel)
+before = list(calls)
+print("compiled at import:", before, "first call:", kernel(3), "compiled then:", calls)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.stdout.splitlines() == ["inductor after imports: False",
+                                        "compiled at import: [] first call: 6 compiled then: [{'dynamic': False}]"], result.stdout + result.stderr[-3000:]

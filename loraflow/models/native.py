@@ -6,6 +6,7 @@ bitsandbytes ≥ 0.48 ships NF4 kernels for all three devices, and accelerate fi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,14 +32,39 @@ TOKENIZER_FILES = (
 # asked to run (the trust rule: code runs only where the flow's parameters allow it). Its built-in CPU path needs
 # neither: bitsandbytes is imported here first with `kernels` hidden, so it takes that path at once; `kernels` is
 # visible again afterwards (transformers asks for it by name).
+#
+# It also wraps its fallback kernels in torch.compile as it is imported, and torch.compile imports TorchDynamo and
+# Inductor at that call, though compiling waits for a kernel's first call: 1.5-3 s of CPU in every process that imports
+# it (each trainer, flow process and command), for kernels a run on CPU, CUDA or XPU seldom calls. While it imports,
+# torch.compile is a wrapper that calls torch.compile at a kernel's first call: what compiles, and when, is unchanged.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def _compile_at_first_call(function=None, **options):
+    """torch.compile's signature (as a decorator, with or without options); the real call waits for the first call."""
+    if function is None:
+        return lambda decorated: _compile_at_first_call(decorated, **options)
+    compiled = None
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            compiled = _torch_compile(function, **options)
+        return compiled(*args, **kwargs)
+
+    return call
+
+
 _hidden = sys.modules.get("kernels")
 sys.modules["kernels"] = None
+_torch_compile, torch.compile = torch.compile, _compile_at_first_call
 try:
     import bitsandbytes  # noqa: F401
 except ImportError:  # (the ipex-llm backend's environment has none: it quantizes with ipex-llm)
     pass
 finally:
+    torch.compile = _torch_compile
     if _hidden is None:
         del sys.modules["kernels"]
     else:
