@@ -184,14 +184,18 @@ def test_stopping_the_fine_tune_cancels_its_training_job_and_leaves_no_trainer(p
     with output.open("w") as sink:
         fine_tune = subprocess.Popen([str(BIN / "loraflow"), "run", str(config)], env=server.env, cwd=REPO,
                                      stdout=sink, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while not (trainers := [p for p in psutil.process_iter(["cmdline"]) if "loraflow.train" in " ".join(p.info["cmdline"] or [])
-                            and str(tmp_path) in " ".join(p.info["cmdline"] or [])]):
-        assert time.time() < deadline and fine_tune.poll() is None, output.read_text()[-3000:] if fine_tune.poll() is not None else "no trainer started"
-        time.sleep(1)
-    training = next(run for run in _flow_runs(server, "loraflow-train") if run.id not in runs_before)
+
+    def this_tests_trainers() -> list:
+        return [p for p in psutil.process_iter(["cmdline"]) if "loraflow.train" in " ".join(p.info["cmdline"] or [])
+                and str(tmp_path) in " ".join(p.info["cmdline"] or [])]
 
     try:
+        deadline = time.time() + 240
+        while not (trainers := this_tests_trainers()):
+            assert time.time() < deadline and fine_tune.poll() is None, output.read_text()[-3000:] if fine_tune.poll() is not None else "no trainer started"
+            time.sleep(1)
+        training = next(run for run in _flow_runs(server, "loraflow-train") if run.id not in runs_before)
+
         os.kill(fine_tune.pid, signal.SIGINT)
         try:
             fine_tune.wait(timeout=60)
@@ -202,17 +206,18 @@ def test_stopping_the_fine_tune_cancels_its_training_job_and_leaves_no_trainer(p
         gone, alive = psutil.wait_procs(trainers, timeout=60)
         assert not alive, [p.pid for p in alive]
     finally:
-        # A failure here must not leave the 100000-step job holding the pool's one training slot for the module's
-        # later tests: the fine-tune, its job and its trainer are stopped whatever happened.
+        # A failure anywhere here must not leave the 100000-step job holding the pool's one training slot for the
+        # module's later tests: the fine-tune, its job and its trainer are stopped whatever happened.
         if fine_tune.poll() is None:
             fine_tune.kill()
         from prefect.client.orchestration import get_client
         from prefect.states import Cancelling
 
         with server.client_settings(), get_client(sync_client=True) as client:
-            if not client.read_flow_run(training.id).state.is_final():
-                client.set_flow_run_state(training.id, Cancelling(message="test cleanup"), force=True)
-        for trainer in trainers:
+            for run in _flow_runs(server, "loraflow-train"):
+                if run.id not in runs_before and not run.state.is_final():
+                    client.set_flow_run_state(run.id, Cancelling(message="test cleanup"), force=True)
+        for trainer in this_tests_trainers():
             try:
                 trainer.kill()
             except psutil.NoSuchProcess:
