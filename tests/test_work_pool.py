@@ -37,6 +37,15 @@ def _artifacts(server, flow_run_id):
         return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """preexec_fn of a command a test stops with Ctrl-C's SIGINT: as started from a terminal, where SIGINT reaches it. The
+    suite itself may run with SIGINT ignored (started as a background job or under nohup, as a CI script may start it):
+    its commands would inherit that, and Python keeps an inherited ignore, so SIGINT would never reach them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _config(tiny_model, tmp_path, **train) -> dict:
     return {
         "name": "pooled", "storage": str(tmp_path / "store"),
@@ -183,7 +192,7 @@ def test_stopping_the_fine_tune_cancels_its_training_job_and_leaves_no_trainer(p
     output = tmp_path / "run.log"  # (a file, not a pipe nobody reads while it waits: a full pipe would block the command)
     with output.open("w") as sink:
         fine_tune = subprocess.Popen([str(BIN / "loraflow"), "run", str(config)], env=server.env, cwd=REPO,
-                                     stdout=sink, stderr=subprocess.STDOUT, text=True)
+                                     stdout=sink, stderr=subprocess.STDOUT, text=True, preexec_fn=_sigint_as_in_a_terminal)
 
     def this_tests_trainers() -> list:
         return [p for p in psutil.process_iter(["cmdline"]) if "loraflow.train" in " ".join(p.info["cmdline"] or [])
@@ -468,7 +477,7 @@ def test_a_stop_signal_swallowed_where_python_only_prints_errors_is_sent_again(s
 
     def run(mode: str) -> str:
         return subprocess.run([sys.executable, "-c", LOST_STOP_SIGNAL, mode, stop], cwd=REPO, capture_output=True,
-                              text=True, timeout=120).stdout.strip()
+                              text=True, timeout=120, preexec_fn=_sigint_as_in_a_terminal).stdout.strip()
 
     assert run("plain") == "the run goes on"  # the loss this guards against, as plain CPython and Prefect have it
     assert run("prepared") == "the run ends"
