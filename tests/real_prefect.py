@@ -81,6 +81,13 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def sigint_as_in_a_terminal() -> None:
+    """preexec_fn of a command a test stops with Ctrl-C's SIGINT: as started from a terminal, where SIGINT reaches it. The
+    suite itself may run with SIGINT ignored (started as a background job or under nohup, as a CI script may start it):
+    its commands would inherit that, and Python keeps an inherited ignore, so SIGINT would never reach them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(argv: list[str], env: dict, log: Path, cwd: Path = REPO, sigint_ignored: bool = False) -> subprocess.Popen:
     stream = log.open("w")
     return subprocess.Popen(argv, env=env, cwd=cwd, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True,

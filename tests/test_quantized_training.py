@@ -40,7 +40,7 @@ def test_lora_gradients_through_nf4_layers_are_unchanged_by_an_evaluation(tiny_m
 
 def test_a_process_that_imports_bitsandbytes_through_loraflow_compiles_nothing_until_a_kernel_runs():
     """bitsandbytes wraps its fallback kernels in torch.compile at import, and that call imports TorchDynamo and Inductor
-    (1.5-3 s of CPU in each trainer, flow process and command). loraflow.models.native imports it with the call put off
+    (about 1 s of CPU in each trainer, flow process and command). loraflow.models.native imports it with the call put off
     to a kernel's first call: a trainer's and a flow's imports leave Inductor unimported, and a wrapped kernel still
     compiles, with its options, when it first runs."""
     import subprocess
