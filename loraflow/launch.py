@@ -10,6 +10,8 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -208,10 +210,9 @@ def build_command(topology: Topology, spec_uri: str, node_rank: int = 0, python:
     raise LoraflowError(f"unknown launcher {launcher!r}; use local, torchrun, deepspeed or mpirun")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: ask Linux to SIGTERM it if the process that started it dies (even by SIGKILL)."""
     import ctypes
-    import signal
 
     PR_SET_PDEATHSIG = 1
     try:
@@ -220,30 +221,36 @@ def _die_with_parent() -> None:
         pass
 
 
+def _environment(env: dict[str, str]) -> dict[str, str]:
+    """A started command's whole environment: this process's, with the command's own settings over it."""
+    return {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+
+
 def _start(argv: list[str], env: dict[str, str], cwd: str | None = None, stdin=None):
     """The process in its own group (so a kill takes every rank), dying with this one, its output one pipe of lines."""
     import subprocess
 
     return subprocess.Popen(
         argv,
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        env=_environment(env),
         stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
         start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         cwd=cwd,
     )
 
 
 def run_streaming(command: LaunchCommand, on_line, timeout: float | None = None, cwd: str | None = None,
-                  spec_uri: str = "") -> int:
+                  spec_uri: str = "", forkable: bool = False) -> int:
     """Run the command in its own process group, pass each output line to on_line, return the exit code.
 
     A warm trainer started for this very command line (start_warm_trainer) is given spec_uri instead of starting a
-    new process. The whole group is killed when the timeout passes (even if the command prints nothing), and on any
+    new process; else, where forkable (a one-process trainer without DeepSpeed) and a fork server is set, that server
+    forks the trainer (loraflow.fork_server), already imported. The whole group is killed when the timeout passes (even if the command prints nothing), and on any
     exception here (a cancellation delivered as an exception, a failing on_line), so no trainer rank
     outlives the task that started it. If this process itself is killed outright, the launcher gets
     SIGTERM from the kernel (PR_SET_PDEATHSIG) and takes its ranks down with it.
@@ -257,6 +264,8 @@ def run_streaming(command: LaunchCommand, on_line, timeout: float | None = None,
             process.stdin.close()
         except OSError:  # it died while importing: its output below says why, and a retry starts a fresh one
             pass
+    elif forkable and cwd is None and (process := fork_trainer(command.argv, _environment(command.env))) is not None:
+        process.stdin.close()
     else:
         process = _start(command.argv, command.env, cwd)
     timed_out = threading.Event()
@@ -300,7 +309,7 @@ def start_warm_trainer(store: str, trust_remote_code: bool = False):
     import subprocess
 
     argv = [*build_command(Topology(), SPEC_FROM_STDIN, trust_remote_code=trust_remote_code).argv, "--store", store]
-    process = _start(argv, {}, stdin=subprocess.PIPE)
+    process = fork_trainer(argv, _environment({})) or _start(argv, {}, stdin=subprocess.PIPE)
     with _warm_lock:
         _warm.setdefault(tuple(argv[:-2]), []).append(process)
     return process
@@ -326,12 +335,86 @@ def stop_warm_trainer(process) -> None:
 
 
 def kill_group(pid: int) -> None:
-    import signal
-
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+# ---- a trainer forked by a fork server ------------------------------------------------------------------------------
+# Where LORAFLOW_TRAINER_FORK_SERVER names the socket of a fork server (loraflow.fork_server: a process that has done a
+# trainer's imports once), a one-process trainer without DeepSpeed is forked by it instead of started as a process.
+FORK_SERVER_SETTING = "LORAFLOW_TRAINER_FORK_SERVER"
+
+
+class ForkedTrainer:
+    """A trainer the fork server forked, used as the launcher uses a subprocess.Popen: pid (also its process group),
+    stdin, stdout (text, line-buffered), poll(), wait(), returncode (negative: the signal that ended it)."""
+
+    def __init__(self, connection: socket.socket, pid: int, stdin_fd: int, stdout_fd: int):
+        self._connection = connection
+        self.pid = pid
+        self.stdin = open(stdin_fd, "w", buffering=1)
+        self.stdout = open(stdout_fd, "r", buffering=1)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._connection.setblocking(False)
+            try:
+                self._ended(self._connection.recv(4096))
+            except BlockingIOError:
+                pass
+            finally:
+                if self.returncode is None:
+                    self._connection.setblocking(True)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        if self.returncode is None:
+            self._connection.settimeout(timeout)
+            try:
+                self._ended(self._connection.recv(4096))
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(f"forked trainer {self.pid}", timeout) from None
+        return self.returncode
+
+    def _ended(self, reply: bytes) -> None:
+        # (no reply: the fork server itself ended, and its trainers with it: PR_SET_PDEATHSIG)
+        self.returncode = json.loads(reply)["exit"] if reply else -signal.SIGTERM
+        self._connection.close()
+
+
+def fork_trainer(argv: list[str], env: dict[str, str]) -> ForkedTrainer | None:
+    """A warm trainer (argv: `PYTHON -m loraflow.train - …`) forked by the fork server LORAFLOW_TRAINER_FORK_SERVER
+    names, with env as its whole environment; None where none is named, it cannot be reached, or it refuses (another
+    Python, other import-time settings): the caller then starts the process itself."""
+    path = os.environ.get(FORK_SERVER_SETTING)
+    if not path:
+        return None
+    stdin_read, stdin_write = os.pipe()
+    stdout_read, stdout_write = os.pipe()
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        connection.settimeout(10)  # (a server that accepts but never answers must not hold a flow up)
+        connection.connect(path)
+        request = {"argv": argv, "env": env, "cwd": os.getcwd()}
+        socket.send_fds(connection, [json.dumps(request).encode()], [stdin_read, stdout_write])
+        reply = json.loads(connection.recv(4096) or b'{"refused": "the fork server closed the connection"}')
+        connection.settimeout(None)
+    except (OSError, ValueError):
+        reply = {"refused": "unreachable"}
+    finally:
+        os.close(stdin_read)
+        os.close(stdout_write)
+    if "pid" not in reply:
+        connection.close()
+        os.close(stdin_write)
+        os.close(stdout_read)
+        return None
+    return ForkedTrainer(connection, reply["pid"], stdin_write, stdout_read)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ Entry points, and what each calls:
 - `python -m loraflow.train` (the trainer a launcher runs): `setup(deepspeed=True)`, then `block_deepspeed()` once its
   spec says it runs without DeepSpeed (a warm-started trainer at once); ends with `exit_now(code)`.
 - a flow's process (flows/__init__.py: `prefect.engine` on a worker, `loraflow serve`, the CLI's flows): `setup()`.
+- `python -m loraflow.fork_server` (forks trainers already imported): `setup()`, then each forked trainer runs the
+  trainer's `main` (above) and ends with `exit_now(code)`.
 - `python -m loraflow.launch` (another host's torchrun ranks) and `python -m loraflow.models.ipex_llm` (the ipex-llm
   backend's commands in its own Python): `setup()`.
 

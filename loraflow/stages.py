@@ -377,7 +377,8 @@ def train(config: FinetuneConfig, records: Records, log: Log = print, on_line: L
             if topology.launcher == "torchrun" and topology.nnodes > 1:
                 trust = " --trust-remote-code" if config.model.trust_remote_code else ""
                 log(f"on each other host N of {topology.hosts}: python -m loraflow.launch {spec_uri} --node-rank N{trust}")
-            code = run_streaming(command, each_line, timeout=config.train.timeout_s or None, spec_uri=spec_uri)
+            code = run_streaming(command, each_line, timeout=config.train.timeout_s or None, spec_uri=spec_uri,
+                                 forkable=topology.launcher == "local" and spec.deepspeed_config is None)
         if code == USER_ERROR_EXIT and errors:
             raise LoraflowError(errors[-1])  # a user error: not retried (tasks.common.retry_unless_user_error)
         if code != 0:

@@ -610,15 +610,19 @@ def compute_reference_logps(spec: RunSpec, out: Path, trust_remote_code: bool = 
     return {"pairs": len(train_set) + (len(val_set) if val_set is not None else 0), "reference_forwards": dpo_objective.REFERENCE_FORWARDS}
 
 
+def import_training_libraries() -> None:
+    """What a trainer imports before it reads its spec, when it starts early (a warm start, loraflow.fork_server)."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401  (and bitsandbytes)
+    import transformers.trainer  # noqa: F401
+
+
 def _warm_start() -> str:
     """Started before its spec exists (loraflow.launch.start_warm_trainer): import what training uses while the stages
     before it run, then wait for the spec URI on stdin ("" when the flow ends without one)."""
     started = time.time()
     process.block_deepspeed()  # the flow starts a warm trainer only for runs without DeepSpeed
-    import datasets  # noqa: F401
-    import peft  # noqa: F401  (and bitsandbytes)
-    import transformers.trainer  # noqa: F401
-
+    import_training_libraries()
     imported = time.time()
     spec_uri = sys.stdin.readline().strip()
     if spec_uri:

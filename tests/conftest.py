@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from loraflow.process import QUIET_ENVIRONMENT  # (the standard library only: imports nothing of Prefect's)
+
 # Before Prefect is imported anywhere: a private Prefect home (database, local results) for the
 # whole test session (each xdist worker its own), so no test reads another run's cache, and no network calls.
 _HOME = Path(tempfile.mkdtemp(prefix="loraflow-tests-prefect-"))
@@ -20,6 +22,24 @@ os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(_HOME / "results")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+# The Hugging Face libraries' quiet settings, which the CLI sets for itself and every process it starts, set for the
+# whole session: a trainer forked by the session's fork server (trainer_fork_server) was imported with them.
+os.environ.update({name: os.environ.get(name, value) for name, value in QUIET_ENVIRONMENT.items()})
+
+
+def _pool_job_settings() -> dict[str, str]:
+    """The oneCCL settings the xpu pool's job template gives every flow run (infra/work-pools/xpu.json, defaults), set
+    for the session too: the pool's trainers then meet the fork server's import-time settings (loraflow.fork_server).
+    Nothing reads them on a CPU."""
+    import json
+
+    template = json.loads((Path(__file__).resolve().parents[1] / "infra/work-pools/xpu.json").read_text())
+    defaults = {name: spec.get("default") for name, spec in template["variables"]["properties"].items()}
+    return {name: str(defaults[value.strip("{} ")]) for name, value in template["job_configuration"]["env"].items()
+            if name.startswith("CCL_") and defaults.get(value.strip("{} ")) is not None}
+
+
+os.environ.update(_pool_job_settings())
 os.environ["LORAFLOW_CACHE"] = str(_HOME / "loraflow-cache")
 os.environ.pop("LORAFLOW_STORE_URL", None)  # links are file:// unless a test starts a store server
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -77,6 +97,28 @@ def _run_folder(tmp_path_factory):
 
     base = tmp_path_factory.getbasetemp()
     real_prefect.RUN_FOLDER = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trainer_fork_server(tmp_path_factory):
+    """A trainer fork server for this worker's session (loraflow.fork_server): the trainers its flows, commands, servers
+    and workers start without DeepSpeed are forked from it, already imported (a suite run starts over a hundred, each
+    about 3 s of CPU importing otherwise). Not waited for: a trainer requested before it listens is started as a
+    process, as is one whose environment it refuses (its log, fork-server.log, says which and why)."""
+    import subprocess
+    import sys
+
+    from loraflow.launch import FORK_SERVER_SETTING
+
+    folder = tmp_path_factory.mktemp("fork-server")
+    with (folder / "fork-server.log").open("w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "loraflow.fork_server", str(folder / "socket")], stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    os.environ[FORK_SERVER_SETTING] = str(folder / "socket")
+    yield folder / "socket"
+    os.environ.pop(FORK_SERVER_SETTING, None)
+    server.kill()  # (its trainers get SIGTERM: PR_SET_PDEATHSIG)
+    server.wait()
 
 
 @pytest.fixture(scope="session")

@@ -313,7 +313,7 @@ def test_dpo_trains_an_ia3_adapter(tiny_model, tmp_path, cpu_bf16):
                   "warmup": 0, "lr_scheduler": "constant", "gradient_checkpointing": "off"}})
     _, _, run, spec_uri = stages.prepare_training(config, log=lambda _: None)
     lines: list[str] = []
-    assert run_streaming(build_command(Topology(), spec_uri), lines.append, timeout=300) == 0, "\n".join(lines[-30:])
+    assert run_streaming(build_command(Topology(), spec_uri), lines.append, timeout=300, forkable=True) == 0, "\n".join(lines[-30:])
     steps = [row for row in map(json.loads, Path(run, "metrics", "metrics.jsonl").read_text().splitlines()) if "rewards/margins" in row]
     assert steps[0]["rewards/margins"] == 0 and steps[-1]["rewards/margins"] > 0
     assert json.loads(Path(run, "checkpoints", "final", "adapter_config.json").read_text())["peft_type"] == "IA3"

@@ -55,7 +55,7 @@ def test_identical_tokenizer_files_built_as_different_tokenizers_get_different_d
         config = runs[name][0]
         shared, key, run, spec_uri = stages.prepare_training(config, log=lambda _: None)
         lines = []
-        assert run_streaming(build_command(Topology(), spec_uri), lines.append, timeout=300) == 0, "\n".join(lines)[-3000:]
+        assert run_streaming(build_command(Topology(), spec_uri), lines.append, timeout=300, forkable=True) == 0, "\n".join(lines)[-3000:]
         assert stages.trained_record(shared, key, run, reused=False).metrics["global_step"] == 2
 
 

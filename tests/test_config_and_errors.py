@@ -225,7 +225,7 @@ def test_a_run_without_an_eval_says_why_instead_of_nan(tiny_model, tmp_path):
     config = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 2, "save_steps": 2, "logging_steps": 5})})
     store, key, run, spec_uri = stages.prepare_training(config, log=lambda _: None)
     lines = []
-    assert run_streaming(build_command(Topology(), spec_uri), lines.append, timeout=300) == 0, "\n".join(lines)[-3000:]
+    assert run_streaming(build_command(Topology(), spec_uri), lines.append, timeout=300, forkable=True) == 0, "\n".join(lines)[-3000:]
     summary = stages.trained_record(store, key, run, reused=False).metrics
     assert summary["eval_loss"] is None
     assert eval_text(summary, str) == "eval loss: no validation split (data.val_set_size is 0, or too few rows to hold any out)"

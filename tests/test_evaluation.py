@@ -36,7 +36,7 @@ def _train(config, env: dict | None = None, exit_code: int = 0) -> tuple[dict | 
     lines: list[str] = []
     command = build_command(Topology(), spec_uri)
     command.env.update(env or {})
-    assert run_streaming(command, lines.append, timeout=300) == exit_code, "\n".join(lines[-40:])
+    assert run_streaming(command, lines.append, timeout=300, forkable=True) == exit_code, "\n".join(lines[-40:])
     if exit_code:
         return None, lines, run
     metrics = [json.loads(line) for line in Path(run, "metrics", "metrics.jsonl").read_text().splitlines()]

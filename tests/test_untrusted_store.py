@@ -105,7 +105,7 @@ def test_a_pickle_planted_in_a_checkpoint_is_never_loaded(tiny_model, tmp_path):
     store.commit(planted, f"{run}/checkpoints/checkpoint-1", {"step": 1})
 
     lines = []
-    assert run_streaming(build_command(Topology(), spec_uri), lines.append, timeout=300) == 0, "\n".join(lines)[-3000:]
+    assert run_streaming(build_command(Topology(), spec_uri), lines.append, timeout=300, forkable=True) == 0, "\n".join(lines)[-3000:]
     output = "\n".join(lines)
     assert not marker.exists(), "a pickle planted in a checkpoint was executed"
     assert f"not resuming from {run}/checkpoints/checkpoint-1: it holds files that are not plain tensor data" in output
