@@ -6,9 +6,8 @@ importing torch, transformers, peft, datasets and bitsandbytes before it waits f
 imports once: `python -m loraflow.fork_server SOCKET`, and every process that should use it gets
 LORAFLOW_TRAINER_FORK_SERVER=SOCKET in its environment (the requester's side: loraflow.launch.fork_trainer). Each
 request forks a child that is what `python -m loraflow.train …` would be once imported: its own process group, the
-requester's standard
-input, output, working folder and environment, the command line shown by ps, SIGTERM when its requester dies (as the
-launcher's PR_SET_PDEATHSIG does for a started process), and its exit code sent back to the requester.
+requester's standard input, output, working folder and environment, the command line shown by ps, SIGTERM when its
+requester dies (as the launcher's PR_SET_PDEATHSIG does for a started process), and its exit code sent back.
 
 The server forks only for a requester whose environment matches its own in every setting the libraries read when
 imported (IMPORT_TIME_SETTINGS: their import already happened, with the server's values); otherwise the requester

@@ -250,8 +250,8 @@ def run_streaming(command: LaunchCommand, on_line, timeout: float | None = None,
 
     A warm trainer started for this very command line (start_warm_trainer) is given spec_uri instead of starting a
     new process; else, where forkable (a one-process trainer without DeepSpeed) and a fork server is set, that server
-    forks the trainer (loraflow.fork_server), already imported. The whole group is killed when the timeout passes (even if the command prints nothing), and on any
-    exception here (a cancellation delivered as an exception, a failing on_line), so no trainer rank
+    forks the trainer (loraflow.fork_server), already imported. The whole group is killed when the timeout passes
+    (even if the command prints nothing), and on any exception here (a cancellation delivered as an exception, a failing on_line), so no trainer rank
     outlives the task that started it. If this process itself is killed outright, the launcher gets
     SIGTERM from the kernel (PR_SET_PDEATHSIG) and takes its ranks down with it.
     """
@@ -388,8 +388,8 @@ class ForkedTrainer:
 
 
 def fork_trainer(argv: list[str], env: dict[str, str]) -> ForkedTrainer | None:
-    """A warm trainer (argv: `PYTHON -m loraflow.train - …`) forked by the fork server LORAFLOW_TRAINER_FORK_SERVER
-    names, with env as its whole environment; None where none is named, it cannot be reached, or it refuses (another
+    """A trainer (argv: `PYTHON -m loraflow.train …`, warm or given its spec) forked by the fork server
+    LORAFLOW_TRAINER_FORK_SERVER names, with env as its whole environment; None where none is named, it cannot be reached, or it refuses (another
     Python, other import-time settings): the caller then starts the process itself."""
     path = os.environ.get(FORK_SERVER_SETTING)
     if not path:

@@ -47,16 +47,24 @@ def test_a_forked_trainer_is_the_process_the_launcher_would_start(fork_server, t
 
 
 def test_a_forked_trainer_ends_with_its_requester_and_with_a_kill_of_its_group(fork_server, tmp_path):
+    # The requester hands the trainer's stdin to a `sleep` that outlives it: the trainer sees no end of its input, so
+    # only the server's SIGTERM (the requester's connection closed) ends it, as it ends a trainer that is training.
     requester = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from loraflow.launch import start_warm_trainer\n"
-                               f"print(start_warm_trainer({str(tmp_path)!r}).pid, flush=True); time.sleep(600)"],
+        [sys.executable, "-c", "import os, subprocess, time; from loraflow.launch import start_warm_trainer\n"
+                               f"trainer = start_warm_trainer({str(tmp_path)!r})\n"
+                               "os.set_inheritable(trainer.stdin.fileno(), True)\n"
+                               "holder = subprocess.Popen(['sleep', '600'], close_fds=False)\n"
+                               "print(trainer.pid, holder.pid, flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True)
-    pid = int(requester.stdout.readline())
-    trainer = psutil.Process(pid)
-    assert trainer.is_running() and "loraflow.train" in " ".join(trainer.cmdline())
-    requester.kill()
-    requester.wait()
-    trainer.wait(timeout=30)  # (SIGTERM from the server when the requester's connection closed, or its stdin's end)
+    pid, holder = map(int, requester.stdout.readline().split())
+    try:
+        trainer = psutil.Process(pid)
+        assert trainer.is_running() and "loraflow.train" in " ".join(trainer.cmdline())
+        requester.kill()
+        requester.wait()
+        trainer.wait(timeout=30)
+    finally:
+        os.kill(holder, signal.SIGKILL)
 
     killed = launch.start_warm_trainer(str(tmp_path))
     assert killed.poll() is None
